@@ -1,0 +1,156 @@
+"""Paged KV blocks with reference counts, and the prefix cache over them.
+
+A full block is known by the hash of its tokens chained to its predecessor's hash, so a block id
+stands for a whole token prefix. Blocks with no users stay cached (KV and head outputs intact)
+in LRU order until memory is needed. A block registered by a request scheduled in the current
+step can be shared at once: every layer writes the step's new keys before any sequence reads them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from prmserve.engine.request import Request
+
+
+@dataclass
+class KVBlock:
+    """One page of `block_size` token slots."""
+
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    tokens: tuple[int, ...] = ()
+    ready: bool = False  # its KV and head outputs are written
+    filled_in_step: int = -1  # the step whose forward writes it, while not ready
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """Cached blocks a request can reuse; `blocked` when the next block is still being computed elsewhere."""
+
+    block_ids: list[int]
+    blocked: bool
+
+
+class BlockManager:
+    """Allocates blocks to requests, shares cached prefixes, evicts unused cached blocks LRU-first."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free: deque[int] = deque(range(num_blocks))  # hold nothing reusable
+        self.cached_free: OrderedDict[int, None] = OrderedDict()  # unused but cached, oldest first
+        self.by_hash: dict[int, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_available(self) -> int:
+        """Blocks that can be handed out now (free or evictable)."""
+        return len(self.free) + len(self.cached_free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _chain_hashes(self, token_ids: list[int]) -> list[tuple[int, tuple[int, ...]]]:
+        """(hash, tokens) of every full block of token_ids."""
+        out, parent = [], 0
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
+            tokens = tuple(token_ids[start : start + self.block_size])
+            parent = hash((parent, tokens))
+            out.append((parent, tokens))
+        return out
+
+    def match_prefix(self, token_ids: list[int], step: int) -> PrefixMatch:
+        """The longest run of cached full blocks usable in `step` at the start of token_ids."""
+        if not self.enable_prefix_caching:
+            return PrefixMatch([], False)
+        matched: list[int] = []
+        for block_hash, tokens in self._chain_hashes(token_ids):
+            block_id = self.by_hash.get(block_hash)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.tokens != tokens:  # a hash collision: treat as a miss
+                break
+            if not block.ready and block.filled_in_step != step:
+                return PrefixMatch(matched, True)
+            matched.append(block_id)
+        return PrefixMatch(matched, False)
+
+    def can_allocate(self, request: Request, match: PrefixMatch) -> bool:
+        """Enough blocks for the rest of the request, after reusing the matched ones."""
+        reused_idle = sum(1 for b in match.block_ids if self.blocks[b].ref_count == 0)
+        new = self.blocks_needed(request.num_tokens) - len(match.block_ids)
+        return new <= self.num_available - reused_idle
+
+    def allocate(self, request: Request, match: PrefixMatch) -> None:
+        """Give the request its whole block table: matched blocks shared, the rest fresh."""
+        for block_id in match.block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.cached_free.pop(block_id, None)
+            block.ref_count += 1
+        table = list(match.block_ids)
+        for _ in range(self.blocks_needed(request.num_tokens) - len(table)):
+            table.append(self._take_block())
+        hashes = self._chain_hashes(request.token_ids) if self.enable_prefix_caching else []
+        for index in range(len(match.block_ids), len(hashes)):
+            block_hash, tokens = hashes[index]
+            block = self.blocks[table[index]]
+            if block_hash not in self.by_hash:  # first writer owns the cache entry
+                block.hash, block.tokens = block_hash, tokens
+                self.by_hash[block_hash] = block.block_id
+        request.block_table = table
+        request.num_cached = request.num_done = len(match.block_ids) * self.block_size
+
+    def _take_block(self) -> int:
+        if self.free:
+            block_id = self.free.popleft()
+        else:
+            block_id, _ = self.cached_free.popitem(last=False)  # evict the least recently used
+            self._forget(self.blocks[block_id])
+        block = self.blocks[block_id]
+        block.ref_count, block.ready, block.filled_in_step = 1, False, -1
+        return block_id
+
+    def _forget(self, block: KVBlock) -> None:
+        if block.hash is not None and self.by_hash.get(block.hash) == block.block_id:
+            del self.by_hash[block.hash]
+        block.hash, block.tokens = None, ()
+
+    def mark_filling(self, request: Request, start: int, end: int, step: int) -> None:
+        """Tokens [start, end) of the request are computed in `step`: note which blocks that completes."""
+        for index in range(start // self.block_size, self.blocks_needed(end)):
+            block = self.blocks[request.block_table[index]]
+            if not block.ready and (index + 1) * self.block_size <= end:
+                block.filled_in_step = step
+
+    def mark_ready(self, request: Request) -> None:
+        """After a forward: blocks fully covered by the request's computed tokens hold valid KV."""
+        for index in range(request.num_done // self.block_size):
+            self.blocks[request.block_table[index]].ready = True
+
+    def free_request(self, request: Request) -> None:
+        """Drop the request's references; cached blocks go to the LRU tail, leaves first to be evicted."""
+        for block_id in reversed(request.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count > 0:
+                continue
+            if block.hash is not None and block.ready:
+                self.cached_free[block_id] = None
+            else:
+                self._forget(block)
+                block.ready = False
+                self.free.append(block_id)
+        request.block_table = []
+
+    def slot(self, request: Request, position: int) -> int:
+        """The KV pool slot holding the token at `position` of the request."""
+        return request.block_table[position // self.block_size] * self.block_size + position % self.block_size

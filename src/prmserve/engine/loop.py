@@ -1,0 +1,125 @@
+"""A background thread that drives the engine, so many callers (threads or asyncio tasks) share it.
+
+Callers get a `concurrent.futures.Future` per request; cancelling it (or the asyncio future that
+wraps it) aborts the request and frees its memory. Errors inside a step fail that step's requests,
+never the loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from concurrent.futures import Future, InvalidStateError
+
+from prmserve.engine.engine import Engine
+from prmserve.engine.request import Request
+from prmserve.errors import QueueFullError, RequestCancelledError
+
+
+class EngineLoop:
+    """Thread-safe front of an `Engine`: `submit` from any thread, results through futures."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pending = 0  # submitted, not yet finished: the queue-depth limit applies to it
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="prmserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_pending(self) -> int:
+        """Requests submitted and not yet finished (queued or computing)."""
+        return self._pending
+
+    def submit(self, token_ids: list[int], read_positions: list[int], priority: int = 0) -> Future:
+        """Queue one request; the future resolves to the finished `Request` (outputs and usage)."""
+        limit = self.engine.config.max_queue
+        with self._lock:
+            if self._stopping:
+                raise RequestCancelledError("the engine is shutting down")
+            if limit is not None and self._pending >= limit:
+                raise QueueFullError(f"{self._pending} requests are queued (limit {limit})")
+            self._pending += 1
+        request = Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority)
+        future: Future = Future()
+        future.add_done_callback(lambda f, rid=request.request_id: f.cancelled() and self._inbox.put(("abort", rid)))
+        self._inbox.put(("add", (request, future)))
+        return future
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Finish what was submitted, then stop the thread."""
+        with self._lock:
+            self._stopping = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def _settle(self, request_id: str) -> Future | None:
+        with self._lock:
+            future = self._futures.pop(request_id, None)
+            if future is not None:
+                self._pending -= 1
+        return future
+
+    def _run(self) -> None:
+        stop = False
+        while True:
+            block = not self.engine.has_unfinished()
+            if stop and block:
+                return
+            try:
+                kind, payload = self._inbox.get(block=block)
+            except queue.Empty:
+                kind = None
+            while kind is not None:
+                if kind == "add":
+                    self._add(*payload)
+                elif kind == "abort":
+                    self.engine.abort(payload)
+                    self._settle(payload)
+                elif kind == "stop":
+                    stop = True
+                try:
+                    kind, payload = self._inbox.get_nowait()
+                except queue.Empty:
+                    kind = None
+            if self.engine.has_unfinished():
+                self._step()
+
+    def _add(self, request: Request, future: Future) -> None:
+        with self._lock:
+            self._futures[request.request_id] = future
+        if future.cancelled():
+            self._settle(request.request_id)
+            return
+        try:
+            self.engine.add(request)
+        except Exception as exc:
+            _resolve(self._settle(request.request_id), exception=exc)
+
+    def _step(self) -> None:
+        try:
+            done = self.engine.step()
+        except Exception as exc:  # a failed forward fails every request in flight, not the loop
+            for request_id in list(self._futures):
+                self.engine.abort(request_id)
+                _resolve(self._settle(request_id), exception=exc)
+            return
+        for request in done:
+            _resolve(self._settle(request.request_id), result=request)
+
+
+def _resolve(future: Future | None, result: object = None, exception: BaseException | None = None) -> None:
+    """Complete a future unless its caller cancelled it meanwhile."""
+    if future is None:
+        return
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass  # cancelled between our check and now: nobody waits for it

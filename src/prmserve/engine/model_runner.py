@@ -1,0 +1,77 @@
+"""Turns a schedule into packed tensors, runs the model, and keeps every token's head output."""
+
+from __future__ import annotations
+
+import torch
+
+from prmserve.engine.block_manager import BlockManager
+from prmserve.engine.scheduler import ScheduledChunk
+from prmserve.models.attention import AttentionInputs
+from prmserve.models.transformer import RewardModel
+
+
+class ModelRunner:
+    """Owns the KV pool and the head-output pool of one model on one device."""
+
+    def __init__(self, model: RewardModel, blocks: BlockManager) -> None:
+        self.model = model
+        self.blocks = blocks
+        cfg = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        slots = blocks.num_blocks * blocks.block_size
+        self.kv_cache = torch.empty(
+            (cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim), dtype=self.dtype, device=self.device
+        )
+        # Head outputs of every cached token, so a cached step's reward is read, not recomputed.
+        self.head_cache = torch.zeros((slots, model.head_spec.width), dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def bytes_per_block(model: RewardModel, block_size: int, dtype: torch.dtype) -> int:
+        """Memory one block takes in the KV pool and the head-output pool."""
+        cfg = model.config
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kv = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return block_size * (kv + 4 * model.head_spec.width)
+
+    def _slots(self, chunk: ScheduledChunk, start: int) -> torch.Tensor:
+        table = torch.tensor(chunk.request.block_table, dtype=torch.int64)
+        positions = torch.arange(start, chunk.end, dtype=torch.int64)
+        size = self.blocks.block_size
+        return table[positions // size] * size + positions % size
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> None:
+        """Compute the chunks' tokens; their KV and head outputs land in the pools."""
+        ids = torch.tensor([t for c in chunks for t in c.request.token_ids[c.start : c.end]], dtype=torch.int64)
+        positions = torch.cat([torch.arange(c.start, c.end, dtype=torch.int64) for c in chunks])
+        lens_q = [c.end - c.start for c in chunks]
+        lens_k = [c.end for c in chunks]
+        slot_mapping = torch.cat([self._slots(c, c.start) for c in chunks])
+        # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather.
+        key_slots = None if all(c.start == 0 for c in chunks) else torch.cat([self._slots(c, 0) for c in chunks])
+        to = {"device": self.device, "non_blocking": True}
+        inputs = AttentionInputs(
+            cu_seqlens_q=_cumulative(lens_q).to(**to),
+            cu_seqlens_k=_cumulative(lens_k).to(**to),
+            max_seqlen_q=max(lens_q),
+            max_seqlen_k=max(lens_k),
+            kv_cache=self.kv_cache,
+            slot_mapping=slot_mapping.to(**to),
+            key_slots=None if key_slots is None else key_slots.to(**to),
+            seq_lens_q=lens_q,
+            seq_lens_k=lens_k,
+        )
+        out = self.model(ids.to(**to), positions.to(**to), inputs)
+        self.head_cache[inputs.slot_mapping] = out.float()
+
+    def read_outputs(self, request) -> torch.Tensor:
+        """Head outputs [reads, width] at the request's read positions, in the model's dtype."""
+        slots = torch.tensor([self.blocks.slot(request, p) for p in request.read_positions], dtype=torch.int64)
+        return self.head_cache[slots.to(self.device)].to(self.dtype).cpu()
+
+
+def _cumulative(lengths: list[int]) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out

@@ -1,0 +1,59 @@
+"""One scoring request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+_arrivals = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no KV blocks
+    RUNNING = "running"  # holds its blocks; some tokens still to compute
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token accounting: prompt = computed + cached."""
+
+    prompt_tokens: int
+    computed_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Request:
+    """Token ids to prefill and the positions whose head outputs are wanted."""
+
+    request_id: str
+    token_ids: list[int]
+    read_positions: list[int]
+    priority: int = 0
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    status: RequestStatus = RequestStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose KV came from the prefix cache
+    num_done: int = 0  # tokens whose KV is in the pool (cached + computed so far)
+    outputs: torch.Tensor | None = None  # head outputs at read_positions, once finished
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Lower priority value first, then first come first served."""
+        return (self.priority, self.arrival)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        return self.num_tokens - self.num_done
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.num_tokens, self.num_tokens - self.num_cached, self.num_cached)

@@ -1,0 +1,129 @@
+"""Chooses what the next forward pass computes: by priority, within the token and sequence budgets."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from prmserve.engine.block_manager import BlockManager
+from prmserve.engine.config import EngineConfig
+from prmserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens [start, end) of one request, computed in this step."""
+
+    request: Request
+    start: int
+    end: int
+
+
+@dataclass
+class Schedule:
+    """One step's work: chunks to compute, and requests already complete from the cache alone."""
+
+    step: int
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    finished_from_cache: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.chunks)
+
+
+class Scheduler:
+    """Priority queue (lower value first, FIFO within a level) over waiting and running requests.
+
+    A request is admitted only when blocks for its whole prompt are available, so an admitted
+    request never stalls for memory; a long prompt is split into chunks across steps.
+    """
+
+    def __init__(self, config: EngineConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.queue: list[tuple[tuple[int, int], Request]] = []  # every unfinished request
+        self.requests: dict[str, Request] = {}
+        self.step = 0
+
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        heapq.heappush(self.queue, (request.sort_key, request))
+
+    def abort(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is; its blocks are released."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.queue = [(k, r) for k, r in self.queue if r is not request]
+        heapq.heapify(self.queue)
+        self._release(request)
+        return request
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING)
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for r in self.requests.values() if r.status is RequestStatus.RUNNING)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def schedule(self) -> Schedule:
+        """Pick this step's chunks in priority order."""
+        self.step += 1
+        plan = Schedule(self.step)
+        budget = self.config.max_num_batched_tokens
+        kept: list[tuple[tuple[int, int], Request]] = []
+        admitting = True  # strict priority: once one request can't get memory, admit none behind it
+        while self.queue and budget > 0 and len(plan.chunks) < self.config.max_num_seqs:
+            key, request = heapq.heappop(self.queue)
+            kept.append((key, request))
+            if request.status is RequestStatus.WAITING:
+                if not admitting:
+                    continue
+                match = self.blocks.match_prefix(request.token_ids, self.step)
+                if match.blocked:
+                    continue  # its prefix is being computed by another request: wait, don't redo it
+                if not self.blocks.can_allocate(request, match):
+                    admitting = False
+                    continue
+                self.blocks.allocate(request, match)
+                request.status = RequestStatus.RUNNING
+                if request.num_remaining == 0:
+                    kept.pop()
+                    plan.finished_from_cache.append(request)
+                    continue
+            end = request.num_done + min(request.num_remaining, budget)
+            self.blocks.mark_filling(request, request.num_done, end, self.step)
+            plan.chunks.append(ScheduledChunk(request, request.num_done, end))
+            budget -= end - request.num_done
+        for item in kept:
+            heapq.heappush(self.queue, item)
+        return plan
+
+    def finish_step(self, plan: Schedule) -> list[Request]:
+        """Advance the computed chunks; return the requests now complete (their blocks released)."""
+        done = list(plan.finished_from_cache)
+        for chunk in plan.chunks:
+            chunk.request.num_done = chunk.end
+            self.blocks.mark_ready(chunk.request)
+            if chunk.request.num_remaining == 0:
+                done.append(chunk.request)
+        if done:
+            finished = {id(r) for r in done}
+            self.queue = [(k, r) for k, r in self.queue if id(r) not in finished]
+            heapq.heapify(self.queue)
+        return done
+
+    def release(self, request: Request) -> None:
+        """Free a finished request's blocks (after its outputs were read) and forget it."""
+        self.requests.pop(request.request_id, None)
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        if request.block_table:
+            self.blocks.free_request(request)
+        request.status = RequestStatus.FINISHED

@@ -1,0 +1,29 @@
+"""Typed errors: every way prmserve refuses input says why, in a class the caller can catch."""
+
+
+class PRMServeError(Exception):
+    """Base class of every error prmserve raises on purpose."""
+
+
+class InvalidInputError(PRMServeError, ValueError):
+    """An item cannot be scored as given (no steps, a separator inside a step, ...)."""
+
+
+class InputTooLongError(InvalidInputError):
+    """An item is longer than the model's context or the KV pool can ever hold."""
+
+
+class FormatError(PRMServeError, ValueError):
+    """The PRM format is unknown, cannot be detected, or got an unknown option."""
+
+
+class CheckpointError(PRMServeError):
+    """A checkpoint is missing, malformed, or its tensors do not match the model."""
+
+
+class QueueFullError(PRMServeError):
+    """The engine's queue is at its limit; retry later."""
+
+
+class RequestCancelledError(PRMServeError):
+    """The request was aborted before it finished (client gone, timeout, shutdown)."""

@@ -1,0 +1,51 @@
+"""PRM formats: one file per family, each turning (problem, steps) into ids and head outputs into rewards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prmserve.errors import FormatError
+from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.formats.llemma import LlemmaFormat
+from prmserve.formats.math_shepherd import MathShepherdFormat
+from prmserve.formats.outcome import OutcomeFormat
+from prmserve.formats.qwen_prm import QwenPRMFormat
+from prmserve.formats.rlhflow import RLHFlowFormat
+from prmserve.formats.skywork_prm import SkyworkPRMFormat
+from prmserve.models.config import BackboneConfig
+
+FORMATS: dict[str, type[PRMFormat]] = {
+    f.name: f for f in (QwenPRMFormat, SkyworkPRMFormat, MathShepherdFormat, RLHFlowFormat, LlemmaFormat, OutcomeFormat)
+}
+
+# Architectures that name their format without doubt.
+_BY_ARCHITECTURE = {
+    "Qwen2ForProcessRewardModel": "qwen_prm",
+    "Qwen2ForPrmModel": "skywork_prm",
+    "Qwen2ForRewardModel": "outcome",
+}
+
+
+def detect_format(config: BackboneConfig, tensor_names: set[str] | None = None) -> str:
+    """The format implied by the checkpoint, or a FormatError asking for `format=`."""
+    for arch in config.architectures:
+        if arch in _BY_ARCHITECTURE:
+            return _BY_ARCHITECTURE[arch]
+        if arch.endswith("ForSequenceClassification"):
+            return "outcome"
+    if tensor_names and "v_head.summary.weight" in tensor_names:
+        return "skywork_prm"  # Skywork's value head on a config that calls itself a causal LM
+    archs = ", ".join(config.architectures) or "none"
+    raise FormatError(
+        f"cannot tell the PRM format from architectures [{archs}]: pass format=one of {', '.join(FORMATS)}"
+    )
+
+
+def make_format(name: str, tokenizer: Any, config: BackboneConfig, **options: Any) -> PRMFormat:
+    """Instantiate a format by name, refusing unknown names and options."""
+    if name not in FORMATS:
+        raise FormatError(f"unknown format {name!r}; formats: {', '.join(FORMATS)}")
+    return FORMATS[name](tokenizer, config, **options)
+
+
+__all__ = ["FORMATS", "EncodedItem", "PRMFormat", "detect_format", "make_format"]

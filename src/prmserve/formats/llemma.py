@@ -1,0 +1,44 @@
+"""Llemma PRM of the REBASE/ETS tree-search papers: sigmoid of the mean LM logit at each ` ки` tag."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.models.heads import HeadSpec
+
+STEP_TAG = " ки"
+
+
+class LlemmaFormat(PRMFormat):
+    """`problem + "\\n"` then the steps joined by "\\n", each ending in ` ки`.
+
+    The mean over the vocabulary of W·h is (mean of W's rows)·h, so the head is one precomputed row
+    (averaged in float32); the reference averages rounded fp16 logits, so fp16 results differ in rounding.
+    """
+
+    name = "llemma"
+
+    def __init__(self, tokenizer, config, **options) -> None:
+        super().__init__(tokenizer, config, **options)
+        self.tag_id = tokenizer.encode(STEP_TAG, add_special_tokens=False)[-1]
+
+    @property
+    def head(self) -> HeadSpec:
+        return HeadSpec("lm_mean")
+
+    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+        self.check_item(problem, steps, forbidden=[STEP_TAG.strip()])
+        text = problem + "\n" + "\n".join(step + STEP_TAG for step in steps)
+        ids = self.tokenizer.encode(text)
+        positions = self.expect_count(self.positions_of(ids, self.tag_id), len(steps), STEP_TAG)
+        return EncodedItem(ids, positions)
+
+    def encode_token_ids(self, token_ids: Sequence[int]) -> EncodedItem:
+        ids = list(token_ids)
+        return EncodedItem(ids, self.positions_of(ids, self.tag_id))
+
+    def rewards(self, head_outputs: torch.Tensor) -> list[float]:
+        return self.to_floats(torch.sigmoid(head_outputs[:, 0]))

@@ -1,0 +1,45 @@
+"""Step-tag LM PRMs (Math-Shepherd, OpenR's Qwen PRM): softmax over the good/bad token logits at each tag."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.models.heads import HeadSpec
+
+
+class MathShepherdFormat(PRMFormat):
+    """`problem + " " + "\\n".join(step + " " + tag)`; reward = softmax([good, bad])[0] at each tag.
+
+    OpenR's Qwen PRM: step_tag="\\n\\n\\n\\n\\n", good_token=" +", bad_token=" -".
+    """
+
+    name = "math_shepherd"
+    option_defaults = {"step_tag": "ки", "good_token": "+", "bad_token": "-"}
+
+    def __init__(self, tokenizer, config, **options) -> None:
+        super().__init__(tokenizer, config, **options)
+        self.step_tag = self.options["step_tag"]
+        self.tag_id = tokenizer.encode(self.step_tag, add_special_tokens=False)[-1]
+        self.good_id = self.single_token(self.options["good_token"], "good_token")
+        self.bad_id = self.single_token(self.options["bad_token"], "bad_token")
+
+    @property
+    def head(self) -> HeadSpec:
+        return HeadSpec("lm_rows", rows=(self.good_id, self.bad_id))
+
+    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+        self.check_item(problem, steps, forbidden=[self.step_tag])
+        text = f"{problem} " + "\n".join(f"{step} {self.step_tag}" for step in steps)
+        ids = self.tokenizer.encode(text)
+        positions = self.expect_count(self.positions_of(ids, self.tag_id), len(steps), self.step_tag)
+        return EncodedItem(ids, positions)
+
+    def encode_token_ids(self, token_ids: Sequence[int]) -> EncodedItem:
+        ids = list(token_ids)
+        return EncodedItem(ids, self.positions_of(ids, self.tag_id))
+
+    def rewards(self, head_outputs: torch.Tensor) -> list[float]:
+        return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 0])

@@ -1,0 +1,43 @@
+"""Qwen2.5-Math-PRM family: ChatML conversation, `<extra_0>` after every step, softmax(logits)[1] there."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prmserve.formats.base import EncodedItem, PRMFormat, chat_messages, render_chat
+from prmserve.models.heads import HeadSpec
+
+QWEN_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+SEPARATOR = "<extra_0>"
+
+
+class QwenPRMFormat(PRMFormat):
+    """Qwen2.5-Math-PRM-7B/72B, Qwen2.5-Math-7B-PRM800K; ReasonFlux-PRM-7B with system_prompt=None."""
+
+    name = "qwen_prm"
+    option_defaults = {"system_prompt": QWEN_SYSTEM_PROMPT}
+
+    def __init__(self, tokenizer, config, **options) -> None:
+        super().__init__(tokenizer, config, **options)
+        self.separator_id = self.single_token(SEPARATOR, "separator")
+
+    @property
+    def head(self) -> HeadSpec:
+        return HeadSpec("mlp", "score", out_features=self.config.num_labels or 2)
+
+    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+        self.check_item(problem, steps, forbidden=[SEPARATOR])
+        answer = SEPARATOR.join(steps) + SEPARATOR
+        text = render_chat(self.tokenizer, chat_messages(self.options["system_prompt"], problem, answer))
+        ids = self.tokenizer.encode(text)
+        positions = self.expect_count(self.positions_of(ids, self.separator_id), len(steps), SEPARATOR)
+        return EncodedItem(ids, positions)
+
+    def encode_token_ids(self, token_ids: Sequence[int]) -> EncodedItem:
+        ids = list(token_ids)
+        return EncodedItem(ids, self.positions_of(ids, self.separator_id))
+
+    def rewards(self, head_outputs: torch.Tensor) -> list[float]:
+        return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 1])

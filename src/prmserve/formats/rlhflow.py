@@ -1,0 +1,55 @@
+"""RLHFlow Llama3.1-8B PRMs: one user turn per step, an assistant "+" after each, all read in one pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from prmserve.errors import FormatError, InvalidInputError
+from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.models.heads import HeadSpec
+
+
+class RLHFlowFormat(PRMFormat):
+    """Reward of step k = softmax([logit("+"), logit("-")])[0] at the token before the k-th assistant "+".
+
+    The reference re-runs the conversation truncated after each step and reads position -3; by
+    causality those logits are the full conversation's at the same positions, so one pass serves all.
+    """
+
+    name = "rlhflow"
+
+    def __init__(self, tokenizer, config, **options) -> None:
+        super().__init__(tokenizer, config, **options)
+        if not getattr(tokenizer, "chat_template", None):
+            raise FormatError("the rlhflow format needs the checkpoint's chat template")
+        self.good_id = self.single_token("+", "good token")
+        self.bad_id = self.single_token("-", "bad token")
+
+    @property
+    def head(self) -> HeadSpec:
+        return HeadSpec("lm_rows", rows=(self.good_id, self.bad_id))
+
+    def _conversation_ids(self, conversation: list[dict[str, str]]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False, return_dict=False))
+
+    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+        self.check_item(problem, steps)
+        conversation: list[dict[str, str]] = []
+        positions: list[int] = []
+        prefixes: list[list[int]] = []
+        for k, step in enumerate(steps):
+            conversation.append({"role": "user", "content": f"{problem} {step}" if k == 0 else step})
+            conversation.append({"role": "assistant", "content": "+"})
+            prefix = self._conversation_ids(conversation)
+            prefixes.append(prefix)
+            positions.append(len(prefix) - 3)
+        ids = prefixes[-1]
+        for prefix in prefixes:
+            if ids[: len(prefix)] != prefix:
+                raise InvalidInputError("rlhflow: the chat template does not render the conversation prefix-stably")
+        return EncodedItem(ids, positions)
+
+    def rewards(self, head_outputs: torch.Tensor) -> list[float]:
+        return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 0])

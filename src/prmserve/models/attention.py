@@ -1,0 +1,115 @@
+"""Causal attention over packed variable-length sequences, each query block after its cached prefix.
+
+Two kernels compute the same function: Flash attention through `torch.nn.attention.varlen` on CUDA,
+and a loop of `scaled_dot_product_attention` calls elsewhere (CPU, CI). Queries are aligned to the
+end of their keys (bottom-right causal), so a chunk that follows a cached prefix attends to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.10 on CUDA
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_GQA = "enable_gqa" in inspect.signature(_varlen_attn).parameters
+except ImportError:  # pragma: no cover - depends on the torch build
+    _varlen_attn = None
+    _VARLEN_GQA = False
+
+
+@dataclass
+class AttentionInputs:
+    """Where a packed batch's sequences start and where their keys live.
+
+    `cu_seqlens_q`/`cu_seqlens_k` are int32 cumulative lengths [N+1] of new tokens and of all keys
+    (cached prefix + new). With a KV cache, new keys are written at `slot_mapping` [T] and each
+    sequence's keys are gathered from `key_slots` [Tk]; without one, keys are the new tokens.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    kv_cache: torch.Tensor | None = None  # [layers, 2, slots, kv_heads, head_dim]
+    slot_mapping: torch.Tensor | None = None
+    key_slots: torch.Tensor | None = None
+    seq_lens_q: list[int] | None = None  # host copies, for the loop kernel
+    seq_lens_k: list[int] | None = None
+
+    @classmethod
+    def uncached(cls, lengths: list[int], device: torch.device | str) -> "AttentionInputs":
+        """Inputs for full sequences with no cache: each sequence attends to itself only."""
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+        cu = cu.to(device)
+        longest = max(lengths)
+        return cls(cu, cu, longest, longest, seq_lens_q=list(lengths), seq_lens_k=list(lengths))
+
+
+def varlen_available(device: torch.device) -> bool:
+    """True where the Flash varlen kernel can run (CUDA with a recent torch)."""
+    return _varlen_attn is not None and device.type == "cuda"
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: AttentionInputs,
+    scale: float,
+    sliding_window: int | None,
+    use_varlen: bool,
+) -> torch.Tensor:
+    """Attention of q [T, H, D] over k, v [Tk, Hkv, D], bottom-right causal per sequence."""
+    if use_varlen:
+        return _flash_varlen(q, k, v, inputs, scale, sliding_window)
+    return _sdpa_loop(q, k, v, inputs, scale, sliding_window)
+
+
+def _flash_varlen(q, k, v, inputs: AttentionInputs, scale: float, sliding_window: int | None) -> torch.Tensor:
+    left = -1 if sliding_window is None else sliding_window - 1
+    kwargs = {"scale": scale, "window_size": (left, 0)}
+    if q.shape[1] != k.shape[1]:
+        if _VARLEN_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _varlen_attn(
+        q, k, v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.max_seqlen_q, inputs.max_seqlen_k, **kwargs
+    )
+
+
+def _sdpa_loop(q, k, v, inputs: AttentionInputs, scale: float, sliding_window: int | None) -> torch.Tensor:
+    lens_q = inputs.seq_lens_q or torch.diff(inputs.cu_seqlens_q).tolist()
+    lens_k = inputs.seq_lens_k or torch.diff(inputs.cu_seqlens_k).tolist()
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    start_q = start_k = 0
+    for len_q, len_k in zip(lens_q, lens_k):
+        qi = q[start_q : start_q + len_q].transpose(0, 1)
+        ki = k[start_k : start_k + len_k].transpose(0, 1).repeat_interleave(group, dim=0)
+        vi = v[start_k : start_k + len_k].transpose(0, 1).repeat_interleave(group, dim=0)
+        if len_q == len_k and sliding_window is None:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        else:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=_mask(len_q, len_k, sliding_window, q.device), scale=scale)
+        out[start_q : start_q + len_q] = oi.transpose(0, 1)
+        start_q += len_q
+        start_k += len_k
+    return out
+
+
+def _mask(len_q: int, len_k: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean mask [len_q, len_k]: query i sits at key position i + (len_k - len_q)."""
+    query_pos = torch.arange(len_q, device=device)[:, None] + (len_k - len_q)
+    key_pos = torch.arange(len_k, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if sliding_window is not None:
+        allowed &= key_pos > query_pos - sliding_window
+    return allowed

@@ -1,0 +1,177 @@
+"""Find a checkpoint (local directory or hub ID) and load its tensors into a `RewardModel`.
+
+Reads config.json, sharded or single safetensors, or a torch `pytorch_model.bin` through
+`torch.load(weights_only=True)` (no pickled code ever runs). Checkpoint tensor names are mapped to
+the fused layout of our layers (q/k/v into one projection, gate/up into one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from prmserve.errors import CheckpointError
+from prmserve.models.config import BackboneConfig
+from prmserve.models.heads import HeadSpec, head_tensor_names, lm_head_weight
+from prmserve.models.layers import rope_inverse_frequencies
+from prmserve.models.transformer import RewardModel
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+# Tensors some checkpoints carry that no head or backbone needs.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local checkpoint directory for a path, or for a hub ID after `snapshot_download`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if not _HUB_ID.match(text):
+        raise CheckpointError(f"{text!r} is neither a local directory nor a Hugging Face model ID (org/name)")
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id=text, allow_patterns=_HUB_FILES))
+    except Exception as exc:  # network, auth, missing repo: one clear message either way
+        raise CheckpointError(f"could not fetch {text!r} from the Hugging Face hub: {exc}") from exc
+
+
+class CheckpointTensors:
+    """Read-only view of a checkpoint's tensors across its shards, loaded one at a time."""
+
+    def __init__(self, directory: Path, stack: ExitStack) -> None:
+        self._where: dict[str, object] = {}
+        files = _weight_files(directory)
+        for file in files:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                for name in handle.keys():
+                    self._where[name] = handle
+            else:
+                try:
+                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as exc:
+                    raise CheckpointError(f"{file} could not be read as a tensor-only torch file: {exc}") from exc
+                for name, tensor in state.items():
+                    self._where[name] = tensor
+
+    def names(self) -> set[str]:
+        """Every tensor name in the checkpoint."""
+        return set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk on demand."""
+        source = self._where[name]
+        return source if isinstance(source, torch.Tensor) else source.get_tensor(name)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint, preferring safetensors, following an index if there is one."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted({directory / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).is_file():
+            return [directory / single]
+    raise CheckpointError(
+        f"no weights in {directory}: expected model.safetensors, a sharded safetensors index, or pytorch_model.bin"
+    )
+
+
+def _backbone_prefix(names: set[str]) -> str:
+    """Backbone tensors sit under `model.` in *ForCausalLM and reward checkpoints, at the root in bare ones."""
+    return "model." if any(n.startswith("model.") for n in names) else ""
+
+
+def _backbone_sources(cfg: BackboneConfig, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """(our parameter, checkpoint tensors concatenated into it) for every backbone parameter."""
+    yield "embed_tokens.weight", [f"{prefix}embed_tokens.weight"]
+    yield "norm.weight", [f"{prefix}norm.weight"]
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
+        yield ours + "self_attn.qkv_proj.weight", [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        if cfg.attention_bias:
+            yield ours + "self_attn.qkv_proj.bias", [theirs + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        yield ours + "self_attn.o_proj.weight", [theirs + "self_attn.o_proj.weight"]
+        yield ours + "mlp.gate_up_proj.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"]
+        yield ours + "mlp.down_proj.weight", [theirs + "mlp.down_proj.weight"]
+        yield ours + "input_layernorm.weight", [theirs + "input_layernorm.weight"]
+        yield ours + "post_attention_layernorm.weight", [theirs + "post_attention_layernorm.weight"]
+
+
+def _lm_head_source(cfg: BackboneConfig, names: set[str], prefix: str) -> str:
+    """The LM head tensor, or the embedding when the checkpoint ties them."""
+    if "lm_head.weight" in names:
+        return "lm_head.weight"
+    if cfg.raw.get("tie_word_embeddings", False):
+        return f"{prefix}embed_tokens.weight"
+    return "lm_head.weight"  # reported as missing
+
+
+def _format_names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def load_reward_model(
+    directory: Path, cfg: BackboneConfig, head: HeadSpec, device: torch.device, dtype: torch.dtype
+) -> RewardModel:
+    """Build the model for `head` and fill it from the checkpoint, refusing missing or unexpected tensors."""
+    with torch.device("meta"):
+        model = RewardModel(cfg, head)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary.inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    params = dict(model.named_parameters())
+
+    with ExitStack() as stack:
+        tensors = CheckpointTensors(directory, stack)
+        names = tensors.names()
+        prefix = _backbone_prefix(names)
+        plan = list(_backbone_sources(cfg, prefix))
+        plan += [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
+        lm_source = _lm_head_source(cfg, names, prefix) if head.kind in ("lm_rows", "lm_mean") else None
+        needed = {t for _, sources in plan for t in sources} | ({lm_source} if lm_source else set())
+
+        missing = sorted(needed - names)
+        if missing:
+            raise CheckpointError(f"{directory}: missing tensors: {_format_names(missing)}")
+        unexpected = [n for n in names - needed if not _IGNORED.search(n) and not n.startswith("lm_head.")]
+        if unexpected:
+            raise CheckpointError(
+                f"{directory}: unexpected tensors for a {head.kind} head on a {cfg.model_type} backbone: "
+                f"{_format_names(unexpected)} (is the format right?)"
+            )
+
+        with torch.no_grad():
+            for ours, sources in plan:
+                parts = [tensors.get(s) for s in sources]
+                value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                _copy_checked(params[ours], value, ours, sources)
+            if lm_source:
+                _copy_checked(params["head.weight"], lm_head_weight(head, tensors.get(lm_source)), "head.weight", [lm_source])
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _copy_checked(param: torch.Tensor, value: torch.Tensor, ours: str, sources: list[str]) -> None:
+    if param.shape != value.shape:
+        raise CheckpointError(
+            f"tensor {' + '.join(sources)} has shape {tuple(value.shape)}, but the config implies {tuple(param.shape)}"
+        )
+    param.copy_(value.to(param.dtype))
