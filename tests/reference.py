@@ -1,0 +1,229 @@
+"""Independent reference step rewards: transformers' own modeling code plus each family's published formula.
+
+Nothing here imports prmserve. Backbones come from transformers (`Qwen2Model`, `AutoModelForCausalLM`,
+`AutoModelForSequenceClassification`); heads transformers lacks (Qwen2ForProcessRewardModel's `score`
+MLP, Skywork's `v_head`, Qwen2ForRewardModel's `score` MLP) are applied with plain torch from the
+checkpoint's own tensors. Inputs are built as the model cards' example code builds them: the
+checkpoint's tokenizer through `AutoTokenizer`, chat templates through `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Model,
+)
+
+QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@functools.cache
+def tokenizer_of(ckpt_dir: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer exactly as the model cards load it."""
+    return AutoTokenizer.from_pretrained(ckpt_dir)
+
+
+@functools.cache
+def architecture_of(ckpt_dir: str) -> str:
+    """`architectures[0]` of the checkpoint's config.json."""
+    return json.loads((Path(ckpt_dir) / "config.json").read_text())["architectures"][0]
+
+
+def _loaded(model: PreTrainedModel, info: dict) -> PreTrainedModel:
+    """Fail loudly if transformers left any weight of the model uninitialised."""
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise AssertionError(f"transformers could not load {info['missing_keys']} {info['mismatched_keys']}")
+    return model.eval()
+
+
+@functools.cache
+def qwen2_backbone(ckpt_dir: str, dtype: torch.dtype) -> PreTrainedModel:
+    """The `model.*` Qwen2 decoder of a checkpoint whose head transformers does not know."""
+    return _loaded(*Qwen2Model.from_pretrained(ckpt_dir, dtype=dtype, output_loading_info=True))
+
+
+@functools.cache
+def causal_lm(ckpt_dir: str, dtype: torch.dtype) -> PreTrainedModel:
+    """A *ForCausalLM checkpoint loaded by transformers with its LM head."""
+    return _loaded(*AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, output_loading_info=True))
+
+
+@functools.cache
+def sequence_classifier(ckpt_dir: str, dtype: torch.dtype) -> PreTrainedModel:
+    """A *ForSequenceClassification checkpoint loaded by transformers with its `score` head."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(ckpt_dir, dtype=dtype, output_loading_info=True)
+    return _loaded(model, info)
+
+
+def head_tensors(ckpt_dir: str, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors whose names start with `prefix`, read from whichever weight files the checkpoint has."""
+    directory = Path(ckpt_dir)
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            found.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)})
+    for path in directory.glob("pytorch_model*.bin"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        found.update({k: v for k, v in state.items() if k.startswith(prefix)})
+    return {k[len(prefix) :]: v.to(dtype) for k, v in found.items()}
+
+
+def qwen_score_mlp(ckpt_dir: str, hidden: torch.Tensor) -> torch.Tensor:
+    """Qwen's `score = Sequential(Linear(H,H), ReLU(), Linear(H,labels))`, in the hidden states' dtype."""
+    w = head_tensors(ckpt_dir, "score.", hidden.dtype)
+    return F.linear(F.relu(F.linear(hidden, w["0.weight"], w["0.bias"])), w["2.weight"], w["2.bias"])
+
+
+@torch.no_grad()
+def qwen_prm_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """Qwen2.5-Math-PRM card: ChatML, `<extra_0>` after every step, softmax(logits)[1] at each separator."""
+    system_prompt = options.pop("system_prompt", QWEN_MATH_SYSTEM)
+    _no_options_left(options)
+    tokenizer = tokenizer_of(ckpt_dir)
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    messages += [
+        {"role": "user", "content": problem},
+        {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"},
+    ]
+    conversation = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    input_ids = tokenizer.encode(conversation, return_tensors="pt")
+    hidden = qwen2_backbone(ckpt_dir, dtype)(input_ids=input_ids).last_hidden_state
+    probabilities = F.softmax(qwen_score_mlp(ckpt_dir, hidden), dim=-1)  # bf16 in, bf16 out, as the card
+    step_sep_id = tokenizer.encode("<extra_0>")[0]
+    return probabilities[input_ids == step_sep_id][:, 1].float().tolist()
+
+
+@torch.no_grad()
+def skywork_prm_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """Skywork's prepare_input: BOS + problem + newline, each response line encoded alone then a flagged newline."""
+    _no_options_left(options)
+    if any("\n" in step for step in steps):
+        raise ValueError("a Skywork step is one line: the response is split on newlines")
+    tokenizer = tokenizer_of(ckpt_dir)
+    step_token = "\n"
+    input_ids = tokenizer.encode(tokenizer.bos_token + problem + "\n")
+    flags = [0] * len(input_ids)
+    step_token_id = tokenizer.encode(step_token)[-1]
+    for piece in step_token.join(steps).split(step_token):
+        piece_ids = (tokenizer.encode(piece) if piece != "" else []) + [step_token_id]
+        input_ids += piece_ids
+        flags += [0] * (len(piece_ids) - 1) + [1]
+    ids = torch.tensor([input_ids])
+    hidden = qwen2_backbone(ckpt_dir, dtype)(input_ids=ids).last_hidden_state[0]
+    v_head = head_tensors(ckpt_dir, "v_head.summary.", hidden.dtype)
+    values = torch.sigmoid(F.linear(hidden, v_head["weight"], v_head["bias"])).squeeze(-1)
+    return values[torch.tensor(flags, dtype=torch.bool)].float().tolist()
+
+
+@torch.no_grad()
+def math_shepherd_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """Math-Shepherd card: f"{question} {output}", each step ending in " ки"; softmax over [+, -] logits at the tag.
+
+    Steps are separated by a newline as in the card's example output, unless the tag itself ends in one
+    (OpenR's "\\n\\n\\n\\n\\n" tag: a newline after it would make a different token).
+    """
+    step_tag = options.pop("step_tag", "ки")
+    good_token, bad_token = options.pop("good_token", "+"), options.pop("bad_token", "-")
+    _no_options_left(options)
+    tokenizer = tokenizer_of(ckpt_dir)
+    joiner = "" if step_tag.endswith("\n") else "\n"
+    output = joiner.join(f"{step} {step_tag}" for step in steps)
+    input_ids = torch.tensor([tokenizer.encode(f"{problem} {output}")])
+    step_tag_id = tokenizer.encode(f" {step_tag}", add_special_tokens=False)[-1]
+    candidate_tokens = [_single_id(tokenizer, good_token), _single_id(tokenizer, bad_token)]
+    logits = causal_lm(ckpt_dir, dtype)(input_ids).logits[:, :, candidate_tokens]
+    scores = logits.softmax(dim=-1)[:, :, 0]
+    return scores[input_ids == step_tag_id].float().tolist()
+
+
+@torch.no_grad()
+def rlhflow_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """RLHFlow card: one user turn per (stripped) step, assistant "+" after each; [+, -] softmax at position -3."""
+    _no_options_left(options)
+    tokenizer = tokenizer_of(ckpt_dir)
+    model = causal_lm(ckpt_dir, dtype)
+    candidate_tokens = [tokenizer.encode("+")[-1], tokenizer.encode("-")[-1]]
+    conversation: list[dict[str, str]] = []
+    rewards = []
+    for k, step in enumerate(step.strip() for step in steps):
+        text = problem + " " + step if k == 0 else step
+        conversation.append({"content": text, "role": "user"})
+        conversation.append({"content": "+", "role": "assistant"})
+        input_ids = tokenizer.apply_chat_template(conversation, return_tensors="pt", return_dict=True)["input_ids"]
+        logits = model(input_ids).logits[:, -3, candidate_tokens]
+        rewards.append(logits.softmax(dim=-1)[0, 0].item())
+    return rewards
+
+
+@torch.no_grad()
+def llemma_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """REBASE / ETS Llemma PRM: question + newline, steps ending in " ки"; sigmoid(mean of logits) at the tag."""
+    _no_options_left(options)
+    tokenizer = tokenizer_of(ckpt_dir)
+    text = problem + "\n" + "\n".join(f"{step} ки" for step in steps)
+    input_ids = torch.tensor([tokenizer.encode(text)])
+    tag_id = tokenizer.encode(" ки")[-1]
+    logits = causal_lm(ckpt_dir, dtype)(input_ids).logits
+    return torch.sigmoid(logits.mean(dim=-1))[input_ids == tag_id].float().tolist()
+
+
+@torch.no_grad()
+def outcome_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """Outcome RMs: the whole solution (steps joined by blank lines) as the assistant turn; the raw score at the last token.
+
+    Qwen2ForRewardModel as the Qwen2.5-Math-RM card (with its math system message); *ForSequenceClassification
+    as the Skywork-Reward card (user + assistant only).
+    """
+    _no_options_left(options)
+    tokenizer = tokenizer_of(ckpt_dir)
+    messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": "\n\n".join(steps)}]
+    if architecture_of(ckpt_dir) == "Qwen2ForRewardModel":
+        messages.insert(0, {"role": "system", "content": QWEN_MATH_SYSTEM})
+        conversation = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        input_ids = tokenizer.encode(conversation, return_tensors="pt", add_special_tokens=False)
+        hidden = qwen2_backbone(ckpt_dir, dtype)(input_ids=input_ids).last_hidden_state[:, -1]
+        return qwen_score_mlp(ckpt_dir, hidden)[0].float().tolist()
+    input_ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)["input_ids"]
+    return [sequence_classifier(ckpt_dir, dtype)(input_ids).logits[0][0].item()]
+
+
+def _single_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The one token id `text` encodes to (the card's candidate-token lookup), refusing multi-token strings."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is {len(ids)} tokens, not one")
+    return ids[0]
+
+
+def _no_options_left(options: dict) -> None:
+    """Refuse options a family does not take, so a typo in a test cannot pass silently."""
+    if options:
+        raise TypeError(f"unexpected options {sorted(options)}")
+
+
+REFERENCES = {
+    "qwen_prm": qwen_prm_rewards,
+    "skywork_prm": skywork_prm_rewards,
+    "math_shepherd": math_shepherd_rewards,
+    "rlhflow": rlhflow_rewards,
+    "llemma": llemma_rewards,
+    "outcome": outcome_rewards,
+}
+
+
+def reference_step_rewards(
+    family: str, ckpt_dir: str | Path, problem: str, steps: list[str], dtype: torch.dtype = torch.float32, **options
+) -> list[float]:
+    """Step rewards of `family`'s reference code for one (problem, steps) item (one score for `outcome`)."""
+    return REFERENCES[family](str(ckpt_dir), problem, list(steps), dtype, **options)
