@@ -85,8 +85,10 @@ class Engine:
         if plan.chunks:
             self.runner.run(plan.chunks)
         done = self.scheduler.finish_step(plan)
+        if done:
+            for request, outputs in zip(done, self.runner.read_outputs(done)):
+                request.outputs = outputs
         for request in done:
-            request.outputs = self.runner.read_outputs(request)
             self.scheduler.release(request)
             usage = request.usage
             self._prompt += usage.prompt_tokens

@@ -65,10 +65,12 @@ class ModelRunner:
         out = self.model(ids.to(**to), positions.to(**to), inputs)
         self.head_cache[inputs.slot_mapping] = out.float()
 
-    def read_outputs(self, request) -> torch.Tensor:
-        """Head outputs [reads, width] at the request's read positions, in the model's dtype."""
-        slots = torch.tensor([self.blocks.slot(request, p) for p in request.read_positions], dtype=torch.int64)
-        return self.head_cache[slots.to(self.device)].to(self.dtype).cpu()
+    def read_outputs(self, requests: list) -> list[torch.Tensor]:
+        """Head outputs [reads, width] at each request's read positions, in the model's dtype (one gather)."""
+        slots = [self.blocks.slot(r, p) for r in requests for p in r.read_positions]
+        index = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        values = self.head_cache[index].to(self.dtype).cpu()
+        return list(values.split([len(r.read_positions) for r in requests]))
 
 
 def _cumulative(lengths: list[int]) -> torch.Tensor:
