@@ -28,8 +28,9 @@ class PRM:
     """A process reward model ready to score: its format, weights, tokenizer and engine.
 
     `PRM()` loads the small model bundled with prmserve; otherwise pass a local checkpoint
-    directory or a Hugging Face model ID. Keyword options are the engine's (`EngineConfig`:
-    `enable_prefix_caching`, `max_num_batched_tokens`, ...) and then the format's.
+    directory or a Hugging Face model ID. On CUDA the layers are compiled unless `enforce_eager`.
+    Keyword options are the engine's (`EngineConfig`: `enable_prefix_caching`,
+    `max_num_batched_tokens`, ...) and then the format's.
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class PRM:
         format: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        enforce_eager: bool = False,
         **options: Any,
     ) -> None:
         self.model_name = str(model) if model is not None else "prmserve/small-prm"
@@ -51,6 +53,8 @@ class PRM:
         self.format = make_format(self.format_name, self.tokenizer, self.config, **options)
         self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
         self.model.set_attention_kernel(varlen_available(self.device))
+        if self.device.type == "cuda" and not enforce_eager:
+            self.model.compile_layers()  # fuses norms, rotary, SwiGLU; measured in bench/
         self.engine = Engine(self.model, EngineConfig(**engine_options))
         self._loop: EngineLoop | None = None
 

@@ -128,42 +128,66 @@ def _format_names(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+class StateDictTensors:
+    """A state dict in memory seen through the `CheckpointTensors` interface (benchmarks, conversions)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._state = state_dict
+
+    def names(self) -> set[str]:
+        return set(self._state)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
 def load_reward_model(
     directory: Path, cfg: BackboneConfig, head: HeadSpec, device: torch.device, dtype: torch.dtype
 ) -> RewardModel:
-    """Build the model for `head` and fill it from the checkpoint, refusing missing or unexpected tensors."""
+    """Build the model for `head` and fill it from the checkpoint directory."""
+    with ExitStack() as stack:
+        return build_reward_model(cfg, head, CheckpointTensors(directory, stack), device, dtype, str(directory))
+
+
+def build_reward_model(
+    cfg: BackboneConfig,
+    head: HeadSpec,
+    tensors: CheckpointTensors | StateDictTensors,
+    device: torch.device,
+    dtype: torch.dtype,
+    where: str = "checkpoint",
+) -> RewardModel:
+    """Build the model for `head` from named tensors, refusing missing or unexpected ones."""
     with torch.device("meta"):
         model = RewardModel(cfg, head)
     model = model.to_empty(device=device).to(dtype)
     model.rotary.inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     params = dict(model.named_parameters())
 
-    with ExitStack() as stack:
-        tensors = CheckpointTensors(directory, stack)
-        names = tensors.names()
-        prefix = _backbone_prefix(names)
-        plan = list(_backbone_sources(cfg, prefix))
-        plan += [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
-        lm_source = _lm_head_source(cfg, names, prefix) if head.kind in ("lm_rows", "lm_mean") else None
-        needed = {t for _, sources in plan for t in sources} | ({lm_source} if lm_source else set())
+    names = tensors.names()
+    prefix = _backbone_prefix(names)
+    plan = list(_backbone_sources(cfg, prefix))
+    plan += [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
+    lm_source = _lm_head_source(cfg, names, prefix) if head.kind in ("lm_rows", "lm_mean") else None
+    needed = {t for _, sources in plan for t in sources} | ({lm_source} if lm_source else set())
 
-        missing = sorted(needed - names)
-        if missing:
-            raise CheckpointError(f"{directory}: missing tensors: {_format_names(missing)}")
-        unexpected = [n for n in names - needed if not _IGNORED.search(n) and not n.startswith("lm_head.")]
-        if unexpected:
-            raise CheckpointError(
-                f"{directory}: unexpected tensors for a {head.kind} head on a {cfg.model_type} backbone: "
-                f"{_format_names(unexpected)} (is the format right?)"
-            )
+    missing = sorted(needed - names)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors: {_format_names(missing)}")
+    unexpected = [n for n in names - needed if not _IGNORED.search(n) and not n.startswith("lm_head.")]
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: unexpected tensors for a {head.kind} head on a {cfg.model_type} backbone: "
+            f"{_format_names(unexpected)} (is the format right?)"
+        )
 
-        with torch.no_grad():
-            for ours, sources in plan:
-                parts = [tensors.get(s) for s in sources]
-                value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-                _copy_checked(params[ours], value, ours, sources)
-            if lm_source:
-                _copy_checked(params["head.weight"], lm_head_weight(head, tensors.get(lm_source)), "head.weight", [lm_source])
+    with torch.no_grad():
+        for ours, sources in plan:
+            parts = [tensors.get(s) for s in sources]
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            _copy_checked(params[ours], value, ours, sources)
+        if lm_source:
+            _copy_checked(params["head.weight"], lm_head_weight(head, tensors.get(lm_source)), "head.weight", [lm_source])
     model.eval()
     model.requires_grad_(False)
     return model

@@ -1,6 +1,13 @@
-"""The decoder backbone shared by Qwen2, Llama and Mistral, plus a reward head on top."""
+"""The decoder backbone shared by Qwen2, Llama and Mistral, plus a reward head on top.
+
+Each layer is split into three parts: projections + rotary (`project`), attention over the paged
+cache (`attend`), and output projection + MLP (`finish`). The first and last are plain tensor code
+that `torch.compile` fuses well; attention stays eager around its Flash kernel.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,9 +21,8 @@ from prmserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotar
 class SelfAttention(nn.Module):
     """Grouped-query self-attention with fused QKV that writes to and reads from a paged KV cache."""
 
-    def __init__(self, cfg: BackboneConfig, layer_index: int) -> None:
+    def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
-        self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
@@ -25,34 +31,57 @@ class SelfAttention(nn.Module):
         self.sliding_window = cfg.sliding_window
         self.use_varlen = False
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if inputs.kv_cache is not None:
-            cache_k, cache_v = inputs.kv_cache[self.layer_index]
-            cache_k[inputs.slot_mapping] = k
-            cache_v[inputs.slot_mapping] = v
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, kv: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Store the new keys in this layer's cache `kv` [2, slots, Hkv, D], then attend over the sequence's keys."""
+        if kv is not None:
+            kv[0][inputs.slot_mapping] = k
+            kv[1][inputs.slot_mapping] = v
             if inputs.key_slots is not None:  # some sequence follows a cached prefix
-                k, v = cache_k[inputs.key_slots], cache_v[inputs.key_slots]
+                k, v = kv[0][inputs.key_slots], kv[1][inputs.key_slots]
         out = causal_attention(q, k, v, inputs, self.scale, self.sliding_window, self.use_varlen)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return out.reshape(-1, self.q_size)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention then pre-norm SwiGLU MLP, each with a residual."""
 
-    def __init__(self, cfg: BackboneConfig, layer_index: int) -> None:
+    def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg, layer_index)
+        self.self_attn = SelfAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, inputs)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        inputs: AttentionInputs,
+        kv: torch.Tensor | None,
+        project: Callable = None,
+        finish: Callable = None,
+    ) -> torch.Tensor:
+        q, k, v = (project or project_qkv)(self, x, cos, sin)
+        attn = self.self_attn.attend(q, k, v, inputs, kv)
+        return (finish or finish_layer)(self, x, attn)
+
+
+def project_qkv(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Norm, fused QKV projection and rotary embedding: queries [T,H,D], keys and values [T,Hkv,D]."""
+    attn = layer.self_attn
+    q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q = apply_rotary(q.view(-1, attn.num_heads, attn.head_dim), cos, sin)
+    k = apply_rotary(k.view(-1, attn.num_kv_heads, attn.head_dim), cos, sin)
+    return q, k, v.view(-1, attn.num_kv_heads, attn.head_dim)
+
+
+def finish_layer(layer: DecoderLayer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Output projection and residual, then the MLP block and its residual."""
+    x = x + layer.self_attn.o_proj(attn)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class RewardModel(nn.Module):
@@ -63,20 +92,28 @@ class RewardModel(nn.Module):
         self.config = cfg
         self.head_spec = head
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.head = build_head(head, cfg.hidden_size)
+        self._project: Callable = project_qkv
+        self._finish: Callable = finish_layer
 
     def set_attention_kernel(self, use_varlen: bool) -> None:
         """Choose the Flash varlen kernel (CUDA) or the portable SDPA loop for every layer."""
         for layer in self.layers:
             layer.self_attn.use_varlen = use_varlen
 
+    def compile_layers(self) -> None:
+        """Compile the per-layer tensor code once for all layers, for any token count."""
+        self._project = torch.compile(project_qkv, dynamic=True)
+        self._finish = torch.compile(finish_layer, dynamic=True)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """Head outputs [T, head width] for packed tokens [T] at their absolute positions [T]."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, inputs)
+        for index, layer in enumerate(self.layers):
+            kv = None if inputs.kv_cache is None else inputs.kv_cache[index]
+            x = layer(x, cos, sin, inputs, kv, self._project, self._finish)
         return self.head(self.norm(x))

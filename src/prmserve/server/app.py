@@ -1,0 +1,249 @@
+"""The FastAPI app around one `PRM`: thin routes (encode → submit → await → result) and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from prmserve.errors import FormatError, InvalidInputError, QueueFullError, RequestCancelledError
+from prmserve.formats.base import render_chat
+from prmserve.prm import PRM
+from prmserve.results import ScoreResult, aggregate
+from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware
+from prmserve.server.protocol import (
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    PoolingData,
+    PoolingRequest,
+    PoolingResponse,
+    PoolingUsage,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResultBody,
+    Usage,
+)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+POOLING_TASKS = ("encode", "token_classify", "classify", "reward")
+RETRY_AFTER_S = 1
+CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
+
+
+class APIError(Exception):
+    """An error the API answers with its own status, kind and (optionally) the offending field."""
+
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.retry_after = status, message, kind, param, retry_after
+
+
+def create_app(
+    prm: PRM,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    default_timeout: float | None = None,
+) -> FastAPI:
+    """An app serving `prm`; its lifespan starts the engine thread and, on shutdown, lets it finish and stops it."""
+    metrics = ServerMetrics(prm)
+    prm.engine.step_observers.append(metrics.observe_step)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        prm.loop  # start the engine thread before the first request
+        yield
+        await asyncio.to_thread(prm.close)
+
+    app = FastAPI(title="prmserve", summary="Process reward model scoring", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _add_error_handlers(app)
+    authorized = [Depends(_bearer_check(api_key))]
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=authorized)
+    async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+        """Score items (results in item order); lower priority values run first."""
+        encoded = _encode(prm, [item.to_item() for item in body.items], param="items")
+        results = await _run(prm, request, encoded, body.priority, _timeout(body.timeout, default_timeout))
+        return ScoreResponse(
+            results=[
+                ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, body.aggregate), usage=_usage(r))
+                for r in results
+            ],
+            usage=_usage(_total(results)),
+        )
+
+    @app.post("/pooling", response_model=PoolingResponse, responses=_ERRORS | {404: {"model": ErrorResponse}}, dependencies=authorized)
+    async def pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
+        """vLLM-compatible pooling: one `[1 - reward, reward]` row per step of each input."""
+        if body.model is not None and body.model != prm.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {prm.model_name!r}", "not_found", "model")
+        if body.task is not None and body.task not in POOLING_TASKS:
+            raise APIError(400, f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}", "InvalidInputError", "task")
+        items = _pooling_items(prm, body)
+        encoded = _encode(prm, items, param="messages" if body.messages is not None else "input")
+        results = await _run(prm, request, encoded, body.priority, default_timeout)
+        prompt_tokens = _total(results).prompt_tokens
+        return PoolingResponse(
+            id=f"pool-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=prm.model_name,
+            data=[PoolingData(index=i, data=[[1.0 - r, r] for r in res.step_rewards]) for i, res in enumerate(results)],
+            usage=PoolingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+        )
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=authorized)
+    async def models() -> ModelList:
+        """The served model (OpenAI-style list)."""
+        card = ModelCard(id=prm.model_name, created=created, format=prm.format_name, max_model_len=prm.max_model_len)
+        return ModelList(data=[card])
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        """Liveness; open even when an API key is set."""
+        pending = prm._loop.num_pending if prm._loop is not None else 0
+        return Health(model=prm.model_name, pending=pending)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition of this app's registry."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _bearer_check(api_key: str | None):
+    """A dependency that refuses requests without `Authorization: Bearer <api_key>` when a key is set."""
+    bearer = HTTPBearer(auto_error=False, description="Required when the server runs with an API key")
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "unauthorized")
+
+    return check
+
+
+def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
+    """`input` or `messages` as `PRM.encode` items."""
+    if body.messages is not None:
+        try:
+            return [{"text": render_chat(prm.tokenizer, [m.to_message() for m in body.messages])}]
+        except FormatError:
+            raise
+        except Exception as exc:  # the checkpoint's template refused these messages
+            raise APIError(400, f"messages: the chat template could not render them: {exc}", "InvalidInputError", "messages") from exc
+    given = body.input
+    if isinstance(given, str):
+        return [{"text": given}]
+    if all(isinstance(x, int) for x in given):
+        return [{"token_ids": given}]
+    return [{"text": x} if isinstance(x, str) else {"token_ids": x} for x in given]
+
+
+def _encode(prm: PRM, items: list[dict[str, Any]], param: str) -> list:
+    try:
+        return prm.encode_all(items)
+    except (InvalidInputError, FormatError) as exc:
+        raise APIError(400, f"{param}: {exc}", type(exc).__name__, param) from None
+
+
+async def _run(prm: PRM, request: Request, encoded: Sequence, priority: int, timeout: float | None) -> list[ScoreResult]:
+    """Submit every item (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done."""
+    futures: list[Future] = []
+    try:
+        for item in encoded:
+            futures.append(prm.submit(item, priority))
+        if len(encoded) > 0 and prm.engine.config.max_queue is not None and len(encoded) > prm.engine.config.max_queue:
+            raise AssertionError("unreachable: submit refuses past max_queue")
+        gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        left = asyncio.ensure_future(_client_left(request))
+        try:
+            done, _ = await asyncio.wait({gathered, left}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if gathered in done:
+            return [prm.result(r) for r in gathered.result()]
+        gathered.cancel()
+        if left in done:
+            raise APIError(CLIENT_CLOSED, "the client closed the connection; its work was dropped", "client_closed")
+        raise APIError(504, f"not finished within the timeout of {timeout} s; the work was dropped", "timeout", "timeout")
+    except QueueFullError as exc:
+        raise APIError(429, f"the server is busy: {exc}; retry later", "QueueFullError", retry_after=RETRY_AFTER_S) from None
+    except RequestCancelledError as exc:
+        raise APIError(503, str(exc), "RequestCancelledError", retry_after=RETRY_AFTER_S) from None
+    finally:
+        for f in futures:
+            f.cancel()  # no-op for finished work; aborts and frees the rest
+
+
+async def _client_left(request: Request) -> None:
+    """Return when the client disconnects (the body is read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _timeout(asked: float | None, default: float | None) -> float | None:
+    return asked if asked is not None else default
+
+
+def _total(results: Sequence[ScoreResult]):
+    usage = results[0].usage
+    for r in results[1:]:
+        usage = usage + r.usage
+    return usage
+
+
+def _usage(result_or_usage: Any) -> Usage:
+    u = getattr(result_or_usage, "usage", result_or_usage)
+    return Usage(prompt_tokens=u.prompt_tokens, computed_tokens=u.computed_tokens, cached_tokens=u.cached_tokens)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """One error body for every failure: API errors, validation errors naming the field, HTTP errors, the unexpected."""
+
+    def respond(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+        body = ErrorResponse(error={"message": message, "type": kind, "code": status, "param": param})
+        return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return respond(exc.status, exc.message, exc.kind, exc.param, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors()[:5]:
+            where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+            problems.append(f"{where}: {error['msg']}")
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        param = ".".join(str(p) for p in first if p != "body") or None
+        return respond(422, "; ".join(problems), "InvalidInputError", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return respond(exc.status_code, str(exc.detail), "http_error", headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return respond(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")

@@ -1,0 +1,161 @@
+"""The HTTP API's request and response bodies; these pydantic models are the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from prmserve.results import AGGREGATIONS
+
+Aggregation = Literal[AGGREGATIONS]  # type: ignore[valid-type]
+MAX_TIMEOUT_S = 24 * 3600.0
+
+
+class ScoreItem(BaseModel):
+    """One solution to score: `problem` + `steps`, or pre-formatted `text` or `token_ids` with the model's separators."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    problem: StrictStr | None = None
+    steps: list[StrictStr] | None = None
+    text: StrictStr | None = None
+    token_ids: list[StrictInt] | None = None
+
+    def to_item(self) -> dict:
+        """The item as `PRM.encode` takes it (only the fields that were sent)."""
+        return self.model_dump(exclude_unset=True)
+
+
+class ScoreRequest(BaseModel):
+    """Score items; lower `priority` runs first; `timeout` (seconds) bounds the wait, then the work is dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreItem] = Field(min_length=1)
+    priority: StrictInt = 0
+    aggregate: Aggregation = "min"
+    timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+
+
+class Usage(BaseModel):
+    """Tokens in the prompts = tokens computed + tokens whose KV and head outputs came from the prefix cache."""
+
+    prompt_tokens: int
+    computed_tokens: int
+    cached_tokens: int
+
+
+class ScoreResultBody(BaseModel):
+    """One item's step rewards (in step order), their aggregate, and its token usage."""
+
+    step_rewards: list[float]
+    aggregate: float
+    usage: Usage
+
+
+class ScoreResponse(BaseModel):
+    """Results in item order, and the usage of the whole request."""
+
+    results: list[ScoreResultBody]
+    usage: Usage
+
+
+class TextPart(BaseModel):
+    """A text part of a chat message's content."""
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """A chat turn, rendered with the model's chat template."""
+
+    role: StrictStr
+    content: StrictStr | list[TextPart]
+
+    def to_message(self) -> dict[str, str]:
+        """The message with its content parts joined into one string, as chat templates expect."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
+
+
+class PoolingRequest(BaseModel):
+    """vLLM's `/pooling` request: `input` (text(s) or token id list(s)) or one chat in `messages`."""
+
+    model_config = ConfigDict(extra="ignore")  # vLLM clients send more fields (user, encoding_format, ...)
+
+    model: StrictStr | None = None
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
+    messages: list[ChatMessage] | None = None
+    task: StrictStr | None = None
+    priority: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PoolingRequest":
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'input' or 'messages'")
+        if self.input is not None and (self.input == [] or self.input == ""):
+            raise ValueError("'input' must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        return self
+
+
+class PoolingData(BaseModel):
+    """One input's rows, one per step: `[1 - reward, reward]`."""
+
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: list[list[float]]
+
+
+class PoolingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class PoolingResponse(BaseModel):
+    """vLLM's `/pooling` response."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[PoolingData]
+    usage: PoolingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "prmserve"
+    format: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    """OpenAI-style model list; `data[0].id` is the served model's name."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    pending: int
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    code: int
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what went wrong, the error's kind (a prmserve error class name where one applies), the field."""
+
+    error: ErrorInfo
