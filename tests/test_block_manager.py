@@ -1,0 +1,186 @@
+"""Unit tests of the paged-KV block manager and its prefix cache (no model involved)."""
+
+from __future__ import annotations
+
+import itertools
+
+from prmserve.engine.block_manager import BlockManager
+from prmserve.engine.request import Request
+
+_ids = itertools.count()
+
+
+def req(tokens: list[int]) -> Request:
+    return Request(f"r{next(_ids)}", list(tokens), [len(tokens) - 1])
+
+
+def admit(bm: BlockManager, request: Request, step: int = 1):
+    match = bm.match_prefix(request.token_ids, step)
+    assert not match.blocked
+    assert bm.can_allocate(request, match)
+    bm.allocate(request, match)
+    return match
+
+
+def compute_all(bm: BlockManager, request: Request, step: int = 1) -> None:
+    """What the scheduler and runner do for a request computed in one chunk."""
+    bm.mark_filling(request, request.num_done, request.num_tokens, step)
+    request.num_done = request.num_tokens
+    bm.mark_ready(request)
+
+
+def check_invariants(bm: BlockManager) -> None:
+    free, cached = set(bm.free), set(bm.cached_free)
+    assert not free & cached
+    assert len(free) == len(bm.free) and len(cached) == len(bm.cached_free)
+    for block in bm.blocks:
+        assert block.ref_count >= 0
+        if block.ref_count == 0:
+            assert block.block_id in free | cached, block
+        else:
+            assert block.block_id not in free | cached, block
+        if block.block_id in cached:
+            assert block.ready and block.hash is not None
+            assert bm.by_hash[block.hash] == block.block_id
+    for block_hash, block_id in bm.by_hash.items():
+        assert bm.blocks[block_id].hash == block_hash
+
+
+def test_full_blocks_only_are_cached_and_shared():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = req(list(range(10)))  # 2 full blocks + 2 tokens
+    admit(bm, a)
+    assert len(a.block_table) == 3 and a.num_cached == 0
+    compute_all(bm, a)
+    bm.free_request(a)
+    check_invariants(bm)
+    assert len(bm.cached_free) == 2  # the partial block is not cached
+    assert bm.num_available == 8
+
+    b = req(list(range(9)) + [99, 100])
+    match = admit(bm, b, step=2)
+    assert len(match.block_ids) == 2 and b.num_cached == b.num_done == 8
+    assert b.block_table[:2] == a_table_prefix(bm, list(range(8)))
+    check_invariants(bm)
+    compute_all(bm, b, step=2)
+    bm.free_request(b)
+    check_invariants(bm)
+    assert all(block.ref_count == 0 for block in bm.blocks)
+
+
+def a_table_prefix(bm: BlockManager, tokens: list[int]) -> list[int]:
+    return [bm.by_hash[h] for h, _ in bm._chain_hashes(tokens)]
+
+
+def test_identical_prompt_of_whole_blocks_is_fully_cached():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    a = req(list(range(8)))
+    admit(bm, a)
+    compute_all(bm, a)
+    bm.free_request(a)
+    b = req(list(range(8)))
+    admit(bm, b, step=2)
+    assert b.num_cached == 8 and b.num_remaining == 0
+    bm.free_request(b)
+    check_invariants(bm)
+
+
+def test_hash_chains_depend_on_the_whole_prefix():
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    a = req([1, 2, 3, 4])
+    admit(bm, a)
+    compute_all(bm, a)
+    bm.free_request(a)
+    # Same second block, different first block: nothing may be reused.
+    b = req([9, 9, 3, 4])
+    assert bm.match_prefix(b.token_ids, 2).block_ids == []
+
+
+def test_block_being_computed_blocks_later_steps_but_is_shared_in_its_step():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = req(list(range(12)))
+    admit(bm, a, step=1)
+    # Step 1 computes only 6 tokens of `a`: block 0 is filled in step 1, block 1 is not.
+    bm.mark_filling(a, 0, 6, step=1)
+    other = list(range(12)) + [50]
+    match = bm.match_prefix(other, 1)
+    assert match.block_ids == [a.block_table[0]] and match.blocked
+    # In a later step (before `a` finished block 0's forward was marked ready) it must wait.
+    later = bm.match_prefix(other, 2)
+    assert later.block_ids == [] and later.blocked
+    a.num_done = 6
+    bm.mark_ready(a)
+    match = bm.match_prefix(other, 2)
+    assert match.block_ids == [a.block_table[0]] and match.blocked  # block 1 still pending
+    bm.mark_filling(a, 6, 12, step=2)
+    match = bm.match_prefix(other, 2)
+    assert match.block_ids == a.block_table[:3] and not match.blocked
+
+
+def test_lru_eviction_of_unpinned_blocks_leaves_first():
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = req([1, 2, 3, 4])
+    admit(bm, a)
+    compute_all(bm, a)
+    bm.free_request(a)
+    b = req([5, 6, 7, 8])
+    admit(bm, b)
+    compute_all(bm, b)
+    # `a` is unpinned and cached, `b` is running (pinned).
+    assert bm.num_available == 2
+    c = req([1, 2, 9, 9])  # reuses a's first block, needs one more: evicts a's leaf (the LRU tail first)
+    admit(bm, c, step=2)
+    assert c.num_cached == 2
+    check_invariants(bm)
+    assert bm.match_prefix([1, 2, 3, 4], 3).block_ids == [c.block_table[0]]  # a's leaf is gone
+    # b's blocks are pinned: they stay cached even though memory is short.
+    assert len(bm.match_prefix([5, 6, 7, 8], 3).block_ids) == 2
+    d = req([7, 7])
+    assert not bm.can_allocate(d, bm.match_prefix(d.token_ids, 3))
+    bm.free_request(b)
+    bm.free_request(c)
+    check_invariants(bm)
+    assert all(block.ref_count == 0 for block in bm.blocks)
+    admit(bm, d, step=3)
+    check_invariants(bm)
+
+
+def test_can_allocate_counts_reused_idle_blocks():
+    bm = BlockManager(num_blocks=3, block_size=2, enable_prefix_caching=True)
+    a = req([1, 2, 3, 4])
+    admit(bm, a)
+    compute_all(bm, a)
+    bm.free_request(a)
+    # Reusing both cached blocks and taking the free one: exactly fits.
+    b = req([1, 2, 3, 4, 5])
+    assert bm.can_allocate(b, bm.match_prefix(b.token_ids, 2))
+    # Needs 2 new blocks but only one is left once the two matched ones are pinned.
+    c = req([1, 2, 3, 4, 5, 6, 7])
+    assert not bm.can_allocate(c, bm.match_prefix(c.token_ids, 2))
+
+
+def test_caching_disabled_never_shares_or_keeps_blocks():
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
+    a = req([1, 2, 3, 4])
+    admit(bm, a)
+    compute_all(bm, a)
+    bm.free_request(a)
+    assert not bm.by_hash and not bm.cached_free and len(bm.free) == 4
+    b = req([1, 2, 3, 4])
+    admit(bm, b, step=2)
+    assert b.num_cached == 0 and b.num_done == 0
+
+
+def test_abort_of_half_computed_request_forgets_unready_blocks():
+    bm = BlockManager(num_blocks=6, block_size=2, enable_prefix_caching=True)
+    a = req([1, 2, 3, 4, 5, 6])
+    admit(bm, a)
+    bm.mark_filling(a, 0, 3, step=1)
+    a.num_done = 3
+    bm.mark_ready(a)
+    bm.free_request(a)  # aborted after one chunk
+    check_invariants(bm)
+    assert all(block.ref_count == 0 for block in bm.blocks)
+    # Only the computed block is still cached; nothing waits on the forgotten ones.
+    match = bm.match_prefix([1, 2, 3, 4, 5, 6], 2)
+    assert len(match.block_ids) == 1 and not match.blocked
