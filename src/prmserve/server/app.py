@@ -169,12 +169,13 @@ def _encode(prm: PRM, items: list[dict[str, Any]], param: str) -> list:
 
 async def _run(prm: PRM, request: Request, encoded: Sequence, priority: int, timeout: float | None) -> list[ScoreResult]:
     """Submit every item (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done."""
+    limit = prm.engine.config.max_queue
+    if limit is not None and len(encoded) > limit:
+        raise APIError(400, f"{len(encoded)} items can never fit the server's queue of {limit}; split the request", "InvalidInputError", "items")
     futures: list[Future] = []
     try:
         for item in encoded:
             futures.append(prm.submit(item, priority))
-        if len(encoded) > 0 and prm.engine.config.max_queue is not None and len(encoded) > prm.engine.config.max_queue:
-            raise AssertionError("unreachable: submit refuses past max_queue")
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         left = asyncio.ensure_future(_client_left(request))
         try:

@@ -1,0 +1,285 @@
+"""The `prmserve` command: one function pair (add_arguments, run) per subcommand, registered in SUBCOMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from prmserve.errors import FormatError, InvalidInputError, PRMServeError
+from prmserve.results import AGGREGATIONS, ScoreResult
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# Shared model options -------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that choose how a PRM is loaded (the model itself is each subcommand's own argument)."""
+    parser.add_argument("--format", help="PRM format (default: detected from the checkpoint)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+        help="a format option, repeatable; VALUE is read as JSON when it parses, else as a string",
+    )
+
+
+def load_prm(args: argparse.Namespace, model: str | None, **engine_options: Any):
+    """A `PRM` from the shared model options (`model` None loads the bundled model)."""
+    from prmserve.prm import PRM
+
+    options: dict[str, Any] = dict(args.option) | engine_options
+    if args.max_num_batched_tokens is not None:
+        options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.no_prefix_caching:
+        options["enable_prefix_caching"] = False
+    return PRM(model, format=args.format, device=args.device, dtype=args.dtype, **options)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+# serve ----------------------------------------------------------------------------------------
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face ID (default: the bundled model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    add_model_arguments(parser)
+    parser.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429 (default 1024)")
+    parser.add_argument("--api-key", default=os.environ.get("PRMSERVE_API_KEY"), help="require this bearer key (env PRMSERVE_API_KEY)")
+    parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="larger bodies get 413")
+    parser.add_argument("--request-timeout", type=float, help="default per-request timeout in seconds (then 504)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve it over HTTP until SIGTERM/SIGINT."""
+    from prmserve.server.serve import run_server
+
+    prm = load_prm(args, args.model, max_queue=args.max_queue)
+    run_server(
+        prm, args.host, args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+        default_timeout=args.request_timeout, log_level=args.log_level,
+    )
+    return 0
+
+
+# score ----------------------------------------------------------------------------------------
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="JSONL, one {problem, steps, ...} per line")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results; resumed if it exists")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--model", help="score offline with this checkpoint (default: the bundled model)")
+    where.add_argument("--url", help="score against a prmserve server at this URL")
+    parser.add_argument("--api-key", default=os.environ.get("PRMSERVE_API_KEY"), help="the server's key (with --url)")
+    parser.add_argument("--aggregate", choices=AGGREGATIONS, default="min")
+    parser.add_argument("--priority", type=int, default=0, help="lower runs first")
+    parser.add_argument("--batch-size", type=int, default=256, help="lines scored together")
+    add_model_arguments(parser)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Score a JSONL file into another, in input order, resuming where a previous run stopped."""
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be >= 1")
+    done = resume_point(args.output)
+    with _open_scorer(args) as scorer, args.input.open(encoding="utf-8") as source, args.output.open("a", encoding="utf-8") as out:
+        total = _count_lines(args.input)
+        bad = 0
+        from tqdm import tqdm
+
+        with tqdm(total=total, initial=min(done, total), desc="scoring", unit="line") as bar:
+            for batch in _batches(source, start_after=done, size=args.batch_size):
+                for record in _score_batch(batch, scorer, args.aggregate):
+                    if "error" in record:
+                        bad += 1
+                        print(f"{args.input}:{record['line']}: {record['error']}", file=sys.stderr)
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.flush()
+                bar.update(len(batch))
+    if bad:
+        print(f"{bad} line(s) could not be scored; see the error records in {args.output}", file=sys.stderr)
+    return 0
+
+
+def resume_point(output: Path) -> int:
+    """The last input line number fully written to `output`; a torn last line (a killed run) is cut off."""
+    if not output.exists():
+        return 0
+    data = output.read_bytes()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial write
+    last = 0
+    lines = data[:keep].split(b"\n")[:-1]
+    while lines:
+        try:
+            last = int(json.loads(lines[-1])["line"])
+            break
+        except (ValueError, KeyError, TypeError):
+            keep -= len(lines.pop()) + 1  # a garbled complete line: rewrite it too
+    if keep < len(data):
+        with output.open("r+b") as f:
+            f.truncate(keep)
+    return last
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for _ in f)
+
+
+def _batches(source: IO[str], start_after: int, size: int) -> Iterator[list[tuple[int, str]]]:
+    """(line number, text) of the lines after `start_after`, `size` at a time."""
+    batch: list[tuple[int, str]] = []
+    for number, text in enumerate(source, start=1):
+        if number <= start_after:
+            continue
+        batch.append((number, text))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _score_batch(batch: list[tuple[int, str]], scorer: "_Scorer", method: str) -> list[dict[str, Any]]:
+    """One output record per non-blank line: input fields + rewards, or an error record."""
+    records: dict[int, dict[str, Any]] = {}
+    items: list[tuple[int, dict[str, Any]]] = []
+    for number, text in batch:
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as exc:
+            records[number] = {"line": number, "error": f"bad JSON: {exc}"}
+            continue
+        if not isinstance(item, dict):
+            records[number] = {"line": number, "error": f"a line must be a JSON object, not {type(item).__name__}"}
+            continue
+        items.append((number, item))
+    outcomes = scorer.score([_scored_fields(item) for _, item in items])
+    for (number, item), outcome in zip(items, outcomes):
+        if isinstance(outcome, Exception):
+            records[number] = {"line": number, "error": str(outcome)}
+        else:
+            rewards = outcome.step_rewards
+            records[number] = {**item, "step_rewards": rewards, "aggregate": outcome.aggregate(method), "line": number}
+    return [records[n] for n in sorted(records)]
+
+
+def _scored_fields(item: dict[str, Any]) -> dict[str, Any]:
+    """The fields the PRM reads; the rest (ids, metadata) only travel to the output."""
+    return {k: item[k] for k in ("problem", "steps", "text", "token_ids") if k in item}
+
+
+class _Scorer:
+    """Scores a batch; a bad item becomes its own exception instead of failing the batch."""
+
+    def score(self, items: list[dict[str, Any]]) -> list[ScoreResult | Exception]:
+        raise NotImplementedError
+
+    def __enter__(self) -> "_Scorer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class _OfflineScorer(_Scorer):
+    def __init__(self, prm: Any) -> None:
+        self.prm = prm
+
+    def score(self, items: list[dict[str, Any]]) -> list[ScoreResult | Exception]:
+        encoded: list[Any] = []
+        for item in items:
+            try:
+                encoded.append(self.prm.encode(item))
+            except (InvalidInputError, FormatError) as exc:
+                encoded.append(exc)
+        futures = [e if isinstance(e, Exception) else self.prm.submit(e) for e in encoded]  # all queued: shared prefixes
+        return [f if isinstance(f, Exception) else self.prm.result(f.result()) for f in futures]
+
+    def __exit__(self, *exc: object) -> None:
+        self.prm.close()
+
+
+class _RemoteScorer(_Scorer):
+    def __init__(self, url: str, api_key: str | None, priority: int) -> None:
+        from prmserve.client import Client
+
+        self.client = Client(url, api_key=api_key)
+        self.priority = priority
+
+    def score(self, items: list[dict[str, Any]]) -> list[ScoreResult | Exception]:
+        if not items:
+            return []
+        try:
+            return list(self.client.score(items, priority=self.priority))
+        except InvalidInputError:  # some item is bad: score one by one to keep the good ones
+            return [self._one(item) for item in items]
+
+    def _one(self, item: dict[str, Any]) -> ScoreResult | Exception:
+        try:
+            return self.client.score([item], priority=self.priority)[0]
+        except InvalidInputError as exc:
+            return exc
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+
+def _open_scorer(args: argparse.Namespace) -> _Scorer:
+    if args.url:
+        return _RemoteScorer(args.url, args.api_key, args.priority)
+    return _OfflineScorer(load_prm(args, args.model))
+
+
+# main -----------------------------------------------------------------------------------------
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "serve": Subcommand("serve a PRM over HTTP (vLLM-compatible /pooling too)", add_serve_arguments, run_serve),
+    "score": Subcommand("score a JSONL file, offline or against a server", add_score_arguments, run_score),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prmserve", description="Serve and run process reward models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        command.add_arguments(commands.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `prmserve` and `python -m prmserve`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except PRMServeError as exc:
+        print(f"prmserve {args.command}: {exc}", file=sys.stderr)
+        return 1
