@@ -151,6 +151,15 @@ def test_batching_does_not_change_rewards(case: str, served) -> None:
     assert worst_error(together, alone) <= FP32_TOLERANCE
 
 
+def test_rlhflow_strips_steps(checkpoint, served) -> None:
+    """RLHFlow's code strips every step before building the chat, so padding around a step changes nothing."""
+    padded = ("Compute 2 + 2.", ["  2 + 2 = 4  ", "\tThe answer is 4\n"])
+    want = reference("rlhflow", checkpoint("rlhflow"), [padded])
+    assert want == reference("rlhflow", checkpoint("rlhflow"), [(padded[0], [s.strip() for s in padded[1]])])
+    error = worst_error(score(served("rlhflow"), [padded]), want)
+    assert error <= FP32_TOLERANCE, f"max |prmserve - reference| = {error:.3g}"
+
+
 def test_qwen_prm_system_prompt_changes_rewards(checkpoint) -> None:
     """The three system-prompt settings really differ, so the cases above test three inputs, not one."""
     ckpt = checkpoint("qwen_prm_jinja")
