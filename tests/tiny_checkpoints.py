@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -605,8 +605,3 @@ def build(name: str, directory: Path | str) -> Path:
     """Write the tiny checkpoint `name` into `directory` (created if needed) and return its path."""
     return BUILDERS[name](Path(directory))
 
-
-def iter_weight_files(directory: Path) -> Iterator[Path]:
-    """The weight files of a tiny checkpoint (safetensors shards or pytorch_model.bin)."""
-    yield from sorted(directory.glob("*.safetensors"))
-    yield from sorted(directory.glob("pytorch_model.bin"))
