@@ -1,0 +1,114 @@
+"""Shared fixtures of the server, client and CLI tests: a tiny Qwen PRM, offline and behind real server processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import tiny_checkpoints
+
+API_KEY = "test-key"
+SLOW_SERVER_ARGS = ["--max-num-batched-tokens", "16", "--no-prefix-caching", "--max-queue", "4", "--api-key", API_KEY]
+
+
+class ServerProcess:
+    """`python -m prmserve serve` on a free loopback port, its log in a file."""
+
+    def __init__(self, checkpoint: Path, log_dir: Path, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"server-{self.port}.log"
+        command = [sys.executable, "-m", "prmserve", "serve", str(checkpoint), "--port", str(self.port),
+                   "--device", "cpu", "--dtype", "float32", "--log-level", "warning", *args]
+        env = {k: v for k, v in os.environ.items() if k != "PRMSERVE_API_KEY"}
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 60.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of /metrics."""
+        text = httpx.get(self.url + "/metrics").text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
+    def pending(self) -> int:
+        return httpx.get(self.url + "/health").json()["pending"]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def qwen_prm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoints.build("qwen_prm", tmp_path_factory.mktemp("qwen_prm"))
+
+
+@pytest.fixture(scope="session")
+def offline_prm(qwen_prm_dir: Path):
+    """The same checkpoint scored in-process: the reference every server answer must equal."""
+    from prmserve import PRM
+
+    prm = PRM(str(qwen_prm_dir), device="cpu", dtype="float32")
+    yield prm
+    prm.close()
+
+
+@pytest.fixture(scope="session")
+def servers(qwen_prm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """Started together (their start-ups overlap): "main" (defaults, 64 KiB body limit) and "slow"
+    (16 tokens a step, no prefix cache, a queue of 4, an API key) whose work lasts long enough to watch."""
+    logs = tmp_path_factory.mktemp("server-logs")
+    started = {
+        "main": ServerProcess(qwen_prm_dir, logs, "--max-body-bytes", "65536"),
+        "slow": ServerProcess(qwen_prm_dir, logs, *SLOW_SERVER_ARGS),
+    }
+    try:
+        yield {name: server.wait_ready() for name, server in started.items()}
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["main"]
+
+
+@pytest.fixture(scope="session")
+def slow_server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["slow"]
