@@ -1,0 +1,254 @@
+"""The engine thread: futures, cancellation, queue limits, and surviving a failed step."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from prmserve import PRM
+from prmserve.engine import Engine, EngineConfig, EngineLoop
+from prmserve.errors import InputTooLongError, QueueFullError, RequestCancelledError
+from prmserve.models.attention import AttentionInputs
+from tiny_checkpoints import build
+
+TOLERANCE = 1e-5
+WAIT = 10.0  # seconds; generous for a busy host, never reached when things work
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prm(tmp_path_factory):
+    path = build("skywork_prm", tmp_path_factory.mktemp("loop") / "skywork_prm")
+    prm = PRM(str(path), device="cpu", num_kv_blocks=64, block_size=4)
+    yield prm
+    prm.close()
+
+
+@pytest.fixture
+def loops():
+    made: list[EngineLoop] = []
+    yield made
+    for loop in made:
+        loop.shutdown(timeout=WAIT)
+
+
+def start(prm: PRM, loops: list, **options) -> EngineLoop:
+    options.setdefault("num_kv_blocks", 64)
+    options.setdefault("block_size", 4)
+    loop = EngineLoop(Engine(prm.model, EngineConfig(**options)))
+    loops.append(loop)
+    return loop
+
+
+def plain(model, ids: list[int]) -> torch.Tensor:
+    n = len(ids)
+    with torch.inference_mode():
+        return model(torch.tensor(ids), torch.arange(n), AttentionInputs.uncached([n], "cpu"))
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 400) for _ in range(n)]
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def wait_idle(loop: EngineLoop) -> None:
+    wait_until(lambda: loop.num_pending == 0 and not loop.engine.has_unfinished(), "the loop to go idle")
+
+
+def assert_clean(engine: Engine) -> None:
+    assert not engine.scheduler.requests and not engine.scheduler.queue
+    assert all(b.ref_count == 0 for b in engine.blocks.blocks)
+    assert engine.stats().kv_blocks_in_use == 0
+
+
+class Gate:
+    """Wraps the runner's `run`: after each forward, waits until the test opens the gate."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.original = engine.runner.run
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        engine.runner.run = self.run
+
+    def run(self, chunks):
+        self.original(chunks)
+        self.entered.set()
+        assert self.opened.wait(WAIT)
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(WAIT)
+
+
+def check_result(model, future, ids, reads) -> None:
+    request = future.result(timeout=WAIT)
+    torch.testing.assert_close(request.outputs, plain(model, ids)[reads], atol=TOLERANCE, rtol=0)
+
+
+def test_futures_resolve_to_finished_requests(prm, loops):
+    loop = start(prm, loops, max_num_batched_tokens=9)
+    cases = [(ids_of(n, n), [0, n // 2, n - 1]) for n in (5, 17, 30, 8)]
+    futures = [loop.submit(ids, reads) for ids, reads in cases]
+    for future, (ids, reads) in zip(futures, cases):
+        check_result(prm.model, future, ids, reads)
+        assert future.result().usage.prompt_tokens == len(ids)
+    wait_idle(loop)
+    assert_clean(loop.engine)
+
+
+def test_cancelling_a_half_computed_request_aborts_it(prm, loops):
+    loop = start(prm, loops, max_num_batched_tokens=4, max_num_seqs=1)
+    gate = Gate(loop.engine)
+    ids = ids_of(40, 1)
+    running = loop.submit(ids, [39])
+    queued = loop.submit(ids_of(12, 2), [11])
+    gate.wait_entered()  # the first chunk of `running` is computed; the loop waits inside the step
+    assert running.cancel() and queued.cancel()
+    gate.opened.set()
+    wait_idle(loop)
+    assert running.cancelled() and queued.cancelled()
+    assert_clean(loop.engine)
+    assert loop.engine.stats().prompt_tokens == 0  # neither finished
+    # The loop still serves, and the aborted prefix is reused or recomputed correctly.
+    later = loop.submit(ids, [0, 20, 39])
+    check_result(prm.model, later, ids, [0, 20, 39])
+    wait_idle(loop)
+    assert_clean(loop.engine)
+
+
+def test_cancelling_a_queued_request_before_the_loop_sees_it(prm, loops):
+    loop = start(prm, loops, max_num_batched_tokens=4, max_num_seqs=1)
+    gate = Gate(loop.engine)
+    first = loop.submit(ids_of(10, 3), [9])
+    gate.wait_entered()
+    cancelled = [loop.submit(ids_of(10, 4 + k), [9]) for k in range(3)]
+    for f in cancelled:
+        assert f.cancel()
+    gate.opened.set()
+    first.result(timeout=WAIT)
+    wait_idle(loop)
+    assert_clean(loop.engine)
+    assert loop.engine.stats().prompt_tokens == 10
+
+
+def test_max_queue_gives_queue_full_error(prm, loops):
+    loop = start(prm, loops, max_queue=3)
+    gate = Gate(loop.engine)
+    futures = [loop.submit(ids_of(6, k), [5]) for k in range(3)]
+    with pytest.raises(QueueFullError):
+        loop.submit(ids_of(6, 9), [5])
+    gate.opened.set()
+    for f in futures:
+        f.result(timeout=WAIT)
+    wait_idle(loop)
+    # Room again once they finished.
+    check_result(prm.model, loop.submit(ids_of(6, 9), [5]), ids_of(6, 9), [5])
+
+
+def test_prm_max_queue_option(tmp_path_factory):
+    path = build("skywork_prm", tmp_path_factory.mktemp("loopq") / "skywork_prm")
+    prm = PRM(str(path), device="cpu", num_kv_blocks=64, block_size=4, max_queue=2)
+    try:
+        gate = Gate(prm.engine)
+        item = {"problem": "What is 1+2?", "steps": ["1+2=3."]}
+        with pytest.raises(QueueFullError):
+            prm.score([item] * 3)
+        gate.opened.set()
+        wait_idle(prm.loop)
+        assert len(prm.score([item] * 2)) == 2
+    finally:
+        prm.close()
+
+
+def test_a_failing_step_fails_in_flight_futures_and_the_loop_survives(prm, loops):
+    loop = start(prm, loops, max_num_batched_tokens=8)
+    engine = loop.engine
+    original = engine.runner.run
+    calls = {"n": 0}
+
+    def flaky(chunks):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device fell over")
+        original(chunks)
+
+    engine.runner.run = flaky
+    cases = [(ids_of(20 + k, 10 + k), [0, 19]) for k in range(4)]
+    futures = [loop.submit(ids, reads) for ids, reads in cases]
+    with pytest.raises(RuntimeError, match="device fell over"):
+        futures[0].result(timeout=WAIT)
+    for future, (ids, reads) in zip(futures[1:], cases[1:]):
+        try:
+            check_result(prm.model, future, ids, reads)
+        except RuntimeError as exc:  # in flight when the step failed
+            assert "device fell over" in str(exc)
+    wait_idle(loop)
+    assert_clean(engine)
+    # Later requests are served correctly, including ones whose prefix the failed step was computing.
+    again = [loop.submit(ids, reads) for ids, reads in cases]
+    for future, (ids, reads) in zip(again, cases):
+        check_result(prm.model, future, ids, reads)
+    wait_idle(loop)
+    assert_clean(engine)
+
+
+def test_engine_errors_at_add_fail_only_that_future(prm, loops):
+    loop = start(prm, loops, num_kv_blocks=4, block_size=4)
+    too_long = loop.submit(ids_of(17, 1), [16])
+    fine = loop.submit(ids_of(16, 2), [15])
+    with pytest.raises(InputTooLongError):
+        too_long.result(timeout=WAIT)
+    check_result(prm.model, fine, ids_of(16, 2), [15])
+    wait_idle(loop)
+    assert loop.num_pending == 0
+
+
+def test_shutdown_finishes_submitted_work_then_refuses(prm):
+    loop = EngineLoop(Engine(prm.model, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=5)))
+    futures = [loop.submit(ids_of(15, k), [14]) for k in range(3)]
+    loop.shutdown(timeout=WAIT)
+    assert all(f.done() and not f.cancelled() for f in futures)
+    with pytest.raises(RequestCancelledError):
+        loop.submit([1, 2, 3], [2])
+
+
+def test_cancelling_score_async_aborts_its_requests(prm):
+    gate = Gate(prm.engine)
+    items = [{"problem": "What is 12+30?", "steps": ["12+30=42.", "So the answer is 42."]}] * 3
+
+    async def main():
+        task = asyncio.ensure_future(prm.score_async(items))
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait_entered)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.opened.set()
+        prm.engine.runner.run = gate.original
+    wait_idle(prm.loop)
+    assert_clean(prm.engine)
+    results = prm.score(items)
+    assert results[0].step_rewards == pytest.approx(results[1].step_rewards, abs=TOLERANCE)
