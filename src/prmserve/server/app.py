@@ -176,15 +176,19 @@ async def _run(prm: PRM, request: Request, encoded: Sequence, priority: int, tim
     try:
         for item in encoded:
             futures.append(prm.submit(item, priority))
-        gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
+        gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         left = asyncio.ensure_future(_client_left(request))
         try:
             done, _ = await asyncio.wait({gathered, left}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             left.cancel()
         if gathered in done:
-            return [prm.result(r) for r in gathered.result()]
-        gathered.cancel()
+            requests = gathered.result()
+            failed = next((r for r in requests if isinstance(r, BaseException)), None)
+            if failed is not None:
+                raise failed
+            return [prm.result(r) for r in requests]
         if left in done:
             raise APIError(CLIENT_CLOSED, "the client closed the connection; its work was dropped", "client_closed")
         raise APIError(504, f"not finished within the timeout of {timeout} s; the work was dropped", "timeout", "timeout")

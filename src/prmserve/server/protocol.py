@@ -30,7 +30,10 @@ class ScoreItem(BaseModel):
 class ScoreRequest(BaseModel):
     """Score items; lower `priority` runs first; `timeout` (seconds) bounds the wait, then the work is dropped."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"items": [{"problem": "What is 2 + 3?", "steps": ["2 + 3 = 5", "The answer is 5."]}]}]},
+    )
 
     items: list[ScoreItem] = Field(min_length=1)
     priority: StrictInt = 0
