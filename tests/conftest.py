@@ -52,10 +52,12 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def metric(self, name: str) -> float:
-        """One unlabelled sample of /metrics."""
+    def metric(self, name: str, default: float | None = None) -> float:
+        """One sample of /metrics, by its full name with labels; `default` when absent (else it must be there)."""
         text = httpx.get(self.url + "/metrics").text
         match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        if match is None and default is not None:
+            return default
         assert match, f"{name} not in /metrics"
         return float(match.group(1))
 

@@ -1,0 +1,79 @@
+"""`prmserve.Client` / `AsyncClient` against a real server: offline-identical results, typed errors, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+
+from conftest import API_KEY, ServerProcess
+from prmserve import AsyncClient, Client, InvalidInputError, QueueFullError, ScoreResult
+from prmserve.client import AuthenticationError
+from test_server import long_item, send_raw_and_hold, short_items, wait_until
+
+
+def test_score_returns_the_offline_results(server: ServerProcess, offline_prm) -> None:
+    items = short_items(20, seed=42)
+    with Client(server.url) as client:
+        results = client.score(items)
+    want = offline_prm.score(items)
+    assert all(isinstance(r, ScoreResult) for r in results)
+    for got, expected in zip(results, want):
+        assert got.step_rewards == pytest.approx(expected.step_rewards, abs=1e-6)
+        assert got.usage.prompt_tokens == expected.usage.prompt_tokens
+        assert got.aggregate("last") == got.step_rewards[-1]
+
+
+def test_async_client_scores_concurrently(server: ServerProcess, offline_prm) -> None:
+    batches = [short_items(3, seed=s) for s in range(10)]
+
+    async def run() -> list[list[ScoreResult]]:
+        async with AsyncClient(server.url) as client:
+            assert (await client.models())[0]["id"] == offline_prm.model_name
+            return await asyncio.gather(*(client.score(b, priority=random.randint(0, 3)) for b in batches))
+
+    for got, items in zip(asyncio.run(run()), batches):
+        want = offline_prm.score(items)
+        for result, expected in zip(got, want):
+            assert result.step_rewards == pytest.approx(expected.step_rewards, abs=1e-6)
+
+
+def test_server_errors_become_typed_errors_with_the_servers_message(server: ServerProcess, slow_server: ServerProcess) -> None:
+    with Client(server.url) as client:
+        with pytest.raises(InvalidInputError, match="item 1: step 0 is empty"):
+            client.score([{"problem": "p", "steps": ["ok"]}, {"problem": "p", "steps": [""]}])
+        with pytest.raises(InvalidInputError, match="items.0.steps"):
+            client.score([{"problem": "p", "steps": 3}])
+        with pytest.raises(InvalidInputError):
+            client.score({"problem": "p", "steps": ["a"]})  # one item, not a list
+    with Client(slow_server.url) as client:
+        assert client.health()["status"] == "ok"
+        with pytest.raises(AuthenticationError):
+            client.score(short_items(1))
+
+
+def test_full_queue_is_retried_until_it_has_room(slow_server: ServerProcess) -> None:
+    """A queue of 4 holding 3 long items refuses 2 more (429) until the first finishes; the client waits and gets in."""
+    def refusals() -> float:
+        return slow_server.metric('prmserve_errors_total{route="/v1/score",status="429"}', default=0.0)
+
+    before = refusals()
+    sock = send_raw_and_hold(slow_server.url, json.dumps({"items": [long_item(s) for s in (50, 51, 52)]}).encode())
+    try:
+        wait_until(lambda: slow_server.pending() == 3, what="3 items queued")
+        with Client(slow_server.url, api_key=API_KEY) as client:
+            results = client.score(short_items(2, seed=9))
+        assert len(results) == 2 and refusals() > before
+    finally:
+        sock.close()
+    with Client(slow_server.url, api_key=API_KEY, max_retries=0) as client:
+        sock = send_raw_and_hold(slow_server.url, json.dumps({"items": [long_item(s) for s in (53, 54, 55, 56)]}).encode())
+        try:
+            wait_until(lambda: slow_server.pending() == 4, what="a full queue")
+            with pytest.raises(QueueFullError, match="busy"):
+                client.score(short_items(1))
+        finally:
+            sock.close()
+    wait_until(lambda: slow_server.pending() == 0, what="the queue to empty")
