@@ -160,34 +160,24 @@ def main() -> None:
     if not args.eager:
         model.compile_layers()
 
-    def engine(cache: bool) -> EngineLoop:
-        config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=cache,
-                              gpu_memory_utilization=args.gpu_memory_utilization)
-        return EngineLoop(Engine(model, config))
-
-    warm = engine(False)  # compile + autotune outside the timed runs, on unrelated random tokens
+    config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
+    loop = EngineLoop(Engine(model, config))
     gen = torch.Generator().manual_seed(1)
-    for n in (64, 300, 2000, 9000, 16384):
+    for n in (64, 300, 2000, 9000, 16384):  # compile + autotune outside the timed runs, on random tokens
         lengths = [min(n, 300)] * max(1, n // 300)
-        futures = [warm.submit(torch.randint(0, 150000, (k,), generator=gen).tolist(), [k - 1]) for k in lengths]
+        futures = [loop.submit(torch.randint(0, 150000, (k,), generator=gen).tolist(), [k - 1]) for k in lengths]
         [f.result() for f in futures]
-    warm.shutdown()
-    del warm
-    gc.collect()
-    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
     for name in names:
         phases = data[name]
         prompt = results[name]["prompt_tokens"]
         for label, cache in (("prmserve", True), ("prmserve_no_cache", False)):
-            loop = engine(cache)
+            loop.reset_prefix_cache()  # each run starts cold
+            loop.engine.blocks.enable_prefix_caching = cache
             seconds, first, usage = run_prmserve(loop, fmt, phases)
             blocks = loop.engine.blocks.num_blocks
-            loop.shutdown()
-            del loop
-            gc.collect()
-            torch.cuda.empty_cache()
             entry = {"seconds": seconds, "tokens_per_s": prompt / seconds,
                      "flop_fraction": 2 * params * prompt / seconds / peak,
                      "computed_over_prompt": usage["computed_tokens"] / prompt, "usage": usage,
@@ -206,6 +196,7 @@ def main() -> None:
             hf["tokens_per_s"] = prompt / hf["seconds"]
             hf["flop_fraction"] = 2 * params * prompt / hf["seconds"] / peak
         results[name]["cache_speedup"] = results[name]["prmserve_no_cache"]["seconds"] / results[name]["prmserve"]["seconds"]
+    loop.shutdown()
     report["peak_memory_fraction"] = torch.cuda.max_memory_allocated() / total_mem
     report["gpu_memory_utilization"] = args.gpu_memory_utilization
     report["workloads"] = results

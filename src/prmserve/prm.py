@@ -145,6 +145,13 @@ class PRM:
             raise
         return [self.result(r) for r in requests]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes and their rewards: call after changing the model's weights."""
+        if self._loop is not None:
+            self._loop.reset_prefix_cache()
+        else:
+            self.engine.reset_prefix_cache()
+
     def close(self) -> None:
         """Finish queued work and stop the engine thread."""
         if self._loop is not None:

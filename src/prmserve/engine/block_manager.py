@@ -151,6 +151,13 @@ class BlockManager:
                 self.free.append(block_id)
         request.block_table = []
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after a weight update); blocks in use keep serving their owners."""
+        for block in self.blocks:
+            self._forget(block)
+        self.free.extend(self.cached_free)
+        self.cached_free.clear()
+
     def slot(self, request: Request, position: int) -> int:
         """The KV pool slot holding the token at `position` of the request."""
         return request.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -78,6 +78,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> None:
+        """Drop all cached prefixes: after new weights, cached KV and rewards are stale."""
+        self.blocks.reset_prefix_cache()
+
     def step(self) -> list[Request]:
         """Run one forward pass; return the requests it finished, with `outputs` set."""
         started = time.perf_counter()

@@ -50,6 +50,12 @@ class EngineLoop:
         self._inbox.put(("add", (request, future)))
         return future
 
+    def reset_prefix_cache(self) -> None:
+        """Drop all cached prefixes, on the engine thread; returns once done."""
+        done: Future = Future()
+        self._inbox.put(("reset", done))
+        done.result()
+
     def shutdown(self, timeout: float | None = None) -> None:
         """Finish what was submitted, then stop the thread."""
         with self._lock:
@@ -80,6 +86,9 @@ class EngineLoop:
                 elif kind == "abort":
                     self.engine.abort(payload)
                     self._settle(payload)
+                elif kind == "reset":
+                    self.engine.reset_prefix_cache()
+                    payload.set_result(None)
                 elif kind == "stop":
                     stop = True
                 try:

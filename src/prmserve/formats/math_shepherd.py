@@ -13,6 +13,8 @@ from prmserve.models.heads import HeadSpec
 class MathShepherdFormat(PRMFormat):
     """`problem + " " + "\\n".join(step + " " + tag)`; reward = softmax([good, bad])[0] at each tag.
 
+    A tag ending in a newline is not followed by another "\\n" (it would merge into a longer token).
+
     OpenR's Qwen PRM: step_tag="\\n\\n\\n\\n\\n", good_token=" +", bad_token=" -".
     """
 
@@ -22,7 +24,10 @@ class MathShepherdFormat(PRMFormat):
     def __init__(self, tokenizer, config, **options) -> None:
         super().__init__(tokenizer, config, **options)
         self.step_tag = self.options["step_tag"]
-        self.tag_id = tokenizer.encode(self.step_tag, add_special_tokens=False)[-1]
+        # The tag as it appears in the text, after a space (`encode(" \n\n\n\n\n")` in OpenR's code).
+        self.tag_id = tokenizer.encode(" " + self.step_tag, add_special_tokens=False)[-1]
+        # A tag that ends a line (OpenR's) is its own line break; others are followed by "\n".
+        self.joiner = "" if self.step_tag.endswith("\n") else "\n"
         self.good_id = self.single_token(self.options["good_token"], "good_token")
         self.bad_id = self.single_token(self.options["bad_token"], "bad_token")
 
@@ -32,7 +37,7 @@ class MathShepherdFormat(PRMFormat):
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
         self.check_item(problem, steps, forbidden=[self.step_tag])
-        text = f"{problem} " + "\n".join(f"{step} {self.step_tag}" for step in steps)
+        text = f"{problem} " + self.joiner.join(f"{step} {self.step_tag}" for step in steps)
         ids = self.tokenizer.encode(text)
         positions = self.expect_count(self.positions_of(ids, self.tag_id), len(steps), self.step_tag)
         return EncodedItem(ids, positions)

@@ -36,6 +36,7 @@ class RLHFlowFormat(PRMFormat):
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
         self.check_item(problem, steps)
+        steps = [step.strip() for step in steps]  # RLHFlow's reference strips every step it splits off
         conversation: list[dict[str, str]] = []
         positions: list[int] = []
         prefixes: list[list[int]] = []
