@@ -246,8 +246,8 @@ class _RemoteScorer(_Scorer):
     def _one(self, item: dict[str, Any]) -> ScoreResult | Exception:
         try:
             return self.client.score([item], priority=self.priority)[0]
-        except InvalidInputError as exc:
-            return exc
+        except InvalidInputError as exc:  # alone in its request: drop the server's "which item" prefix
+            return type(exc)(str(exc).removeprefix("items: item 0: "))
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()

@@ -1,0 +1,125 @@
+"""The `prmserve` command: `score` offline and against a server, resumable after a kill; imports stay light."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prmserve import cli
+from test_server import ServerProcess, short_items
+
+SLOW = ["--batch-size", "8", "--max-num-batched-tokens", "16", "--no-prefix-caching"]
+CPU = ["--device", "cpu", "--dtype", "float32"]
+BAD_LINES = {11: "not json {", 21: '{"problem": "p", "steps": []}', 31: "[1, 2]", 41: ""}  # 1-based line numbers
+
+
+@pytest.fixture(scope="module")
+def input_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 lines: items with an "id" to carry through, a bad JSON line, an invalid item, a non-object, a blank line."""
+    lines = [json.dumps(short_items(1, seed=i)[0] | {"id": f"q{i}"}) for i in range(300)]
+    for number, text in BAD_LINES.items():
+        lines[number - 1] = text
+    path = tmp_path_factory.mktemp("cli") / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(input_file: Path, qwen_prm_dir: Path) -> list[dict]:
+    """One run start to end, in process: what every other way of scoring must reproduce."""
+    out = input_file.with_name("full.jsonl")
+    assert cli.main(["score", str(input_file), "-o", str(out), "--model", str(qwen_prm_dir), *CPU, "--batch-size", "64"]) == 0
+    return read_records(out)
+
+
+def read_records(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_same_records(got: list[dict], want: list[dict]) -> None:
+    assert [r["line"] for r in got] == [r["line"] for r in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        assert {k: v for k, v in g.items() if k not in ("step_rewards", "aggregate")} == {
+            k: v for k, v in w.items() if k not in ("step_rewards", "aggregate")
+        }
+        if "step_rewards" in w:
+            assert g["step_rewards"] == pytest.approx(w["step_rewards"], abs=1e-6)
+
+
+def test_score_writes_every_line_in_order_with_errors_recorded(uninterrupted: list[dict], input_file: Path, offline_prm, capsys) -> None:
+    assert [r["line"] for r in uninterrupted] == [n for n in range(1, 301) if n != 41]  # the blank line has no record
+    errors = {r["line"]: r["error"] for r in uninterrupted if "error" in r}
+    assert set(errors) == {11, 21, 31}
+    assert "bad JSON" in errors[11] and "'steps' must be a non-empty list" in errors[21] and "JSON object" in errors[31]
+    good = [r for r in uninterrupted if "error" not in r]
+    items = [{"problem": r["problem"], "steps": r["steps"]} for r in good]
+    for record, want in zip(good, offline_prm.score(items)):
+        assert record["id"] == f"q{record['line'] - 1}"
+        assert record["step_rewards"] == pytest.approx(want.step_rewards, abs=1e-6)
+        assert record["aggregate"] == min(record["step_rewards"])
+
+
+def test_bad_lines_are_reported_on_stderr_with_their_number(input_file: Path, qwen_prm_dir: Path, tmp_path: Path, capsys) -> None:
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(input_file.read_text().splitlines()[:25]) + "\n")
+    assert cli.main(["score", str(small), "-o", str(tmp_path / "out.jsonl"), "--model", str(qwen_prm_dir), *CPU]) == 0
+    err = capsys.readouterr().err
+    assert f"{small}:11: bad JSON" in err and f"{small}:21:" in err and "2 line(s) could not be scored" in err
+
+
+def test_resume_after_sigkill_writes_each_line_once(uninterrupted: list[dict], input_file: Path, qwen_prm_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "prmserve", "score", str(input_file), "-o", str(out), "--model", str(qwen_prm_dir), *CPU, *SLOW]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 60):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = out.read_bytes().count(b"\n")
+    assert written < len(uninterrupted), "killed too late to test resuming"
+    with out.open("ab") as f:
+        f.write(b'{"problem": "What is (3 + ')  # a torn last line, as a kill mid-write leaves it
+    assert cli.main(["score", str(input_file), "-o", str(out), "--model", str(qwen_prm_dir), *CPU, *SLOW]) == 0
+    assert_same_records(read_records(out), uninterrupted)
+
+
+def test_score_against_a_server_gives_the_offline_records(uninterrupted: list[dict], input_file: Path, server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["score", str(input_file), "-o", str(out), "--url", server.url, "--batch-size", "100"]) == 0
+    assert_same_records(read_records(out), uninterrupted)
+
+
+def test_resume_point_cuts_a_torn_last_line(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"a": 1, "line": 1}\n{"error": "x", "line": 3}\n{"a": 2, "li')
+    assert cli.resume_point(out) == 3
+    assert out.read_text() == '{"a": 1, "line": 1}\n{"error": "x", "line": 3}\n'
+    assert cli.resume_point(tmp_path / "missing.jsonl") == 0
+
+
+def test_format_options_are_parsed_as_json_or_strings() -> None:
+    args = cli.build_parser().parse_args(["serve", "m", "--option", "system_prompt=Be brief", "--option", "x=3"])
+    assert args.option == [("system_prompt", "Be brief"), ("x", 3)]
+    assert args.host == "127.0.0.1" and args.max_queue == 1024
+
+
+def test_the_cli_and_engine_import_without_the_server_stack() -> None:
+    code = (
+        "import sys, prmserve.cli, prmserve.prm, prmserve.engine;"
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client', 'prmserve.server') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    usage = subprocess.run([sys.executable, "-m", "prmserve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "serve" in usage and "score" in usage
