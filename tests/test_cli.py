@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ServerProcess
 from prmserve import cli
-from test_server import ServerProcess, short_items
+from test_server import short_items
 
 SLOW = ["--batch-size", "8", "--max-num-batched-tokens", "16", "--no-prefix-caching"]
 CPU = ["--device", "cpu", "--dtype", "float32"]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tqdm import tqdm
+
 from prmserve.errors import FormatError, InvalidInputError, PRMServeError
 from prmserve.results import AGGREGATIONS, ScoreResult
 
@@ -107,12 +109,12 @@ def run_score(args: argparse.Namespace) -> int:
     """Score a JSONL file into another, in input order, resuming where a previous run stopped."""
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
+    if not args.input.is_file():
+        raise SystemExit(f"no such input file: {args.input}")
     done = resume_point(args.output)
     with _open_scorer(args) as scorer, args.input.open(encoding="utf-8") as source, args.output.open("a", encoding="utf-8") as out:
         total = _count_lines(args.input)
         bad = 0
-        from tqdm import tqdm
-
         with tqdm(total=total, initial=min(done, total), desc="scoring", unit="line") as bar:
             for batch in _batches(source, start_after=done, size=args.batch_size):
                 for record in _score_batch(batch, scorer, args.aggregate):

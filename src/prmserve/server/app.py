@@ -18,10 +18,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from prmserve.errors import FormatError, InvalidInputError, QueueFullError, RequestCancelledError
-from prmserve.formats.base import render_chat
+from prmserve.formats.base import EncodedItem, render_chat
 from prmserve.prm import PRM
-from prmserve.results import ScoreResult, aggregate
-from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from prmserve.results import ScoreResult, TokenUsage, aggregate
+from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics, pending_requests
 from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware
 from prmserve.server.protocol import (
     ErrorResponse,
@@ -81,10 +81,11 @@ def create_app(
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items (results in item order); lower priority values run first."""
         encoded = _encode(prm, [item.to_item() for item in body.items], param="items")
-        results = await _run(prm, request, encoded, body.priority, _timeout(body.timeout, default_timeout))
+        timeout = body.timeout if body.timeout is not None else default_timeout
+        results = await _run(prm, request, encoded, body.priority, timeout)
         return ScoreResponse(
             results=[
-                ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, body.aggregate), usage=_usage(r))
+                ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, body.aggregate), usage=_usage(r.usage))
                 for r in results
             ],
             usage=_usage(_total(results)),
@@ -118,8 +119,7 @@ def create_app(
     @app.get("/health", response_model=Health)
     async def health() -> Health:
         """Liveness; open even when an API key is set."""
-        pending = prm._loop.num_pending if prm._loop is not None else 0
-        return Health(model=prm.model_name, pending=pending)
+        return Health(model=prm.model_name, pending=pending_requests(prm))
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     async def prometheus_metrics() -> Response:
@@ -148,10 +148,9 @@ def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
     if body.messages is not None:
         try:
             return [{"text": render_chat(prm.tokenizer, [m.to_message() for m in body.messages])}]
-        except FormatError:
-            raise
-        except Exception as exc:  # the checkpoint's template refused these messages
-            raise APIError(400, f"messages: the chat template could not render them: {exc}", "InvalidInputError", "messages") from exc
+        except Exception as exc:  # no template, or the checkpoint's template refused these messages (jinja raise)
+            kind = type(exc).__name__ if isinstance(exc, FormatError) else "InvalidInputError"
+            raise APIError(400, f"messages: the chat template could not render them: {exc}", kind, "messages") from None
     given = body.input
     if isinstance(given, str):
         return [{"text": given}]
@@ -160,14 +159,15 @@ def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
     return [{"text": x} if isinstance(x, str) else {"token_ids": x} for x in given]
 
 
-def _encode(prm: PRM, items: list[dict[str, Any]], param: str) -> list:
+def _encode(prm: PRM, items: list[dict[str, Any]], param: str) -> list[EncodedItem]:
+    """Encode every item; a refusal is a 400 naming the request field and the item's index."""
     try:
         return prm.encode_all(items)
     except (InvalidInputError, FormatError) as exc:
         raise APIError(400, f"{param}: {exc}", type(exc).__name__, param) from None
 
 
-async def _run(prm: PRM, request: Request, encoded: Sequence, priority: int, timeout: float | None) -> list[ScoreResult]:
+async def _run(prm: PRM, request: Request, encoded: Sequence[EncodedItem], priority: int, timeout: float | None) -> list[ScoreResult]:
     """Submit every item (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done."""
     limit = prm.engine.config.max_queue
     if limit is not None and len(encoded) > limit:
@@ -192,6 +192,8 @@ async def _run(prm: PRM, request: Request, encoded: Sequence, priority: int, tim
         if left in done:
             raise APIError(CLIENT_CLOSED, "the client closed the connection; its work was dropped", "client_closed")
         raise APIError(504, f"not finished within the timeout of {timeout} s; the work was dropped", "timeout", "timeout")
+    except (InvalidInputError, FormatError) as exc:  # refused by the engine itself (e.g. too long for the KV pool)
+        raise APIError(400, str(exc), type(exc).__name__) from None
     except QueueFullError as exc:
         raise APIError(429, f"the server is busy: {exc}; retry later", "QueueFullError", retry_after=RETRY_AFTER_S) from None
     except RequestCancelledError as exc:
@@ -207,20 +209,12 @@ async def _client_left(request: Request) -> None:
         pass
 
 
-def _timeout(asked: float | None, default: float | None) -> float | None:
-    return asked if asked is not None else default
+def _total(results: Sequence[ScoreResult]) -> TokenUsage:
+    return sum((r.usage for r in results), TokenUsage())
 
 
-def _total(results: Sequence[ScoreResult]):
-    usage = results[0].usage
-    for r in results[1:]:
-        usage = usage + r.usage
-    return usage
-
-
-def _usage(result_or_usage: Any) -> Usage:
-    u = getattr(result_or_usage, "usage", result_or_usage)
-    return Usage(prompt_tokens=u.prompt_tokens, computed_tokens=u.computed_tokens, cached_tokens=u.cached_tokens)
+def _usage(usage: TokenUsage) -> Usage:
+    return Usage(prompt_tokens=usage.prompt_tokens, computed_tokens=usage.computed_tokens, cached_tokens=usage.cached_tokens)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

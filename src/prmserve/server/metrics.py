@@ -17,6 +17,11 @@ _TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+def pending_requests(prm: PRM) -> int:
+    """Requests in the engine loop, without starting a loop that is not running (as `prm.loop` would)."""
+    return prm._loop.num_pending if prm._loop is not None else 0
+
+
 class EngineCollector(Collector):
     """Reads the engine's queue and token totals at scrape time, so nothing is counted twice."""
 
@@ -25,7 +30,7 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         stats = self.prm.engine.stats()
-        pending = self.prm._loop.num_pending if self.prm._loop is not None else 0
+        pending = pending_requests(self.prm)
         gauges = {
             "prmserve_requests_pending": ("Requests submitted and not finished (the queue limit applies to it)", pending),
             "prmserve_requests_waiting": ("Requests queued in the scheduler, holding no KV blocks", stats.num_waiting),

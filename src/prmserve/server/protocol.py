@@ -17,10 +17,10 @@ class ScoreItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    problem: StrictStr | None = None
-    steps: list[StrictStr] | None = None
-    text: StrictStr | None = None
-    token_ids: list[StrictInt] | None = None
+    problem: StrictStr | None = Field(None, description="The question; goes with `steps`")
+    steps: list[StrictStr] | None = Field(None, description="The solution's steps, in order")
+    text: StrictStr | None = Field(None, description="A whole input already in the model's format, separators included")
+    token_ids: list[StrictInt] | None = Field(None, description="A whole input already tokenised, separators included")
 
     def to_item(self) -> dict:
         """The item as `PRM.encode` takes it (only the fields that were sent)."""
@@ -35,10 +35,13 @@ class ScoreRequest(BaseModel):
         json_schema_extra={"examples": [{"items": [{"problem": "What is 2 + 3?", "steps": ["2 + 3 = 5", "The answer is 5."]}]}]},
     )
 
-    items: list[ScoreItem] = Field(min_length=1)
-    priority: StrictInt = 0
-    aggregate: Aggregation = "min"
-    timeout: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    items: list[ScoreItem] = Field(min_length=1, description="Scored together; results come back in this order")
+    priority: StrictInt = Field(0, description="Lower values are scheduled first (as in vLLM)")
+    aggregate: Aggregation = Field("min", description="How each result's `aggregate` reduces its step rewards")
+    timeout: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+        description="Seconds to wait before answering 504 and dropping the work (default: the server's)",
+    )
 
 
 class Usage(BaseModel):
