@@ -43,6 +43,24 @@ def timed(loop: EngineLoop, phases: list[list]) -> float:
     return time.perf_counter() - start
 
 
+def host_timers(engine: Engine) -> dict[str, float]:
+    """Wrap the engine's stages with wall-clock timers (schedule, batch prep + launch, read-out)."""
+    spent = {"schedule": 0.0, "run": 0.0, "read_outputs": 0.0, "finish_step": 0.0}
+    for owner, name in ((engine.scheduler, "schedule"), (engine.runner, "run"), (engine.runner, "read_outputs"),
+                        (engine.scheduler, "finish_step")):
+        inner = getattr(owner, name)
+
+        def wrapped(*a, _inner=inner, _name=name, **k):
+            start = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                spent[_name] += time.perf_counter() - start
+
+        setattr(owner, name, wrapped)
+    return spent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=SHAPES, required=True)
@@ -50,6 +68,7 @@ def main() -> None:
     parser.add_argument("--workload", default="cold")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cache", action="store_true", help="prefix caching on")
     args = parser.parse_args()
     shape = dict(SHAPES[args.shape])
     fmt = shape.pop("format")
@@ -62,9 +81,13 @@ def main() -> None:
         model.compile_layers()
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     for budget in [int(b) for b in args.budgets.split(",")]:
-        loop = EngineLoop(Engine(model, EngineConfig(max_num_batched_tokens=budget, enable_prefix_caching=False)))
+        engine = Engine(model, EngineConfig(max_num_batched_tokens=budget, enable_prefix_caching=args.cache))
+        loop = EngineLoop(engine)
         timed(loop, [phases[0][:200]])  # warm-up / compile
+        engine.reset_prefix_cache()
+        spent = host_timers(engine)
         seconds = timed(loop, phases)
+        print("host-side seconds:", {k: round(v, 3) for k, v in spent.items()})
         steps = loop.engine.stats().num_steps
         print(f"{args.shape} {args.workload} budget {budget}: {seconds:.2f}s {prompt / seconds:,.0f} tok/s "
               f"flop fraction {2 * params * prompt / seconds / peak:.3f} ({steps} steps)", flush=True)

@@ -15,7 +15,7 @@ def req(tokens: list[int]) -> Request:
 
 
 def admit(bm: BlockManager, request: Request, step: int = 1):
-    match = bm.match_prefix(request.token_ids, step)
+    match = bm.match_prefix(request, step)
     assert not match.blocked
     assert bm.can_allocate(request, match)
     bm.allocate(request, match)
@@ -69,7 +69,7 @@ def test_full_blocks_only_are_cached_and_shared():
 
 
 def a_table_prefix(bm: BlockManager, tokens: list[int]) -> list[int]:
-    return [bm.by_hash[h] for h, _ in bm._chain_hashes(tokens)]
+    return [bm.by_hash[h] for h, _ in bm._chain_hashes(req(tokens))]
 
 
 def test_identical_prompt_of_whole_blocks_is_fully_cached():
@@ -93,7 +93,7 @@ def test_hash_chains_depend_on_the_whole_prefix():
     bm.free_request(a)
     # Same second block, different first block: nothing may be reused.
     b = req([9, 9, 3, 4])
-    assert bm.match_prefix(b.token_ids, 2).block_ids == []
+    assert bm.match_prefix(b, 2).block_ids == []
 
 
 def test_block_being_computed_blocks_later_steps_but_is_shared_in_its_step():
@@ -103,17 +103,17 @@ def test_block_being_computed_blocks_later_steps_but_is_shared_in_its_step():
     # Step 1 computes only 6 tokens of `a`: block 0 is filled in step 1, block 1 is not.
     bm.mark_filling(a, 0, 6, step=1)
     other = list(range(12)) + [50]
-    match = bm.match_prefix(other, 1)
+    match = bm.match_prefix(req(other), 1)
     assert match.block_ids == [a.block_table[0]] and match.blocked
     # In a later step (before `a` finished block 0's forward was marked ready) it must wait.
-    later = bm.match_prefix(other, 2)
+    later = bm.match_prefix(req(other), 2)
     assert later.block_ids == [] and later.blocked
     a.num_done = 6
     bm.mark_ready(a)
-    match = bm.match_prefix(other, 2)
+    match = bm.match_prefix(req(other), 2)
     assert match.block_ids == [a.block_table[0]] and match.blocked  # block 1 still pending
     bm.mark_filling(a, 6, 12, step=2)
-    match = bm.match_prefix(other, 2)
+    match = bm.match_prefix(req(other), 2)
     assert match.block_ids == a.block_table[:3] and not match.blocked
 
 
@@ -132,11 +132,11 @@ def test_lru_eviction_of_unpinned_blocks_leaves_first():
     admit(bm, c, step=2)
     assert c.num_cached == 2
     check_invariants(bm)
-    assert bm.match_prefix([1, 2, 3, 4], 3).block_ids == [c.block_table[0]]  # a's leaf is gone
+    assert bm.match_prefix(req([1, 2, 3, 4]), 3).block_ids == [c.block_table[0]]  # a's leaf is gone
     # b's blocks are pinned: they stay cached even though memory is short.
-    assert len(bm.match_prefix([5, 6, 7, 8], 3).block_ids) == 2
+    assert len(bm.match_prefix(req([5, 6, 7, 8]), 3).block_ids) == 2
     d = req([7, 7])
-    assert not bm.can_allocate(d, bm.match_prefix(d.token_ids, 3))
+    assert not bm.can_allocate(d, bm.match_prefix(d, 3))
     bm.free_request(b)
     bm.free_request(c)
     check_invariants(bm)
@@ -153,10 +153,10 @@ def test_can_allocate_counts_reused_idle_blocks():
     bm.free_request(a)
     # Reusing both cached blocks and taking the free one: exactly fits.
     b = req([1, 2, 3, 4, 5])
-    assert bm.can_allocate(b, bm.match_prefix(b.token_ids, 2))
+    assert bm.can_allocate(b, bm.match_prefix(b, 2))
     # Needs 2 new blocks but only one is left once the two matched ones are pinned.
     c = req([1, 2, 3, 4, 5, 6, 7])
-    assert not bm.can_allocate(c, bm.match_prefix(c.token_ids, 2))
+    assert not bm.can_allocate(c, bm.match_prefix(c, 2))
 
 
 def test_caching_disabled_never_shares_or_keeps_blocks():
@@ -182,5 +182,5 @@ def test_abort_of_half_computed_request_forgets_unready_blocks():
     check_invariants(bm)
     assert all(block.ref_count == 0 for block in bm.blocks)
     # Only the computed block is still cached; nothing waits on the forgotten ones.
-    match = bm.match_prefix([1, 2, 3, 4, 5, 6], 2)
+    match = bm.match_prefix(req([1, 2, 3, 4, 5, 6]), 2)
     assert len(match.block_ids) == 1 and not match.blocked

@@ -57,21 +57,23 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _chain_hashes(self, token_ids: list[int]) -> list[tuple[int, tuple[int, ...]]]:
-        """(hash, tokens) of every full block of token_ids."""
-        out, parent = [], 0
-        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            tokens = tuple(token_ids[start : start + self.block_size])
-            parent = hash((parent, tokens))
-            out.append((parent, tokens))
-        return out
+    def _chain_hashes(self, request: Request) -> list[tuple[int, tuple[int, ...]]]:
+        """(hash, tokens) of every full block of the request's tokens, computed once per request."""
+        if request.block_hashes is None:
+            out, parent, ids = [], 0, request.token_ids
+            for start in range(0, len(ids) - self.block_size + 1, self.block_size):
+                tokens = tuple(ids[start : start + self.block_size])
+                parent = hash((parent, tokens))
+                out.append((parent, tokens))
+            request.block_hashes = out
+        return request.block_hashes
 
-    def match_prefix(self, token_ids: list[int], step: int) -> PrefixMatch:
-        """The longest run of cached full blocks usable in `step` at the start of token_ids."""
+    def match_prefix(self, request: Request, step: int) -> PrefixMatch:
+        """The longest run of cached full blocks usable in `step` at the start of the request."""
         if not self.enable_prefix_caching:
             return PrefixMatch([], False)
         matched: list[int] = []
-        for block_hash, tokens in self._chain_hashes(token_ids):
+        for block_hash, tokens in self._chain_hashes(request):
             block_id = self.by_hash.get(block_hash)
             if block_id is None:
                 break
@@ -99,7 +101,7 @@ class BlockManager:
         table = list(match.block_ids)
         for _ in range(self.blocks_needed(request.num_tokens) - len(table)):
             table.append(self._take_block())
-        hashes = self._chain_hashes(request.token_ids) if self.enable_prefix_caching else []
+        hashes = self._chain_hashes(request) if self.enable_prefix_caching else []
         for index in range(len(match.block_ids), len(hashes)):
             block_hash, tokens = hashes[index]
             block = self.blocks[table[index]]

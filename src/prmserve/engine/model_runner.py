@@ -34,11 +34,16 @@ class ModelRunner:
         kv = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
         return block_size * (kv + 4 * model.head_spec.width)
 
-    def _slots(self, chunk: ScheduledChunk, start: int) -> torch.Tensor:
-        table = torch.tensor(chunk.request.block_table, dtype=torch.int64)
-        positions = torch.arange(start, chunk.end, dtype=torch.int64)
-        size = self.blocks.block_size
-        return table[positions // size] * size + positions % size
+    def _slots(self, chunk: ScheduledChunk, start: int, out: list[int]) -> None:
+        """Append the pool slots of the chunk's positions [start, end) to out, a block run at a time."""
+        size, table = self.blocks.block_size, chunk.request.block_table
+        position = start
+        while position < chunk.end:
+            block, offset = divmod(position, size)
+            run = min(size - offset, chunk.end - position)
+            base = table[block] * size + offset
+            out.extend(range(base, base + run))
+            position += run
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> None:
@@ -47,9 +52,17 @@ class ModelRunner:
         positions = torch.cat([torch.arange(c.start, c.end, dtype=torch.int64) for c in chunks])
         lens_q = [c.end - c.start for c in chunks]
         lens_k = [c.end for c in chunks]
-        slot_mapping = torch.cat([self._slots(c, c.start) for c in chunks])
+        slots: list[int] = []
+        for c in chunks:
+            self._slots(c, c.start, slots)
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
         # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather.
-        key_slots = None if all(c.start == 0 for c in chunks) else torch.cat([self._slots(c, 0) for c in chunks])
+        key_slots = None
+        if any(c.start > 0 for c in chunks):
+            keys: list[int] = []
+            for c in chunks:
+                self._slots(c, 0, keys)
+            key_slots = torch.tensor(keys, dtype=torch.int64)
         to = {"device": self.device, "non_blocking": True}
         inputs = AttentionInputs(
             cu_seqlens_q=_cumulative(lens_q).to(**to),

@@ -84,7 +84,7 @@ class Scheduler:
             if request.status is RequestStatus.WAITING:
                 if not admitting:
                     continue
-                match = self.blocks.match_prefix(request.token_ids, self.step)
+                match = self.blocks.match_prefix(request, self.step)
                 if match.blocked:
                     continue  # its prefix is being computed by another request: wait, don't redo it
                 if not self.blocks.can_allocate(request, match):

@@ -7,6 +7,7 @@ end of their keys (bottom-right causal), so a chunk that follows a cached prefix
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -71,13 +72,28 @@ def causal_attention(
     return _sdpa_loop(q, k, v, inputs, scale, sliding_window)
 
 
+@functools.cache
+def _kernel_takes_gqa_as_is(device: torch.device) -> bool:
+    """Whether Flash accepts fewer KV heads without an `enable_gqa` flag: checked once against repeated heads."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(9, 4, 64, device=device, dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(9, 2, 64, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    want = _varlen_attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, cu, 5, 5, window_size=(-1, 0))
+    try:
+        got = _varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0))
+    except RuntimeError:
+        return False
+    return bool(torch.equal(got, want))
+
+
 def _flash_varlen(q, k, v, inputs: AttentionInputs, scale: float, sliding_window: int | None) -> torch.Tensor:
     left = -1 if sliding_window is None else sliding_window - 1
     kwargs = {"scale": scale, "window_size": (left, 0)}
     if q.shape[1] != k.shape[1]:
         if _VARLEN_GQA:
             kwargs["enable_gqa"] = True
-        else:
+        elif not _kernel_takes_gqa_as_is(q.device):  # else: repeat KV heads, at the cost of copies
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return _varlen_attn(

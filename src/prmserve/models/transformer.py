@@ -75,7 +75,7 @@ def project_qkv(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: to
     q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q = apply_rotary(q.view(-1, attn.num_heads, attn.head_dim), cos, sin)
     k = apply_rotary(k.view(-1, attn.num_kv_heads, attn.head_dim), cos, sin)
-    return q, k, v.view(-1, attn.num_kv_heads, attn.head_dim)
+    return q, k, v.reshape(-1, attn.num_kv_heads, attn.head_dim).contiguous()  # kernels want it dense
 
 
 def finish_layer(layer: DecoderLayer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
