@@ -152,34 +152,49 @@ class SmallPRM(nn.Module):
 
 
 def encode(tok: Tokenizer, pairs: list[tuple], step_id: int, im_start_id: int) -> list[dict]:
-    """Token ids, ``<extra_0>`` positions, step labels and the auxiliary-LM span per solution."""
+    """Token ids, ``<extra_0>`` positions and step labels per solution, plus the auxiliary targets.
+
+    ``span`` is the assistant's first and last token; ``wrong`` the first token where the
+    solution departs from a correct one (past the span if it never does).
+    """
     texts = [render(p.text, s.steps) for p, s in pairs]
     out = []
-    for (p, s), enc in zip(pairs, tok.encode_batch(texts)):
+    for (p, s), text, enc in zip(pairs, texts, tok.encode_batch(texts)):
         ids = enc.ids
         seps = [i for i, t in enumerate(ids) if t == step_id]
         assert len(seps) == len(s.steps)
-        lm_start = max(i for i, t in enumerate(ids) if t == im_start_id) + 1
-        good = s.first_error if s.first_error >= 0 else len(s.steps)
-        lm_end = seps[good - 1] if good > 0 else lm_start + 1  # last target position (inclusive)
-        out.append({"ids": ids, "seps": seps, "labels": s.labels, "lm": (lm_start, lm_end)})
+        first = max(i for i, t in enumerate(ids) if t == im_start_id) + 1
+        wrong = seps[-1] + 1
+        if s.first_error >= 0:
+            char = text.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n") + s.error_offset
+            char += sum(len(step) + len(STEP_TOKEN) for step in s.steps[: s.first_error])
+            wrong = next(i for i, (_, end) in enumerate(enc.offsets) if end > char)
+        out.append({"ids": ids, "seps": seps, "labels": s.labels, "span": (first, seps[-1]), "wrong": wrong})
     return out
 
 
 def collate(items: list[dict], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Right-padded batch with flat (row, pos, label) step targets and an LM target mask."""
+    """Right-padded batch: ids, flat (row, pos, label) step targets, and per-token auxiliary targets.
+
+    ``lm_mask`` marks tokens to predict (the assistant's text up to the first wrong token);
+    ``tok_mask``/``tok_labels`` mark assistant tokens and whether the text so far is still correct.
+    """
     n = max(len(it["ids"]) for it in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
     lm_mask = torch.zeros((len(items), n), dtype=torch.bool)
+    tok_mask = torch.zeros((len(items), n), dtype=torch.bool)
+    tok_labels = torch.zeros((len(items), n), dtype=torch.long)
     rows, pos, labels = [], [], []
     for b, it in enumerate(items):
         ids[b, : len(it["ids"])] = torch.tensor(it["ids"])
-        lo, hi = it["lm"]
-        lm_mask[b, lo : hi + 1] = True
+        lo, hi = it["span"]
+        lm_mask[b, lo : min(hi, it["wrong"] - 1) + 1] = True
+        tok_mask[b, lo : hi + 1] = True
+        tok_labels[b, lo : it["wrong"]] = 1
         rows += [b] * len(it["seps"])
         pos += it["seps"]
         labels += it["labels"]
-    return ids, torch.tensor(rows), torch.tensor(pos), torch.tensor(labels), lm_mask
+    return ids, torch.tensor(rows), torch.tensor(pos), torch.tensor(labels), lm_mask, tok_mask, tok_labels
 
 
 @torch.no_grad()
@@ -189,7 +204,7 @@ def step_rewards(model: SmallPRM, data: list[dict], pad_id: int, batch: int = 64
     out = []
     for i in range(0, len(data), batch):
         chunk = data[i : i + batch]
-        ids, rows, pos, _, _ = collate(chunk, pad_id)
+        ids, rows, pos, *_ = (t.to(model.score[0].weight.device) for t in collate(chunk, pad_id))
         probs = model.score(model(ids)[rows, pos]).softmax(-1)[:, 1].tolist()
         k = 0
         for it in chunk:
@@ -311,6 +326,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lm-weight", type=float, default=0.5)
+    ap.add_argument("--token-weight", type=float, default=0.5, help="weight of the per-token 'still correct' loss")
     ap.add_argument("--vocab", type=int, default=600)
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--intermediate", type=int, default=512)
@@ -318,6 +334,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--max-positions", type=int, default=1024)
+    ap.add_argument("--eval-every", type=int, default=0, help="print validation F1 every N steps (0: never)")
+    ap.add_argument("--device", default="cpu", help="cpu for the shipped run; cuda only to explore settings")
     return ap.parse_args()
 
 
@@ -346,7 +364,7 @@ def main() -> None:
         max_position_embeddings=args.max_positions, rms_norm_eps=1e-6, rope_theta=10000.0,
         tie_word_embeddings=False, attn_implementation="sdpa",
     )
-    model = SmallPRM(hf_config)
+    model = SmallPRM(hf_config).to(args.device)
     n_params = sum(v.numel() for k, v in model.state_dict().items() if not k.startswith("lm_head."))
     print(f"model: {n_params:,} params ({4 * n_params / 1e6:.2f} MB float32)")
 
@@ -355,23 +373,31 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
     )
+    monitor = synthetic.generate(600, args.seed + 1)
+    monitor_data, monitor_errors = encode(tok, monitor, step_id, im_start_id), [s.first_error for _, s in monitor]
     order = np.random.default_rng(args.seed).permutation(len(data) * (1 + args.steps * args.batch // len(data)))
     model.train()
     for step in range(args.steps):
         batch = [data[i % len(data)] for i in order[step * args.batch : (step + 1) * args.batch]]
-        ids_t, rows, pos, labels, lm_mask = collate(batch, pad_id)
+        ids_t, rows, pos, labels, lm_mask, tok_mask, tok_labels = (t.to(args.device) for t in collate(batch, pad_id))
         hidden = model(ids_t)
         prm_loss = F.cross_entropy(model.score(hidden[rows, pos]), labels)
         lm_loss = F.cross_entropy(model.lm_head(hidden[:, :-1][lm_mask[:, 1:]]), ids_t[:, 1:][lm_mask[:, 1:]])
-        loss = prm_loss + args.lm_weight * lm_loss
+        tok_loss = F.cross_entropy(model.score(hidden[tok_mask]), tok_labels[tok_mask])
+        loss = prm_loss + args.lm_weight * lm_loss + args.token_weight * tok_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  prm {prm_loss.item():.4f}  lm {lm_loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step:5d}  prm {prm_loss.item():.4f}  lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            r = step_rewards(model, monitor_data, pad_id)
+            pb = quality.processbench_scores(r, monitor_errors, quality.best_threshold(r, monitor_errors))
+            print(f"step {step + 1:5d}  validation {pb}", flush=True)
 
+    model.cpu()
     save_checkpoint(args.out, model, tok, config, ids)
     check_chat_template(args.out, train[:20])
     metrics = evaluate(model, tok, pad_id, step_id, im_start_id, args.seed)

@@ -13,7 +13,7 @@ Since every operation is injective, a solution is correct iff its final answer i
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ERROR_KINDS = ("bad_operation", "slip", "wrong_carry")
 SYMBOL = {"add": "+", "sub": "-", "mul": "×", "div": "÷"}
@@ -77,7 +77,7 @@ class Solution:
     final_answer: int
     first_error: int = -1  # index of the first wrong step, -1 if the solution is correct
     error_kind: str = ""
-    claims: list[tuple[int, str, int, int]] = field(default_factory=list)  # (x, op, arg, result) per compute step
+    error_offset: int = -1  # character in steps[first_error] where the solution first departs from a correct one
 
 
 def apply(kind: str, x: int, arg: int) -> int:
@@ -223,11 +223,11 @@ def make_solution(rng: random.Random, p: Problem, error_kind: str = "", error_st
     """Write a solution; inject ``error_kind`` at ``error_step`` (or none). None if the error can't fit."""
     n = len(p.ops)
     steps: list[str] = []
-    claims: list[tuple[int, str, int, int]] = []
+    offset = -1
     x = p.start
     for i, op in enumerate(p.ops):
         sym, x_in = SYMBOL[op.kind], x
-        y = apply(op.kind, x_in, op.arg)
+        y = true_y = apply(op.kind, x_in, op.arg)
         if i == error_step:
             if error_kind == "bad_operation":
                 bad = _bad_operation(rng, op, x_in)
@@ -246,15 +246,24 @@ def make_solution(rng: random.Random, p: Problem, error_kind: str = "", error_st
             if not _continues(p, i + 1, y):
                 return None
         steps.append(_step_text(rng, p, i, op, x_in, sym, y))
-        claims.append((x_in, sym, op.arg, y))
+        if i == error_step:
+            claimed, true = f"{x_in} {sym} {op.arg} = {y}", f"{x} {SYMBOL[op.kind]} {op.arg} = {true_y}"
+            offset = steps[-1].index(claimed) + _first_difference(claimed, true)
         x = y
     final = x
     if error_step == n:  # only a carried-forward slip is possible in the boxed step
         final = _wrong_value(rng, x)
     steps.append(rng.choice(BOXED_STEPS).format(v=final, name=p.name, item=p.item))
+    if error_step == n:
+        offset = steps[-1].index("\\boxed{") + len("\\boxed{") + _first_difference(str(final), str(x))
     first = error_step if error_kind else -1
     labels = [0 if first >= 0 and k >= first else 1 for k in range(n + 1)]
-    return Solution(steps, labels, final, first, error_kind, claims)
+    return Solution(steps, labels, final, first, error_kind, offset)
+
+
+def _first_difference(a: str, b: str) -> int:
+    """Index of the first character where ``a`` departs from ``b``."""
+    return next((i for i, (ca, cb) in enumerate(zip(a, b)) if ca != cb), min(len(a), len(b)))
 
 
 def corrupt(rng: random.Random, p: Problem) -> Solution:
