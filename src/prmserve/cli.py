@@ -19,6 +19,8 @@ from prmserve.results import AGGREGATIONS, ScoreResult
 
 @dataclass(frozen=True)
 class Subcommand:
+    """A `prmserve` subcommand: its one-line help, how it adds its arguments, and what it runs (exit status)."""
+
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
@@ -66,6 +68,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`prmserve serve [MODEL]`: the model, where to listen, and the service's limits."""
     parser.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face ID (default: the bundled model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -93,6 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    """`prmserve score INPUT -o OUTPUT`: offline (`--model`) or against a server (`--url`)."""
     parser.add_argument("input", type=Path, help="JSONL, one {problem, steps, ...} per line")
     parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results; resumed if it exists")
     where = parser.add_mutually_exclusive_group()
@@ -270,6 +274,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="prmserve", description="Serve and run process reward models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
@@ -282,6 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except PRMServeError as exc:
+    except (PRMServeError, ValueError) as exc:  # bad model, option or setting: a message, not a traceback
         print(f"prmserve {args.command}: {exc}", file=sys.stderr)
         return 1
