@@ -105,6 +105,10 @@ def run_prmserve(loop: EngineLoop, fmt: str, phases: list[list]) -> tuple[float,
     return time.perf_counter() - start, first, usage
 
 
+def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=SHAPES, required=True)
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--eager", action="store_true", help="skip torch.compile")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--workloads", default="cold,best_of_n,beam_search")
@@ -146,7 +151,11 @@ def main() -> None:
         if not args.skip_transformers:
             run_transformers(backbone, head, fmt, [phases[0][:32]])  # warm-up
             seconds, first = run_transformers(backbone, head, fmt, phases)
-            results[name]["transformers"] = {"seconds": seconds, "first_rewards": first}
+            # The noise floor of bf16 itself: the same model, one sequence at a time instead of padded 16s.
+            _, alone = run_transformers(backbone, head, fmt, [phases[0][:16]], batch=1)
+            alone = [r for batch in [alone] for r in batch]
+            results[name]["transformers"] = {"seconds": seconds, "first_rewards": first,
+                                             "max_abs_diff_batch1_vs_batch16": max_diff(alone, first)}
             print(f"[{name}] transformers {seconds:.2f}s  {prompt / seconds:,.0f} tok/s", flush=True)
 
     state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
@@ -158,7 +167,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     model.set_attention_kernel(varlen_available(torch.device("cuda")))
     if not args.eager:
-        model.compile_layers()
+        model.compile_layers(args.compile_mode)
 
     config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                           gpu_memory_utilization=args.gpu_memory_utilization)
@@ -185,8 +194,7 @@ def main() -> None:
             hf = results[name].get("transformers")
             if hf:
                 entry["speedup_vs_transformers"] = hf["seconds"] / seconds
-                entry["max_abs_diff_vs_transformers"] = max(
-                    abs(a - b) for x, y in zip(first, hf["first_rewards"]) for a, b in zip(x, y))
+                entry["max_abs_diff_vs_transformers"] = max_diff(first, hf["first_rewards"])
             results[name][label] = entry
             print(f"[{name}] {label} {seconds:.2f}s {prompt / seconds:,.0f} tok/s  flop fraction "
                   f"{entry['flop_fraction']:.2f}  computed/prompt {entry['computed_over_prompt']:.3f}  "

@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, required=True)
     parser.add_argument("--budgets", default="16384,32768,65536")
     parser.add_argument("--workload", default="cold")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cache", action="store_true", help="prefix caching on")
@@ -78,7 +79,7 @@ def main() -> None:
     peak = matmul_peak()
     model = random_model(shape, head)
     if not args.eager:
-        model.compile_layers()
+        model.compile_layers(args.compile_mode)
     params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     for budget in [int(b) for b in args.budgets.split(",")]:
         engine = Engine(model, EngineConfig(max_num_batched_tokens=budget, enable_prefix_caching=args.cache))

@@ -64,6 +64,11 @@ class PRM:
         return min(self.config.max_position_embeddings, self.engine.max_tokens_per_request)
 
     @property
+    def num_pending(self) -> int:
+        """Requests submitted and not yet finished (0 before the engine thread starts)."""
+        return self._loop.num_pending if self._loop is not None else 0
+
+    @property
     def loop(self) -> EngineLoop:
         """The engine thread, started on first use."""
         if self._loop is None:

@@ -104,10 +104,10 @@ class RewardModel(nn.Module):
         for layer in self.layers:
             layer.self_attn.use_varlen = use_varlen
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, mode: str | None = None) -> None:
         """Compile the per-layer tensor code once for all layers, for any token count."""
-        self._project = torch.compile(project_qkv, dynamic=True)
-        self._finish = torch.compile(finish_layer, dynamic=True)
+        self._project = torch.compile(project_qkv, dynamic=True, mode=mode)
+        self._finish = torch.compile(finish_layer, dynamic=True, mode=mode)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """Head outputs [T, head width] for packed tokens [T] at their absolute positions [T]."""

@@ -19,7 +19,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 def pending_requests(prm: PRM) -> int:
     """Requests in the engine loop, without starting a loop that is not running (as `prm.loop` would)."""
-    return prm._loop.num_pending if prm._loop is not None else 0
+    return prm.num_pending
 
 
 class EngineCollector(Collector):
