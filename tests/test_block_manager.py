@@ -184,3 +184,29 @@ def test_abort_of_half_computed_request_forgets_unready_blocks():
     # Only the computed block is still cached; nothing waits on the forgotten ones.
     match = bm.match_prefix(req([1, 2, 3, 4, 5, 6]), 2)
     assert len(match.block_ids) == 1 and not match.blocked
+
+
+def test_eviction_takes_the_least_recently_used_entry():
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a, b = req([1, 2]), req([3, 4])
+    for r in (a, b):
+        admit(bm, r)
+        compute_all(bm, r)
+    bm.free_request(a)
+    bm.free_request(b)  # b is the most recently used
+    c = req([5, 6, 7, 8])  # two free blocks: no eviction yet
+    admit(bm, c, step=2)
+    d = req([9, 9])  # evicts a (least recently used), keeps b
+    admit(bm, d, step=2)
+    assert bm.match_prefix(req([1, 2]), 3).block_ids == []
+    assert len(bm.match_prefix(req([3, 4]), 3).block_ids) == 1
+    # Reusing an entry makes it the most recently used again.
+    bm.free_request(d)  # d's block is now newest; b is the oldest
+    e = req([3, 4])
+    admit(bm, e, step=3)  # b reused
+    bm.free_request(e)  # b is the newest again; d is the oldest
+    f = req([7, 7])
+    admit(bm, f, step=3)
+    assert bm.match_prefix(req([9, 9]), 4).block_ids == []
+    assert len(bm.match_prefix(req([3, 4]), 4).block_ids) == 1
+    check_invariants(bm)

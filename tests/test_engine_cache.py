@@ -469,3 +469,45 @@ def test_input_longer_than_the_pool_is_refused_at_submit(make_prm):
     engine_result = run_engine(prm.engine, [])
     assert [r.request_id for r in engine_result] == ["fits"]
     assert_rewards_match(prm, [short], prm.score([short]))
+
+
+def test_reset_prefix_cache_forgets_cached_prefixes(paths):
+    prm = PRM(str(paths["skywork_prm"]), device="cpu", block_size=4, num_kv_blocks=200)
+    engine = prm.engine
+    encoded = [prm.encode(i) for i in best_of_n(random.Random(12), 3)]
+    first = [Request(f"a{k}", e.token_ids, e.read_positions) for k, e in enumerate(encoded)]
+    run_engine(engine, first)
+    # Reset while one request is half computed: it still finishes correctly.
+    engine2 = Engine(prm.model, EngineConfig(block_size=4, num_kv_blocks=200, max_num_batched_tokens=10))
+    run_engine(engine2, [Request("w", encoded[0].token_ids, encoded[0].read_positions)])
+    running = Request("r", encoded[1].token_ids, encoded[1].read_positions)
+    engine2.add(running)
+    engine2.step()
+    engine2.reset_prefix_cache()
+    engine.reset_prefix_cache()
+    assert not engine.blocks.by_hash and not engine.blocks.cached_free
+    run_engine(engine2, [])
+    again = [Request(f"b{k}", e.token_ids, e.read_positions) for k, e in enumerate(encoded)]
+    run_engine(engine, again[:1])
+    assert again[0].usage.cached_tokens == 0
+    run_engine(engine, again[1:])
+    for request in first + again + [running]:
+        expected = plain_outputs(prm.model, request.token_ids)[request.read_positions]
+        torch.testing.assert_close(request.outputs, expected, atol=TOLERANCE, rtol=0)
+    assert_no_block_pinned(engine)
+    assert_no_block_pinned(engine2)
+
+
+def test_read_positions_outside_the_prompt_are_refused(paths):
+    """BUG: Engine.add accepts any read position. A negative one silently reads another token's slot
+    (Python indexing of the block table and `%`), e.g. -1 on a 10-token prompt with block_size 4 reads
+    slot 3 of the last block, a position never written for this request; one past the end raises inside
+    the step, which the EngineLoop turns into a failure of every request in flight.
+    Fix: in Engine.add (or Request), raise InvalidInputError unless 0 <= p < num_tokens for every read position."""
+    from prmserve.errors import InvalidInputError
+
+    prm = PRM(str(paths["skywork_prm"]), device="cpu", block_size=4, num_kv_blocks=16)
+    for bad in ([-1], [10], [3, 12]):
+        with pytest.raises(InvalidInputError):
+            prm.engine.add(Request(f"bad{bad}", list(range(1, 11)), bad))
+    assert not prm.engine.has_unfinished()

@@ -252,3 +252,51 @@ def test_cancelling_score_async_aborts_its_requests(prm):
     assert_clean(prm.engine)
     results = prm.score(items)
     assert results[0].step_rewards == pytest.approx(results[1].step_rewards, abs=TOLERANCE)
+
+
+def test_submit_racing_shutdown_never_leaves_a_future_unresolved(prm, monkeypatch):
+    """BUG: `EngineLoop.submit` checks `_stopping` under the lock but puts its ("add", ...) message in the
+    inbox after releasing it. A `shutdown()` that runs in between enqueues "stop" first; the loop thread,
+    finding the engine idle, exits, and the late "add" is never read: the future stays pending forever
+    (a `PRM.score` caller racing `PRM.close()` hangs).
+    Fix: build the Request and Future first, then check `_stopping`, count it and `_inbox.put` it all under
+    `self._lock` (shutdown takes the same lock before it enqueues "stop"), or have the thread, on exit,
+    drain the inbox and fail every leftover "add" with RequestCancelledError."""
+    import prmserve.engine.loop as loop_module
+
+    loop = EngineLoop(Engine(prm.model, EngineConfig(num_kv_blocks=64, block_size=4)))
+    building, proceed = threading.Event(), threading.Event()
+    real_request = loop_module.Request
+
+    def slow_request(*args, **kwargs):
+        building.set()
+        assert proceed.wait(WAIT)
+        return real_request(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "Request", slow_request)
+    holder = {}
+
+    def submitter():
+        try:
+            holder["future"] = loop.submit(ids_of(6, 1), [5])
+        except RequestCancelledError as exc:
+            holder["refused"] = exc
+
+    thread = threading.Thread(target=submitter)
+    thread.start()
+    assert building.wait(WAIT)  # submit passed its checks and is building the request
+    stopper = threading.Thread(target=loop.shutdown, kwargs={"timeout": WAIT})
+    stopper.start()
+    time.sleep(0.2)  # let shutdown enqueue "stop" (it may also wait for the submit, if fixed that way)
+    proceed.set()
+    thread.join(WAIT)
+    stopper.join(WAIT)
+    if "refused" in holder:
+        return  # refusing the submit is a fine outcome
+    future = holder["future"]
+    try:
+        future.result(timeout=2)  # resolved: served before stopping
+    except RequestCancelledError:
+        pass  # failed as cancelled: also fine
+    except TimeoutError:
+        pytest.fail("the future of a submit accepted during shutdown never resolves")
