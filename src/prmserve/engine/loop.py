@@ -18,7 +18,11 @@ from prmserve.errors import QueueFullError, RequestCancelledError
 
 
 class EngineLoop:
-    """Thread-safe front of an `Engine`: `submit` from any thread, results through futures."""
+    """Thread-safe front of an `Engine`: `submit` from any thread, results through futures.
+
+    A step that raises fails every request the loop holds (queued ones too): the engine state they
+    depend on is suspect, and callers can resubmit.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -38,16 +42,17 @@ class EngineLoop:
     def submit(self, token_ids: list[int], read_positions: list[int], priority: int = 0) -> Future:
         """Queue one request; the future resolves to the finished `Request` (outputs and usage)."""
         limit = self.engine.config.max_queue
+        request = Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority)
+        future: Future = Future()
+        future.add_done_callback(lambda f, rid=request.request_id: f.cancelled() and self._inbox.put(("abort", rid)))
+        # Checked and queued under one lock, so no request can slip in behind shutdown's stop message.
         with self._lock:
             if self._stopping:
                 raise RequestCancelledError("the engine is shutting down")
             if limit is not None and self._pending >= limit:
                 raise QueueFullError(f"{self._pending} requests are queued (limit {limit})")
             self._pending += 1
-        request = Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority)
-        future: Future = Future()
-        future.add_done_callback(lambda f, rid=request.request_id: f.cancelled() and self._inbox.put(("abort", rid)))
-        self._inbox.put(("add", (request, future)))
+            self._inbox.put(("add", (request, future)))
         return future
 
     def reset_prefix_cache(self) -> None:
@@ -60,7 +65,7 @@ class EngineLoop:
         """Finish what was submitted, then stop the thread."""
         with self._lock:
             self._stopping = True
-        self._inbox.put(("stop", None))
+            self._inbox.put(("stop", None))
         self._thread.join(timeout)
 
     def _settle(self, request_id: str) -> Future | None:
