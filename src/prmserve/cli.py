@@ -265,9 +265,30 @@ def _open_scorer(args: argparse.Namespace) -> _Scorer:
     return _OfflineScorer(load_prm(args, args.model))
 
 
+# demo -----------------------------------------------------------------------------------------
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="checkpoint directory or hub ID (default: the bundled model)")
+    parser.add_argument("--problems", type=Path, help="JSONL of {problem, solutions, answer} (default: bundled)")
+    add_model_arguments(parser)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from prmserve.demo import DEMO_PROBLEMS, run_demo as demo
+
+    prm = load_prm(args, args.model)
+    try:
+        demo(prm, args.problems or DEMO_PROBLEMS)
+    finally:
+        prm.close()
+    return 0
+
+
 # main -----------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "demo": Subcommand("score the bundled problems with a PRM and show each step's reward", add_demo_arguments, run_demo),
     "serve": Subcommand("serve a PRM over HTTP (vLLM-compatible /pooling too)", add_serve_arguments, run_serve),
     "score": Subcommand("score a JSONL file, offline or against a server", add_score_arguments, run_score),
 }

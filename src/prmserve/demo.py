@@ -1,0 +1,58 @@
+"""The README's first command: score bundled problems with the bundled PRM and show what it judged.
+
+Each candidate solution is printed step by step with its reward (coloured on a terminal), then the
+best-of-N pick per problem by the minimum step reward, as PRM papers select solutions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from prmserve.results import ScoreResult
+
+DEMO_PROBLEMS = Path(__file__).parent / "bundled" / "demo_problems.jsonl"
+
+
+def load_problems(path: Path = DEMO_PROBLEMS) -> list[dict[str, Any]]:
+    """Problems with candidate solutions: {"problem", "solutions": [[step, ...], ...], "answer"}."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _paint(text: str, reward: float, colour: bool) -> str:
+    if not colour:
+        return text
+    code = "32" if reward >= 0.7 else "33" if reward >= 0.3 else "31"  # green, yellow, red
+    return f"\033[{code}m{text}\033[0m"
+
+
+def render(problems: list[dict[str, Any]], results: list[list[ScoreResult]], out: TextIO, colour: bool) -> None:
+    """Write every problem, its solutions' step rewards, and the best-of-N pick."""
+    for number, (problem, scored) in enumerate(zip(problems, results), start=1):
+        out.write(f"\nProblem {number}: {problem['problem']}\n")
+        scores = [r.aggregate("min") for r in scored]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        for index, (steps, result) in enumerate(zip(problem["solutions"], scored)):
+            mark = "  <- best of %d" % len(scored) if index == best else ""
+            out.write(f"  Solution {chr(65 + index)} (min step reward {scores[index]:.3f}){mark}\n")
+            for step, reward in zip(steps, result.step_rewards):
+                out.write(f"    {_paint(f'{reward:.3f}', reward, colour)}  {step}\n")
+        answer = problem.get("answer")
+        out.write(f"  Best-of-{len(scored)} pick: solution {chr(65 + best)}" + (f" (true answer: {answer})" if answer is not None else "") + "\n")
+
+
+def run_demo(prm: Any, path: Path = DEMO_PROBLEMS, out: TextIO = sys.stdout) -> list[list[ScoreResult]]:
+    """Score every candidate of every bundled problem in one batch and print them."""
+    problems = load_problems(path)
+    items = [{"problem": p["problem"], "steps": s} for p in problems for s in p["solutions"]]
+    flat = prm.score(items)
+    results, start = [], 0
+    for p in problems:
+        results.append(flat[start : start + len(p["solutions"])])
+        start += len(p["solutions"])
+    out.write(f"prmserve demo: {prm.model_name} ({prm.format_name}) judged {len(items)} solutions "
+              f"to {len(problems)} problems, step by step.\n")
+    render(problems, results, out, colour=out.isatty())
+    return results
