@@ -166,7 +166,7 @@ def main() -> None:
     del backbone, head, state
     gc.collect()
     torch.cuda.empty_cache()
-    model.set_attention_kernel(varlen_available(torch.device("cuda")))
+    model.set_attention_kernel(varlen_available(torch.device("cuda"), torch.bfloat16))
     if not args.eager:
         model.compile_layers(args.compile_mode)
 

@@ -1,8 +1,8 @@
-"""How close prmserve's bf16 rewards are to plain transformers run one sequence at a time (the model cards' way).
+"""How close prmserve's rewards on the GPU are to plain transformers run one sequence at a time.
 
-Compares, on real-length GSM8K inputs and random weights of a real shape: transformers batch 1 (the
-reference), transformers padded batch 16 (its own noise floor), prmserve eager, prmserve compiled, and
-prmserve compiled with inductor emulating eager's bf16 rounding of intermediates.
+On real-length GSM8K inputs and random weights of a real shape: float32 (same function, expect
+float32 rounding), then bf16 — transformers padded batch 16 (its own noise floor), prmserve eager and
+compiled — and the relative error of the hidden states after each layer.
 
     python bench/bf16_agreement.py --shape skywork-o1-prm-1.5b --requests 64
 """
@@ -16,6 +16,7 @@ import torch
 
 from bench_engine import HERE, SHAPES, make_head, max_diff, rewards_of, run_transformers
 from prmserve.engine import Engine, EngineConfig, EngineLoop
+from prmserve.models.attention import AttentionInputs, varlen_available
 from prmserve.models.config import BackboneConfig
 from prmserve.models.loader import StateDictTensors, build_reward_model
 
@@ -40,25 +41,51 @@ def main() -> None:
     items = json.loads((HERE / ".assets" / f"workloads_{fmt}.json").read_text())["cold"][0][: args.requests]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        backbone = Qwen2Model(Qwen2Config(**shape, attn_implementation="sdpa")).to(torch.bfloat16).eval()
+        backbone = Qwen2Model(Qwen2Config(**shape, attn_implementation="sdpa")).eval()
         head, spec, head_name = make_head(fmt, shape["hidden_size"])
-        head = head.to(torch.bfloat16).eval()
-    reference, padded = _all(backbone, head, fmt, items, 1), _all(backbone, head, fmt, items, 16)
-    state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
-    state |= {f"{head_name}.{k}": v for k, v in head.state_dict().items()}
+        head = head.eval()
     cfg = BackboneConfig.from_dict({"model_type": "qwen2", **shape, "max_position_embeddings": 32768})
-    model = build_reward_model(cfg, spec, StateDictTensors(state), torch.device("cuda"), torch.bfloat16)
-    model.set_attention_kernel(True)
+
+    def ours(dtype: torch.dtype):
+        state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+        state |= {f"{head_name}.{k}": v for k, v in head.state_dict().items()}
+        model = build_reward_model(cfg, spec, StateDictTensors(state), torch.device("cuda"), dtype)
+        model.set_attention_kernel(varlen_available(torch.device("cuda"), dtype))
+        return model
+
+    # float32 first: the same function on the GPU, up to float32 rounding (SDPA loop; Flash has no fp32).
+    reference32 = _all(backbone, head, fmt, items, 1)
+    model = ours(torch.float32)
+    f32 = [abs(a - b) for x, y in zip(prmserve_rewards(model, fmt, items), reference32) for a, b in zip(x, y)]
+    print(f"{args.shape} float32: prmserve vs transformers batch 1, max |diff| {max(f32):.2e}")
+    del model
+    backbone.to(torch.bfloat16)
+    head.to(torch.bfloat16)
+    reference, padded = _all(backbone, head, fmt, items, 1), _all(backbone, head, fmt, items, 16)
+    model = ours(torch.bfloat16)
+    layer_errors(backbone, model, items[0][0])
     rows = {"transformers padded x16": padded, "prmserve eager": prmserve_rewards(model, fmt, items)}
     model.compile_layers()
     rows["prmserve compiled"] = prmserve_rewards(model, fmt, items)
-    torch._inductor.config.emulate_precision_casts = True
-    torch._dynamo.reset()
-    model.compile_layers()
-    rows["prmserve compiled, emulated bf16 casts"] = prmserve_rewards(model, fmt, items)
     for name, values in rows.items():
         flat = [abs(a - b) for x, y in zip(values, reference) for a, b in zip(x, y)]
         print(f"{args.shape} {name:40s} max |diff| {max(flat):.4f}  mean {sum(flat) / len(flat):.5f}  vs transformers batch 1")
+
+
+@torch.inference_mode()
+def layer_errors(backbone, model, ids: list[int]) -> None:
+    """Relative error of prmserve's hidden states after each layer against transformers' (bf16)."""
+    tokens = torch.tensor(ids, device="cuda")
+    hidden = backbone(input_ids=tokens[None], output_hidden_states=True).hidden_states
+    inputs = AttentionInputs.uncached([len(ids)], "cuda")
+    x = model.embed_tokens(tokens)
+    cos, sin = model.rotary.cos_sin(torch.arange(len(ids), device="cuda"), x.dtype)
+    errors = []
+    for index, layer in enumerate(model.layers[:-1]):
+        x = layer(x, cos, sin, inputs, None)
+        want = hidden[index + 1][0].float()
+        errors.append((x.float() - want).norm().item() / want.norm().item())
+    print("relative error of hidden states per layer:", " ".join(f"{e:.1e}" for e in errors))
 
 
 def _all(backbone, head, fmt, items, batch):

@@ -52,7 +52,7 @@ class PRM:
         self.format_name = format or detect_format(self.config, _tensor_names_if_needed(self.path, self.config))
         self.format = make_format(self.format_name, self.tokenizer, self.config, **options)
         self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
-        self.model.set_attention_kernel(varlen_available(self.device))
+        self.model.set_attention_kernel(varlen_available(self.device, self.dtype))
         if self.device.type == "cuda" and not enforce_eager:
             self.model.compile_layers()  # fuses norms, rotary, SwiGLU; measured in bench/
         self.engine = Engine(self.model, EngineConfig(**engine_options))

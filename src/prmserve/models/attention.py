@@ -52,9 +52,9 @@ class AttentionInputs:
         return cls(cu, cu, longest, longest, seq_lens_q=list(lengths), seq_lens_k=list(lengths))
 
 
-def varlen_available(device: torch.device) -> bool:
-    """True where the Flash varlen kernel can run (CUDA with a recent torch)."""
-    return _varlen_attn is not None and device.type == "cuda"
+def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where the Flash varlen kernel can run: CUDA, a recent torch, and 16-bit activations."""
+    return _varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def causal_attention(
