@@ -94,7 +94,7 @@ def run_prmserve(loop: EngineLoop, fmt: str, phases: list[list]) -> tuple[float,
     start, first = time.perf_counter(), []
     usage = {"prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0}
     for phase in phases:
-        futures = [loop.submit(ids, reads) for ids, reads in phase]
+        futures = loop.submit_many(phase)
         for f in futures:
             request = f.result()
             for key, value in vars(request.usage).items():

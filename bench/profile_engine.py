@@ -38,7 +38,7 @@ def timed(loop: EngineLoop, phases: list[list]) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
     for phase in phases:
-        [f.result() for f in [loop.submit(ids, reads) for ids, reads in phase]]
+        [f.result() for f in loop.submit_many(phase)]
     torch.cuda.synchronize()
     return time.perf_counter() - start
 

@@ -120,6 +120,10 @@ class PRM:
         """Queue one encoded item; the future resolves to the engine's finished `Request`."""
         return self.loop.submit(encoded.token_ids, encoded.read_positions, priority)
 
+    def submit_many(self, encoded: Sequence[EncodedItem], priority: int = 0) -> list[Future]:
+        """Queue encoded items together: admitted whole or refused whole (QueueFullError)."""
+        return self.loop.submit_many([(e.token_ids, e.read_positions) for e in encoded], priority)
+
     def result(self, request: Request) -> ScoreResult:
         """Step rewards of a finished request, by the format's formula."""
         usage = request.usage
@@ -130,7 +134,7 @@ class PRM:
 
     def score(self, items: Sequence[Mapping[str, Any]], priority: int = 0, progress: bool = False) -> list[ScoreResult]:
         """Score items (results in item order); all are queued at once so shared prefixes are computed once."""
-        futures = [self.submit(e, priority) for e in self.encode_all(items)]
+        futures = self.submit_many(self.encode_all(items), priority)
         if progress:
             from tqdm import tqdm
 
@@ -140,8 +144,7 @@ class PRM:
 
     async def score_async(self, items: Sequence[Mapping[str, Any]], priority: int = 0) -> list[ScoreResult]:
         """Like `score`, for asyncio callers; cancelling the awaiting task aborts the queued work."""
-        encoded = self.encode_all(items)
-        futures = [self.submit(e, priority) for e in encoded]
+        futures = self.submit_many(self.encode_all(items), priority)
         try:
             requests = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except BaseException:

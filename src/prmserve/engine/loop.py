@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 
 from prmserve.engine.engine import Engine
@@ -41,19 +42,27 @@ class EngineLoop:
 
     def submit(self, token_ids: list[int], read_positions: list[int], priority: int = 0) -> Future:
         """Queue one request; the future resolves to the finished `Request` (outputs and usage)."""
+        return self.submit_many([(token_ids, read_positions)], priority)[0]
+
+    def submit_many(self, items: Sequence[tuple[list[int], list[int]]], priority: int = 0) -> list[Future]:
+        """Queue (token_ids, read_positions) pairs together: admitted or refused as a whole, and seen
+        by the same scheduling step, so their shared prefix is computed once."""
         limit = self.engine.config.max_queue
-        request = Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority)
-        future: Future = Future()
-        future.add_done_callback(lambda f, rid=request.request_id: f.cancelled() and self._inbox.put(("abort", rid)))
+        pairs = []
+        for token_ids, read_positions in items:
+            request = Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority)
+            future: Future = Future()
+            future.add_done_callback(lambda f, rid=request.request_id: f.cancelled() and self._inbox.put(("abort", rid)))
+            pairs.append((request, future))
         # Checked and queued under one lock, so no request can slip in behind shutdown's stop message.
         with self._lock:
             if self._stopping:
                 raise RequestCancelledError("the engine is shutting down")
-            if limit is not None and self._pending >= limit:
-                raise QueueFullError(f"{self._pending} requests are queued (limit {limit})")
-            self._pending += 1
-            self._inbox.put(("add", (request, future)))
-        return future
+            if limit is not None and self._pending + len(pairs) > limit:
+                raise QueueFullError(f"{self._pending} requests are queued; {len(pairs)} more exceed the limit of {limit}")
+            self._pending += len(pairs)
+            self._inbox.put(("add", pairs))
+        return [future for _, future in pairs]
 
     def reset_prefix_cache(self) -> None:
         """Drop all cached prefixes, on the engine thread; returns once done."""
@@ -87,7 +96,8 @@ class EngineLoop:
                 kind = None
             while kind is not None:
                 if kind == "add":
-                    self._add(*payload)
+                    for request, future in payload:
+                        self._add(request, future)
                 elif kind == "abort":
                     self.engine.abort(payload)
                     self._settle(payload)

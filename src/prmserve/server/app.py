@@ -174,8 +174,7 @@ async def _run(prm: PRM, request: Request, encoded: Sequence[EncodedItem], prior
         raise APIError(400, f"{len(encoded)} items can never fit the server's queue of {limit}; split the request", "InvalidInputError", "items")
     futures: list[Future] = []
     try:
-        for item in encoded:
-            futures.append(prm.submit(item, priority))
+        futures = prm.submit_many(encoded, priority)
         # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         left = asyncio.ensure_future(_client_left(request))
