@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 import tiny_checkpoints
 
@@ -114,3 +115,12 @@ def server(servers: dict[str, ServerProcess]) -> ServerProcess:
 @pytest.fixture(scope="session")
 def slow_server(servers: dict[str, ServerProcess]) -> ServerProcess:
     return servers["slow"]
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Toy models: one intra-op thread is faster, and immune to oversubscription when the host is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

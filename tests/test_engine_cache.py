@@ -17,13 +17,7 @@ TOLERANCE = 1e-5
 CHECKPOINTS = ("qwen_prm", "skywork_prm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Toy models: one intra-op thread is faster, and immune to oversubscription when the host is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

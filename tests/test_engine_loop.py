@@ -20,12 +20,7 @@ TOLERANCE = 1e-5
 WAIT = 10.0  # seconds; generous for a busy host, never reached when things work
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ from tiny_checkpoints import build
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["skywork_prm", "qwen_prm", "rlhflow+window"])
