@@ -1,8 +1,8 @@
 """How close prmserve's rewards on the GPU are to plain transformers run one sequence at a time.
 
 On real-length GSM8K inputs and random weights of a real shape: float32 (same function, expect
-float32 rounding), then bf16 — transformers padded batch 16 (its own noise floor), prmserve eager and
-compiled — and the relative error of the hidden states after each layer.
+float32 rounding); then, in bf16, how far transformers (batch 1 and padded 16) and prmserve (eager
+and compiled) each land from the float32 answer, in rewards and in hidden states per layer.
 
     python bench/bf16_agreement.py --shape skywork-o1-prm-1.5b --requests 64
 """
@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from bench_engine import HERE, SHAPES, make_head, max_diff, rewards_of, run_transformers
+from bench_engine import HERE, SHAPES, make_head, rewards_of, run_transformers
 from prmserve.engine import Engine, EngineConfig, EngineLoop
 from prmserve.models.attention import AttentionInputs, varlen_available
 from prmserve.models.config import BackboneConfig
@@ -55,37 +55,50 @@ def main() -> None:
 
     # float32 first: the same function on the GPU, up to float32 rounding (SDPA loop; Flash has no fp32).
     reference32 = _all(backbone, head, fmt, items, 1)
+    hidden32 = _hf_hidden(backbone, items[0][0])
     model = ours(torch.float32)
     f32 = [abs(a - b) for x, y in zip(prmserve_rewards(model, fmt, items), reference32) for a, b in zip(x, y)]
     print(f"{args.shape} float32: prmserve vs transformers batch 1, max |diff| {max(f32):.2e}")
     del model
     backbone.to(torch.bfloat16)
     head.to(torch.bfloat16)
-    reference, padded = _all(backbone, head, fmt, items, 1), _all(backbone, head, fmt, items, 16)
     model = ours(torch.bfloat16)
-    layer_errors(backbone, model, items[0][0])
-    rows = {"transformers padded x16": padded, "prmserve eager": prmserve_rewards(model, fmt, items)}
+    print("hidden-state error vs float32 after layers 1..L-1 (norm of difference / norm):")
+    print("  transformers bf16:", _errors(_hf_hidden(backbone, items[0][0]), hidden32))
+    print("  prmserve bf16:    ", _errors(_our_hidden(model, items[0][0]), hidden32))
+    rows = {"transformers bf16 batch 1": _all(backbone, head, fmt, items, 1),
+            "transformers bf16 padded x16": _all(backbone, head, fmt, items, 16),
+            "prmserve bf16 eager": prmserve_rewards(model, fmt, items)}
     model.compile_layers()
-    rows["prmserve compiled"] = prmserve_rewards(model, fmt, items)
+    rows["prmserve bf16 compiled"] = prmserve_rewards(model, fmt, items)
     for name, values in rows.items():
-        flat = [abs(a - b) for x, y in zip(values, reference) for a, b in zip(x, y)]
-        print(f"{args.shape} {name:40s} max |diff| {max(flat):.4f}  mean {sum(flat) / len(flat):.5f}  vs transformers batch 1")
+        flat = [abs(a - b) for x, y in zip(values, reference32) for a, b in zip(x, y)]
+        print(f"{args.shape} {name:30s} reward error vs float32: max {max(flat):.4f}  mean {sum(flat) / len(flat):.5f}")
 
 
 @torch.inference_mode()
-def layer_errors(backbone, model, ids: list[int]) -> None:
-    """Relative error of prmserve's hidden states after each layer against transformers' (bf16)."""
+def _hf_hidden(backbone, ids: list[int]) -> list[torch.Tensor]:
+    """transformers' hidden states after each layer but the last, as float32."""
     tokens = torch.tensor(ids, device="cuda")
-    hidden = backbone(input_ids=tokens[None], output_hidden_states=True).hidden_states
+    return [h[0].float() for h in backbone(input_ids=tokens[None], output_hidden_states=True).hidden_states[1:-1]]
+
+
+@torch.inference_mode()
+def _our_hidden(model, ids: list[int]) -> list[torch.Tensor]:
+    """prmserve's hidden states after each layer but the last, as float32."""
+    tokens = torch.tensor(ids, device="cuda")
     inputs = AttentionInputs.uncached([len(ids)], "cuda")
     x = model.embed_tokens(tokens)
     cos, sin = model.rotary.cos_sin(torch.arange(len(ids), device="cuda"), x.dtype)
-    errors = []
-    for index, layer in enumerate(model.layers[:-1]):
+    out = []
+    for layer in model.layers[:-1]:
         x = layer(x, cos, sin, inputs, None)
-        want = hidden[index + 1][0].float()
-        errors.append((x.float() - want).norm().item() / want.norm().item())
-    print("relative error of hidden states per layer:", " ".join(f"{e:.1e}" for e in errors))
+        out.append(x.float())
+    return out
+
+
+def _errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> str:
+    return " ".join(f"{(g - w).norm().item() / w.norm().item():.1e}" for g, w in zip(got, want))
 
 
 def _all(backbone, head, fmt, items, batch):
