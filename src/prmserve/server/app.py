@@ -80,7 +80,8 @@ def create_app(
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items (results in item order); lower priority values run first."""
-        encoded = _encode(prm, [item.to_item() for item in body.items], param="items")
+        # Tokenising runs in a worker thread so a big request does not stall the event loop.
+        encoded = await asyncio.to_thread(_encode, prm, [item.to_item() for item in body.items], "items")
         timeout = body.timeout if body.timeout is not None else default_timeout
         results = await _run(prm, request, encoded, body.priority, timeout)
         return ScoreResponse(
@@ -99,7 +100,7 @@ def create_app(
         if body.task is not None and body.task not in POOLING_TASKS:
             raise APIError(400, f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}", "InvalidInputError", "task")
         items = _pooling_items(prm, body)
-        encoded = _encode(prm, items, param="messages" if body.messages is not None else "input")
+        encoded = await asyncio.to_thread(_encode, prm, items, "messages" if body.messages is not None else "input")
         results = await _run(prm, request, encoded, body.priority, default_timeout)
         prompt_tokens = _total(results).prompt_tokens
         return PoolingResponse(
