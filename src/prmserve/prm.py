@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
-from prmserve.errors import FormatError, InputTooLongError, InvalidInputError
+from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
 from prmserve.formats import EncodedItem, detect_format, make_format
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
 from prmserve.models.attention import varlen_available
@@ -43,6 +43,8 @@ class PRM:
         **options: Any,
     ) -> None:
         self.model_name = str(model) if model is not None else "prmserve/small-prm"
+        if model is None and not (BUNDLED_MODEL / "config.json").is_file():
+            raise CheckpointError(f"the bundled model is missing from this installation ({BUNDLED_MODEL}); pass a model")
         self.path = resolve_checkpoint(model if model is not None else BUNDLED_MODEL)
         self.config = BackboneConfig.from_file(self.path)
         self.tokenizer = load_tokenizer(self.path)
