@@ -300,6 +300,10 @@ def evaluate(model: SmallPRM, tok: Tokenizer, pad_id: int, step_id: int, im_star
     val_r, test_r = enc(val), enc(test)
     threshold = quality.best_threshold(val_r, [s.first_error for _, s in val])
     pb = quality.processbench_scores(test_r, [s.first_error for _, s in test], threshold)
+    for kind in synthetic.ERROR_KINDS:  # erroneous-solution accuracy per injected error kind
+        hits = [quality.predicted_first_error(r, threshold) == s.first_error for r, (_, s) in zip(test_r, test)
+                if s.error_kind == kind]
+        pb[f"acc_{kind}"] = sum(hits) / len(hits)
     flat = [(p, s) for p, sols in bo4 for s in sols]
     flat_r = enc(flat)
     cand_r = [flat_r[4 * i : 4 * i + 4] for i in range(len(bo4))]
@@ -314,6 +318,16 @@ def evaluate(model: SmallPRM, tok: Tokenizer, pad_id: int, step_id: int, im_star
             "n_problems": len(bo4),
         },
     }
+
+
+def write_demo_problems(path: Path, seed: int, n: int = 6) -> None:
+    """Bundle ``n`` held-out problems with 4 candidates each, mixing correct and wrong ones, for the demo."""
+    rows = []
+    for p, sols in synthetic.generate_candidates(10 * n, seed):
+        n_ok = sum(s.first_error < 0 for s in sols)
+        if 1 <= n_ok <= 2 and len(rows) < n:
+            rows.append({"problem": p.text, "solutions": [s.steps for s in sols], "answer": p.answer})
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def parse_args() -> argparse.Namespace:
@@ -403,6 +417,7 @@ def main() -> None:
     metrics = evaluate(model, tok, pad_id, step_id, im_start_id, args.seed)
     metrics["model"] = {"params": n_params, "safetensors_bytes": (args.out / "model.safetensors").stat().st_size}
     metrics["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+    write_demo_problems(args.out.parent / "demo_problems.jsonl", args.seed + 4)
     (args.out / "quality.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     print(f"total {time.time() - t0:.0f}s")
