@@ -285,10 +285,40 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# evaluate -------------------------------------------------------------------------------------
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="checkpoint directory or hub ID (default: the bundled model)")
+    parser.add_argument("--seed", type=int, help="training seed whose held-out splits to use (default: the bundled model's)")
+    add_model_arguments(parser)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Held-out quality on the synthetic arithmetic task, printed as JSON."""
+    from prmserve.evaluation import held_out_quality, prm_scorer
+
+    prm = load_prm(args, args.model)
+    seed = args.seed
+    if seed is None:
+        trained = prm.path / "quality.json"
+        if not trained.is_file():
+            raise SystemExit("--seed is needed: this checkpoint has no quality.json naming its training seed")
+        seed = json.loads(trained.read_text())["training"]["seed"]
+    try:
+        report = held_out_quality(prm_scorer(prm, progress=sys.stderr.isatty()), seed)
+    finally:
+        prm.close()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 # main -----------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("score the bundled problems with a PRM and show each step's reward", add_demo_arguments, run_demo),
+    "evaluate": Subcommand("held-out quality on the synthetic arithmetic task (ProcessBench F1, best-of-4)",
+                           add_evaluate_arguments, run_evaluate),
     "serve": Subcommand("serve a PRM over HTTP (vLLM-compatible /pooling too)", add_serve_arguments, run_serve),
     "score": Subcommand("score a JSONL file, offline or against a server", add_score_arguments, run_score),
 }

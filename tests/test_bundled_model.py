@@ -1,0 +1,51 @@
+"""The PRM shipped inside the package: it loads by default, judges held-out problems, and drives the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from prmserve import PRM
+from prmserve.demo import load_problems
+from prmserve.evaluation import held_out_quality, prm_scorer
+from prmserve.prm import BUNDLED_MODEL
+
+# Floors the shipped checkpoint clears with margin (its full held-out numbers are in quality.json).
+MIN_F1 = 0.30
+MIN_BEST_OF_4_GAIN_OVER_RANDOM = 0.02
+
+
+@pytest.fixture(scope="module")
+def prm():
+    prm = PRM()
+    yield prm
+    prm.close()
+
+
+def test_default_model_is_the_bundled_qwen_prm_layout(prm) -> None:
+    config = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForProcessRewardModel"]
+    assert prm.format_name == "qwen_prm"
+    assert (BUNDLED_MODEL / "model.safetensors").stat().st_size <= 10 * 1024**2
+
+
+def test_held_out_quality_clears_its_floor(prm) -> None:
+    seed = json.loads((BUNDLED_MODEL / "quality.json").read_text())["training"]["seed"]
+    report = held_out_quality(prm_scorer(prm), seed, n_val=300, n_test=400, n_best_of=150)
+    assert report["processbench"]["f1"] >= MIN_F1, report
+    best_of = report["best_of_4"]
+    assert best_of["prm_min_step"] - best_of["random_pick"] >= MIN_BEST_OF_4_GAIN_OVER_RANDOM, report
+
+
+def test_readme_main_command_prints_the_demo() -> None:
+    done = subprocess.run([sys.executable, "-m", "prmserve", "demo"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    problems = load_problems()
+    assert done.stdout.count("Best-of-4 pick: solution") == len(problems)
+    for problem in problems:
+        assert problem["problem"] in done.stdout
+        for steps in problem["solutions"]:
+            assert all(step in done.stdout for step in steps)
