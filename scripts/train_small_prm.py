@@ -336,7 +336,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "src/prmserve/bundled/small-prm")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--train-size", type=int, default=40000)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lm-weight", type=float, default=0.5)
