@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -277,11 +278,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from prmserve.demo import DEMO_PROBLEMS, run_demo as demo
 
-    prm = load_prm(args, args.model)
-    try:
+    with closing(load_prm(args, args.model)) as prm:
         demo(prm, args.problems or DEMO_PROBLEMS)
-    finally:
-        prm.close()
     return 0
 
 
@@ -298,17 +296,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Held-out quality on the synthetic arithmetic task, printed as JSON."""
     from prmserve.evaluation import held_out_quality, prm_scorer
 
-    prm = load_prm(args, args.model)
-    seed = args.seed
-    if seed is None:
-        trained = prm.path / "quality.json"
-        if not trained.is_file():
-            raise SystemExit("--seed is needed: this checkpoint has no quality.json naming its training seed")
-        seed = json.loads(trained.read_text())["training"]["seed"]
-    try:
+    with closing(load_prm(args, args.model)) as prm:
+        seed = args.seed
+        if seed is None:
+            trained = prm.path / "quality.json"
+            if not trained.is_file():
+                raise SystemExit("--seed is needed: this checkpoint has no quality.json naming its training seed")
+            seed = json.loads(trained.read_text())["training"]["seed"]
         report = held_out_quality(prm_scorer(prm, progress=sys.stderr.isatty()), seed)
-    finally:
-        prm.close()
     print(json.dumps(report, indent=2))
     return 0
 

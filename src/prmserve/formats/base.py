@@ -28,6 +28,8 @@ class PRMFormat(ABC):
     name: ClassVar[str]
     # Option name -> default; only these keyword options are accepted.
     option_defaults: ClassVar[dict[str, Any]] = {}
+    # Formats that read a reward at every occurrence of one token (a separator or step tag) set it.
+    read_token_id: int | None = None
 
     def __init__(self, tokenizer: Any, config: BackboneConfig, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.option_defaults))
@@ -53,7 +55,10 @@ class PRMFormat(ABC):
 
     def encode_token_ids(self, token_ids: Sequence[int]) -> EncodedItem:
         """Pre-tokenised input; the read positions are found from the separator tokens."""
-        raise FormatError(f"format {self.name!r} needs problem and steps: it cannot find steps in raw text or ids")
+        if self.read_token_id is None:
+            raise FormatError(f"format {self.name!r} needs problem and steps: it cannot find steps in raw text or ids")
+        ids = list(token_ids)
+        return EncodedItem(ids, self.positions_of(ids, self.read_token_id))
 
     @abstractmethod
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:

@@ -23,7 +23,7 @@ class LlemmaFormat(PRMFormat):
 
     def __init__(self, tokenizer, config, **options) -> None:
         super().__init__(tokenizer, config, **options)
-        self.tag_id = tokenizer.encode(STEP_TAG, add_special_tokens=False)[-1]
+        self.read_token_id = tokenizer.encode(STEP_TAG, add_special_tokens=False)[-1]
 
     @property
     def head(self) -> HeadSpec:
@@ -33,12 +33,8 @@ class LlemmaFormat(PRMFormat):
         self.check_item(problem, steps, forbidden=[STEP_TAG.strip()])
         text = problem + "\n" + "\n".join(step + STEP_TAG for step in steps)
         ids = self.tokenizer.encode(text)
-        positions = self.expect_count(self.positions_of(ids, self.tag_id), len(steps), STEP_TAG)
+        positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), STEP_TAG)
         return EncodedItem(ids, positions)
-
-    def encode_token_ids(self, token_ids: Sequence[int]) -> EncodedItem:
-        ids = list(token_ids)
-        return EncodedItem(ids, self.positions_of(ids, self.tag_id))
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.sigmoid(head_outputs[:, 0]))

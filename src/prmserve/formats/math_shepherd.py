@@ -25,7 +25,7 @@ class MathShepherdFormat(PRMFormat):
         super().__init__(tokenizer, config, **options)
         self.step_tag = self.options["step_tag"]
         # The tag as it appears in the text, after a space (`encode(" \n\n\n\n\n")` in OpenR's code).
-        self.tag_id = tokenizer.encode(" " + self.step_tag, add_special_tokens=False)[-1]
+        self.read_token_id = tokenizer.encode(" " + self.step_tag, add_special_tokens=False)[-1]
         # A tag that ends a line (OpenR's) is its own line break; others are followed by "\n".
         self.joiner = "" if self.step_tag.endswith("\n") else "\n"
         self.good_id = self.single_token(self.options["good_token"], "good_token")
@@ -39,12 +39,8 @@ class MathShepherdFormat(PRMFormat):
         self.check_item(problem, steps, forbidden=[self.step_tag])
         text = f"{problem} " + self.joiner.join(f"{step} {self.step_tag}" for step in steps)
         ids = self.tokenizer.encode(text)
-        positions = self.expect_count(self.positions_of(ids, self.tag_id), len(steps), self.step_tag)
+        positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), self.step_tag)
         return EncodedItem(ids, positions)
-
-    def encode_token_ids(self, token_ids: Sequence[int]) -> EncodedItem:
-        ids = list(token_ids)
-        return EncodedItem(ids, self.positions_of(ids, self.tag_id))
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 0])

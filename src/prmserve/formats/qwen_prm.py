@@ -21,7 +21,7 @@ class QwenPRMFormat(PRMFormat):
 
     def __init__(self, tokenizer, config, **options) -> None:
         super().__init__(tokenizer, config, **options)
-        self.separator_id = self.single_token(SEPARATOR, "separator")
+        self.read_token_id = self.single_token(SEPARATOR, "separator")
 
     @property
     def head(self) -> HeadSpec:
@@ -32,12 +32,8 @@ class QwenPRMFormat(PRMFormat):
         answer = SEPARATOR.join(steps) + SEPARATOR
         text = render_chat(self.tokenizer, chat_messages(self.options["system_prompt"], problem, answer))
         ids = self.tokenizer.encode(text)
-        positions = self.expect_count(self.positions_of(ids, self.separator_id), len(steps), SEPARATOR)
+        positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), SEPARATOR)
         return EncodedItem(ids, positions)
-
-    def encode_token_ids(self, token_ids: Sequence[int]) -> EncodedItem:
-        ids = list(token_ids)
-        return EncodedItem(ids, self.positions_of(ids, self.separator_id))
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 1])
