@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from prmserve.engine.block_manager import BlockManager
@@ -48,21 +49,24 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> None:
         """Compute the chunks' tokens; their KV and head outputs land in the pools."""
-        ids = torch.tensor([t for c in chunks for t in c.request.token_ids[c.start : c.end]], dtype=torch.int64)
+        tokens: list[int] = []
+        for c in chunks:
+            tokens.extend(c.request.token_ids[c.start : c.end])
+        ids = _index_tensor(tokens)
         positions = torch.cat([torch.arange(c.start, c.end, dtype=torch.int64) for c in chunks])
         lens_q = [c.end - c.start for c in chunks]
         lens_k = [c.end for c in chunks]
         slots: list[int] = []
         for c in chunks:
             self._slots(c, c.start, slots)
-        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        slot_mapping = _index_tensor(slots)
         # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather.
         key_slots = None
         if any(c.start > 0 for c in chunks):
             keys: list[int] = []
             for c in chunks:
                 self._slots(c, 0, keys)
-            key_slots = torch.tensor(keys, dtype=torch.int64)
+            key_slots = _index_tensor(keys)
         to = {"device": self.device, "non_blocking": True}
         inputs = AttentionInputs(
             cu_seqlens_q=_cumulative(lens_q).to(**to),
@@ -81,9 +85,14 @@ class ModelRunner:
     def read_outputs(self, requests: list) -> list[torch.Tensor]:
         """Head outputs [reads, width] at each request's read positions, in the model's dtype (one gather)."""
         slots = [self.blocks.slot(r, p) for r in requests for p in r.read_positions]
-        index = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        index = _index_tensor(slots).to(self.device)
         values = self.head_cache[index].to(self.dtype).cpu()
         return list(values.split([len(r.read_positions) for r in requests]))
+
+
+def _index_tensor(values: list[int]) -> torch.Tensor:
+    """An int64 tensor of a long Python list, through numpy (several times faster than torch.tensor)."""
+    return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
 
 
 def _cumulative(lengths: list[int]) -> torch.Tensor:
