@@ -16,7 +16,7 @@ from prmserve.formats import EncodedItem, detect_format, make_format
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
 from prmserve.models.attention import varlen_available
 from prmserve.models.loader import CheckpointTensors
-from prmserve.results import ScoreResult, TokenUsage
+from prmserve.results import ScoreResult
 from prmserve.tokenizer import load_tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "small-prm"
@@ -128,11 +128,7 @@ class PRM:
 
     def result(self, request: Request) -> ScoreResult:
         """Step rewards of a finished request, by the format's formula."""
-        usage = request.usage
-        return ScoreResult(
-            self.format.rewards(request.outputs),
-            TokenUsage(usage.prompt_tokens, usage.computed_tokens, usage.cached_tokens),
-        )
+        return ScoreResult(self.format.rewards(request.outputs), request.usage)
 
     def score(self, items: Sequence[Mapping[str, Any]], priority: int = 0, progress: bool = False) -> list[ScoreResult]:
         """Score items (results in item order); all are queued at once so shared prefixes are computed once."""
@@ -188,7 +184,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config: BackboneConfig, devi
 
 def _tensor_names_if_needed(path: Path, config: BackboneConfig) -> set[str] | None:
     """Tensor names, read only when the architecture alone cannot name the format."""
-    if any(a.endswith(("ForCausalLM",)) for a in config.architectures):
+    if any(a.endswith("ForCausalLM") for a in config.architectures):
         from contextlib import ExitStack
 
         with ExitStack() as stack:

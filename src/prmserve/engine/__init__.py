@@ -3,6 +3,6 @@
 from prmserve.engine.config import EngineConfig
 from prmserve.engine.engine import Engine, EngineStats, StepStats
 from prmserve.engine.loop import EngineLoop
-from prmserve.engine.request import Request, Usage
+from prmserve.engine.request import Request
 
-__all__ = ["Engine", "EngineConfig", "EngineLoop", "EngineStats", "Request", "StepStats", "Usage"]
+__all__ = ["Engine", "EngineConfig", "EngineLoop", "EngineStats", "Request", "StepStats"]

@@ -121,7 +121,7 @@ def _pool_blocks(model: RewardModel, config: EngineConfig, device: torch.device,
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        # Leave room for activations of the largest batch (hidden states, MLP, logits), ~40 bytes/token/width.
+        # Leave room for the largest batch's activations: about 12 bytes per token per MLP unit (gate/up, product, temporaries).
         activations = config.max_num_batched_tokens * model.config.intermediate_size * 2 * 6
         budget = total * config.gpu_memory_utilization - used - activations
     else:

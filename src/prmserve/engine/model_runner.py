@@ -7,7 +7,7 @@ import torch
 
 from prmserve.engine.block_manager import BlockManager
 from prmserve.engine.scheduler import ScheduledChunk
-from prmserve.models.attention import AttentionInputs
+from prmserve.models.attention import AttentionInputs, cumulative_lengths
 from prmserve.models.transformer import RewardModel
 
 
@@ -69,8 +69,8 @@ class ModelRunner:
             key_slots = _index_tensor(keys)
         to = {"device": self.device, "non_blocking": True}
         inputs = AttentionInputs(
-            cu_seqlens_q=_cumulative(lens_q).to(**to),
-            cu_seqlens_k=_cumulative(lens_k).to(**to),
+            cu_seqlens_q=cumulative_lengths(lens_q).to(**to),
+            cu_seqlens_k=cumulative_lengths(lens_k).to(**to),
             max_seqlen_q=max(lens_q),
             max_seqlen_k=max(lens_k),
             kv_cache=self.kv_cache,
@@ -95,7 +95,3 @@ def _index_tensor(values: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
 
 
-def _cumulative(lengths: list[int]) -> torch.Tensor:
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return out

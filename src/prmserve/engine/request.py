@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prmserve.results import TokenUsage
+
 _arrivals = itertools.count()
 
 
@@ -15,15 +17,6 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, holds no KV blocks
     RUNNING = "running"  # holds its blocks; some tokens still to compute
     FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token accounting: prompt = computed + cached."""
-
-    prompt_tokens: int
-    computed_tokens: int
-    cached_tokens: int
 
 
 @dataclass
@@ -56,5 +49,5 @@ class Request:
         return self.num_tokens - self.num_done
 
     @property
-    def usage(self) -> Usage:
-        return Usage(self.num_tokens, self.num_tokens - self.num_cached, self.num_cached)
+    def usage(self) -> TokenUsage:
+        return TokenUsage(self.num_tokens, self.num_tokens - self.num_cached, self.num_cached)

@@ -39,6 +39,8 @@ class PRMFormat(ABC):
         self.tokenizer = tokenizer
         self.config = config
         self.options = {**self.option_defaults, **options}
+        # Chat/control tokens: text containing one would change the input's structure.
+        self.special_tokens = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
 
     @property
     @abstractmethod
@@ -72,8 +74,7 @@ class PRMFormat(ABC):
             raise InvalidInputError("'problem' must be a non-empty string")
         if isinstance(steps, str) or not isinstance(steps, Sequence) or len(steps) == 0:
             raise InvalidInputError("'steps' must be a non-empty list of strings")
-        control = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if t]
-        for token in control:
+        for token in self.special_tokens:
             if token in problem:
                 raise InvalidInputError(f"the problem contains the special token {token!r}, which would change the input's structure")
         for i, step in enumerate(steps):
@@ -81,7 +82,7 @@ class PRMFormat(ABC):
                 raise InvalidInputError(f"step {i} is a {type(step).__name__}, not a string")
             if not step.strip():
                 raise InvalidInputError(f"step {i} is empty")
-            for token in control:
+            for token in self.special_tokens:
                 if token in step:
                     raise InvalidInputError(f"step {i} contains the special token {token!r}, which would change the input's structure")
             for text in forbidden:

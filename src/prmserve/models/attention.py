@@ -45,11 +45,16 @@ class AttentionInputs:
     @classmethod
     def uncached(cls, lengths: list[int], device: torch.device | str) -> "AttentionInputs":
         """Inputs for full sequences with no cache: each sequence attends to itself only."""
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-        cu = cu.to(device)
+        cu = cumulative_lengths(lengths).to(device)
         longest = max(lengths)
         return cls(cu, cu, longest, longest, seq_lens_q=list(lengths), seq_lens_k=list(lengths))
+
+
+def cumulative_lengths(lengths: list[int]) -> torch.Tensor:
+    """int32 [N+1] starts of packed sequences: 0, l0, l0+l1, ..."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:

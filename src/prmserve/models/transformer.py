@@ -61,8 +61,8 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         inputs: AttentionInputs,
         kv: torch.Tensor | None,
-        project: Callable = None,
-        finish: Callable = None,
+        project: Callable | None = None,
+        finish: Callable | None = None,
     ) -> torch.Tensor:
         q, k, v = (project or project_qkv)(self, x, cos, sin)
         attn = self.self_attn.attend(q, k, v, inputs, kv)
