@@ -3,8 +3,11 @@
 The model judges steps of synthetic arithmetic word problems (see ``prmserve.synthetic``).
 It is a tiny Qwen2 decoder plus the Qwen2.5-Math-PRM head (Linear(H,H), ReLU, Linear(H,2));
 step k's reward is softmax(head logits at the k-th ``<extra_0>``)[1]. Training uses
-cross-entropy on those logits plus an auxiliary next-token loss on the correct steps
-(its LM head is dropped at save time) that teaches the model the arithmetic it checks.
+cross-entropy on those logits plus two auxiliaries: a next-token loss on the correct steps
+(its LM head is dropped at save time) and the score head at every assistant token ("the
+text so far is still correct"). Each step also trains on 64 arithmetic drills
+(``synthetic.make_chain``: a problem's bare claims, some slipped or wrongly carried), which
+teach the checks far more cheaply than whole solutions do.
 
 Reproducible: fixed seeds, CPU, 2 threads. Usage::
 
@@ -32,6 +35,7 @@ from transformers import Qwen2Config, Qwen2Model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from prmserve import quality, synthetic  # noqa: E402
+from prmserve.evaluation import accuracy_by_kind, held_out_quality  # noqa: E402
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 STEP_TOKEN = "<extra_0>"
@@ -173,6 +177,28 @@ def encode(tok: Tokenizer, pairs: list[tuple], step_id: int, im_start_id: int) -
     return out
 
 
+def encode_chains(tok: Tokenizer, chains: list[tuple[str, int]]) -> list[dict]:
+    """Arithmetic drills (``synthetic.make_chain``) in ``encode``'s item layout, with no steps.
+
+    Each chain is one short sequence led by a space, tokenised as it is inside a step; every
+    token is an auxiliary target, up to the first wrong one for the next-token loss.
+    """
+    out = []
+    for (text, wrong_char), enc in zip(chains, tok.encode_batch([" " + t for t, _ in chains])):
+        ids = enc.ids
+        wrong = len(ids) if wrong_char < 0 else next(i for i, (_, end) in enumerate(enc.offsets) if end > wrong_char + 1)
+        out.append({"ids": ids, "seps": [], "labels": [], "span": (0, len(ids) - 1), "wrong": wrong})
+    return out
+
+
+def length_grouped(items: list[dict], batch: int, rng: random.Random) -> list[list[dict]]:
+    """``items`` cut into batches of similar length (less padding), the batches in random order."""
+    items = sorted(items, key=lambda it: len(it["ids"]))
+    batches = [items[i : i + batch] for i in range(0, len(items), batch)]
+    rng.shuffle(batches)
+    return batches
+
+
 def collate(items: list[dict], pad_id: int) -> tuple[torch.Tensor, ...]:
     """Right-padded batch: ids, flat (row, pos, label) step targets, and per-token auxiliary targets.
 
@@ -195,6 +221,16 @@ def collate(items: list[dict], pad_id: int) -> tuple[torch.Tensor, ...]:
         pos += it["seps"]
         labels += it["labels"]
     return ids, torch.tensor(rows), torch.tensor(pos), torch.tensor(labels), lm_mask, tok_mask, tok_labels
+
+
+def losses(model: SmallPRM, items: list[dict], pad_id: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Step-label cross-entropy (zero for drills, which have no steps), next-token loss and per-token loss."""
+    ids, rows, pos, labels, lm_mask, tok_mask, tok_labels = (t.to(device) for t in collate(items, pad_id))
+    hidden = model(ids)
+    prm = F.cross_entropy(model.score(hidden[rows, pos]), labels) if len(rows) else hidden.new_zeros(())
+    lm = F.cross_entropy(model.lm_head(hidden[:, :-1][lm_mask[:, 1:]]), ids[:, 1:][lm_mask[:, 1:]])
+    tok = F.cross_entropy(model.score(hidden[tok_mask]), tok_labels[tok_mask])
+    return prm, lm, tok
 
 
 @torch.no_grad()
@@ -292,32 +328,8 @@ def check_chat_template(out: Path, pairs: list[tuple]) -> None:
 
 
 def evaluate(model: SmallPRM, tok: Tokenizer, pad_id: int, step_id: int, im_start_id: int, seed: int) -> dict:
-    """Held-out ProcessBench F1 (threshold picked on a validation split) and best-of-4 accuracy."""
-    val = synthetic.generate(600, seed + 1)
-    test = synthetic.generate(1000, seed + 2)
-    bo4 = synthetic.generate_candidates(300, seed + 3)
-    enc = lambda pairs: step_rewards(model, encode(tok, pairs, step_id, im_start_id), pad_id)  # noqa: E731
-    val_r, test_r = enc(val), enc(test)
-    threshold = quality.best_threshold(val_r, [s.first_error for _, s in val])
-    pb = quality.processbench_scores(test_r, [s.first_error for _, s in test], threshold)
-    for kind in synthetic.ERROR_KINDS:  # erroneous-solution accuracy per injected error kind
-        hits = [quality.predicted_first_error(r, threshold) == s.first_error for r, (_, s) in zip(test_r, test)
-                if s.error_kind == kind]
-        pb[f"acc_{kind}"] = sum(hits) / len(hits)
-    flat = [(p, s) for p, sols in bo4 for s in sols]
-    flat_r = enc(flat)
-    cand_r = [flat_r[4 * i : 4 * i + 4] for i in range(len(bo4))]
-    answers = [[s.final_answer for s in sols] for _, sols in bo4]
-    truth = [p.answer for p, _ in bo4]
-    return {
-        "processbench": {"threshold": threshold, **pb, "n_test": len(test), "n_val": len(val)},
-        "best_of_4": {
-            "prm_min_step": quality.best_of_n_accuracy(cand_r, answers, truth),
-            "majority_vote": quality.majority_vote_accuracy(answers, truth),
-            "random_pick": quality.random_pick_accuracy(answers, truth),
-            "n_problems": len(bo4),
-        },
-    }
+    """Held-out quality on the splits ``prmserve evaluate`` uses (``prmserve.evaluation``)."""
+    return held_out_quality(lambda pairs: step_rewards(model, encode(tok, pairs, step_id, im_start_id), pad_id), seed)
 
 
 def write_demo_problems(path: Path, seed: int, n: int = 6) -> None:
@@ -336,17 +348,21 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=ROOT / "src/prmserve/bundled/small-prm")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--train-size", type=int, default=40000)
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=1850)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--lm-weight", type=float, default=0.5)
     ap.add_argument("--token-weight", type=float, default=0.5, help="weight of the per-token 'still correct' loss")
+    ap.add_argument("--drill-batch", type=int, default=64, help="arithmetic drills per step (synthetic.make_chain)")
+    ap.add_argument("--drill-slip-share", type=float, default=0.5, help="share of slips among the drills' errors")
+    ap.add_argument("--drill-weight", type=float, default=1.0, help="weight of the drills' next-token and per-token losses")
     ap.add_argument("--vocab", type=int, default=600)
-    ap.add_argument("--hidden", type=int, default=192)
-    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--intermediate", type=int, default=384)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--max-positions", type=int, default=1024)
     ap.add_argument("--eval-every", type=int, default=0, help="print validation F1 every N steps (0: never)")
     ap.add_argument("--device", default="cpu", help="cpu for the shipped run; cuda only to explore settings")
@@ -382,34 +398,45 @@ def main() -> None:
     n_params = sum(v.numel() for k, v in model.state_dict().items() if not k.startswith("lm_head."))
     print(f"model: {n_params:,} params ({4 * n_params / 1e6:.2f} MB float32)")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
     )
     monitor = synthetic.generate(600, args.seed + 1)
     monitor_data, monitor_errors = encode(tok, monitor, step_id, im_start_id), [s.first_error for _, s in monitor]
+    drill_rng, group_rng = random.Random(args.seed + 5), random.Random(args.seed + 6)
     order = np.random.default_rng(args.seed).permutation(len(data) * (1 + args.steps * args.batch // len(data)))
+    group = 32  # steps whose batches are cut from one length-sorted pool
+    batches: list[list[dict]] = []
+    drills: list[list[dict]] = []
     model.train()
     for step in range(args.steps):
-        batch = [data[i % len(data)] for i in order[step * args.batch : (step + 1) * args.batch]]
-        ids_t, rows, pos, labels, lm_mask, tok_mask, tok_labels = (t.to(args.device) for t in collate(batch, pad_id))
-        hidden = model(ids_t)
-        prm_loss = F.cross_entropy(model.score(hidden[rows, pos]), labels)
-        lm_loss = F.cross_entropy(model.lm_head(hidden[:, :-1][lm_mask[:, 1:]]), ids_t[:, 1:][lm_mask[:, 1:]])
-        tok_loss = F.cross_entropy(model.score(hidden[tok_mask]), tok_labels[tok_mask])
+        if not batches:
+            batches = length_grouped([data[i % len(data)] for i in order[step * args.batch : (step + group) * args.batch]],
+                                     args.batch, group_rng)
+        if args.drill_batch and not drills:
+            chains = [synthetic.make_chain(drill_rng, p_slip=args.drill_slip_share) for _ in range(group * args.drill_batch)]
+            drills = length_grouped(encode_chains(tok, chains), args.drill_batch, group_rng)
+        prm_loss, lm_loss, tok_loss = losses(model, batches.pop(), pad_id, args.device)
         loss = prm_loss + args.lm_weight * lm_loss + args.token_weight * tok_loss
+        drill_loss = torch.zeros(())
+        if args.drill_batch:
+            drill_loss = sum(losses(model, drills.pop(), pad_id, args.device)[1:])
+            loss = loss + args.drill_weight * drill_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  prm {prm_loss.item():.4f}  lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step:5d}  prm {prm_loss.item():.4f}  lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  "
+                  f"drill {drill_loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             r = step_rewards(model, monitor_data, pad_id)
-            pb = quality.processbench_scores(r, monitor_errors, quality.best_threshold(r, monitor_errors))
-            print(f"step {step + 1:5d}  validation {pb}", flush=True)
+            threshold = quality.best_threshold(r, monitor_errors)
+            pb = {**quality.processbench_scores(r, monitor_errors, threshold), **accuracy_by_kind(r, monitor, threshold)}
+            print(f"step {step + 1:5d}  validation " + " ".join(f"{k} {v:.3f}" for k, v in pb.items()), flush=True)
 
     model.cpu()
     save_checkpoint(args.out, model, tok, config, ids)

@@ -1,5 +1,6 @@
 """Tests for the synthetic arithmetic problems: determinism and consistency of step labels."""
 
+import random
 import re
 
 import pytest
@@ -107,3 +108,29 @@ def test_error_offset_points_at_the_first_wrong_character(data):
             assert step[:c].rsplit("= ", 1)[1].isdigit() or step[c - 2 : c] == "= "
         elif s.error_kind == "bad_operation":
             assert step[c] in "+-×÷" and step[c] != synthetic.SYMBOL[p.ops[s.first_error].kind]
+
+
+def test_chain_offset_is_where_it_departs_from_the_correct_chain() -> None:
+    """Drill chains: the reported offset is the first character that differs from the chain recomputed from its start."""
+    rng = random.Random(5)
+    n_wrong = 0
+    for _ in range(300):
+        text, offset = synthetic.make_chain(rng)
+        start = int(text.split(" ", 1)[0])
+        correct, carried = [], start
+        for m in EXPR.finditer(text):
+            _, sym, a, _ = m.groups()
+            y = evaluate(carried, sym, int(a))
+            correct.append((m.start(), f"{carried} {sym} {a} = {int(y)}"))
+            carried = int(y)
+        expected = -1
+        for pos, want in correct:
+            got = text[pos : pos + len(want)]
+            diff = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
+            if diff is None and len(got) == len(want) and (pos + len(want) == len(text) or not text[pos + len(want)].isdigit()):
+                continue
+            expected = pos + (diff if diff is not None else min(len(got), len(want)))
+            break
+        assert offset == expected, (text, offset, expected)
+        n_wrong += offset >= 0
+    assert 100 < n_wrong < 200

@@ -17,11 +17,13 @@ Scorer = Callable[[Pairs], list[list[float]]]
 
 
 def held_out_quality(score: Scorer, seed: int, n_val: int = 600, n_test: int = 1000, n_best_of: int = 300) -> dict[str, Any]:
-    """ProcessBench F1 (threshold chosen on validation) and best-of-4 accuracy against baselines."""
+    """ProcessBench F1 (threshold chosen on validation), its accuracy per error kind, and best-of-4 accuracy against baselines."""
     val, test = synthetic.generate(n_val, seed + 1), synthetic.generate(n_test, seed + 2)
     candidates = synthetic.generate_candidates(n_best_of, seed + 3)
     threshold = quality.best_threshold(score(val), [s.first_error for _, s in val])
-    processbench = quality.processbench_scores(score(test), [s.first_error for _, s in test], threshold)
+    test_rewards = score(test)
+    processbench = quality.processbench_scores(test_rewards, [s.first_error for _, s in test], threshold)
+    processbench.update(accuracy_by_kind(test_rewards, test, threshold))
     flat = score([(p, s) for p, sols in candidates for s in sols])
     per_problem, start = [], 0
     for _, sols in candidates:
@@ -38,6 +40,16 @@ def held_out_quality(score: Scorer, seed: int, n_val: int = 600, n_test: int = 1
             "n_problems": n_best_of,
         },
     }
+
+
+def accuracy_by_kind(rewards: list[list[float]], pairs: Pairs, threshold: float) -> dict[str, float]:
+    """Share of erroneous solutions whose first error is named exactly, per injected error kind."""
+    out = {}
+    for kind in synthetic.ERROR_KINDS:
+        hits = [quality.predicted_first_error(r, threshold) == s.first_error
+                for r, (_, s) in zip(rewards, pairs) if s.error_kind == kind]
+        out[f"acc_{kind}"] = sum(hits) / max(1, len(hits))
+    return out
 
 
 def prm_scorer(prm: Any, progress: bool = False) -> Scorer:

@@ -1,6 +1,7 @@
 """Synthetic arithmetic word problems with step-labelled solutions, for training and judging the bundled PRM.
 
-Each problem tracks one quantity through 2-4 operations (+, -, x, /) on small numbers.
+Each problem tracks one quantity through 2-4 operations (+, -, x, /) on small numbers
+(every value in 1..30, at most 9 bought or given away at once).
 A solution has one step per operation plus a final ``\\boxed{}`` step. Corrupted
 solutions contain one injected error (a bad operation, a slip in a result, or a wrong
 carried-forward value); later steps compute correctly from the wrong value.
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 
 ERROR_KINDS = ("bad_operation", "slip", "wrong_carry")
 SYMBOL = {"add": "+", "sub": "-", "mul": "×", "div": "÷"}
-MAX_VALUE = 60
+MAX_VALUE = 30  # every running value stays in 1..MAX_VALUE
+MAX_OPERAND = 9  # at most this many bought or given away at once
+MAX_START = 20  # a problem starts with 4..MAX_START items
 
 NAMES = [
     ("Mia", "she", "her"), ("Tom", "he", "his"), ("Ava", "she", "her"), ("Leo", "he", "his"),
@@ -100,7 +103,7 @@ def _pick_op(rng: random.Random, x: int) -> Op:
         choices += ["add", "add"]
     if x >= 3:
         choices += ["sub", "sub"]
-    if 2 * x <= MAX_VALUE and x <= 20:
+    if x <= MAX_VALUE // 3:  # doubling or tripling stays in range
         choices.append("mul")
     divisors = [d for d in (2, 3, 4) if x % d == 0 and x // d >= 2]
     if divisors:
@@ -108,9 +111,9 @@ def _pick_op(rng: random.Random, x: int) -> Op:
     kind = rng.choice(choices)
     friend = rng.choice(FRIENDS)
     if kind == "add":
-        return Op("add", rng.randint(2, min(15, MAX_VALUE - x)), friend)
+        return Op("add", rng.randint(2, min(MAX_OPERAND, MAX_VALUE - x)), friend)
     if kind == "sub":
-        return Op("sub", rng.randint(2, min(15, x - 1)), friend)
+        return Op("sub", rng.randint(2, min(MAX_OPERAND, x - 1)), friend)
     if kind == "mul":
         return Op("mul", rng.choice([k for k in MULTIPLIERS if k * x <= MAX_VALUE]), friend)
     return Op("div", rng.choice(divisors), friend)
@@ -131,7 +134,7 @@ def make_problem(rng: random.Random) -> Problem:
     """Generate one word problem with 2-4 operations."""
     name, pronoun, _ = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    start = rng.randint(4, 40)
+    start = rng.randint(4, MAX_START)
     ops, x = [], start
     for _ in range(rng.randint(2, 4)):
         op = _pick_op(rng, x)
@@ -219,46 +222,97 @@ def _continues(p: Problem, start_index: int, value: int) -> bool:
     return True
 
 
-def make_solution(rng: random.Random, p: Problem, error_kind: str = "", error_step: int = -1) -> Solution | None:
-    """Write a solution; inject ``error_kind`` at ``error_step`` (or none). None if the error can't fit."""
-    n = len(p.ops)
-    steps: list[str] = []
-    offset = -1
-    x = p.start
+@dataclass
+class Claim:
+    """What one step computes: ``x sym arg = y`` (x is the value it carries in)."""
+
+    x: int
+    sym: str
+    arg: int
+    y: int
+
+    def text(self) -> str:
+        """The expression as written in a step."""
+        return f"{self.x} {self.sym} {self.arg} = {self.y}"
+
+
+def _inject(rng: random.Random, error_kind: str, op: Op, right: Claim) -> Claim | None:
+    """``right`` with one error of ``error_kind``; None if that error can't fit here."""
+    if error_kind == "bad_operation":
+        bad = _bad_operation(rng, op, right.x)
+        return None if bad is None else Claim(right.x, bad[0], op.arg, bad[1])
+    if error_kind == "slip":
+        return Claim(right.x, right.sym, op.arg, _wrong_value(rng, right.y))
+    if error_kind == "wrong_carry":
+        x = _wrong_value(rng, right.x)
+        if op.kind == "div" and x % op.arg:
+            return None
+        y = apply(op.kind, x, op.arg)
+        return None if y < 0 else Claim(x, right.sym, op.arg, y)
+    raise ValueError(error_kind)
+
+
+def make_claims(rng: random.Random, p: Problem, error_kind: str = "", error_step: int = -1) -> tuple[list[Claim], int] | None:
+    """One claim per operation, ``error_kind`` injected at ``error_step`` (< len(p.ops)); None if it can't fit.
+
+    Steps after the error compute correctly from the wrong value they carry in. Also returns the
+    character of the wrong claim's text where it departs from the correct one (-1 if none is wrong).
+    """
+    claims: list[Claim] = []
+    x, departure = p.start, -1
     for i, op in enumerate(p.ops):
-        sym, x_in = SYMBOL[op.kind], x
-        y = true_y = apply(op.kind, x_in, op.arg)
+        claim = right = Claim(x, SYMBOL[op.kind], op.arg, apply(op.kind, x, op.arg))
         if i == error_step:
-            if error_kind == "bad_operation":
-                bad = _bad_operation(rng, op, x_in)
-                if bad is None:
-                    return None
-                sym, y = bad
-            elif error_kind == "slip":
-                y = _wrong_value(rng, y)
-            elif error_kind == "wrong_carry":
-                x_in = _wrong_value(rng, x_in)
-                if op.kind == "div" and x_in % op.arg:
-                    return None
-                y = apply(op.kind, x_in, op.arg)
-                if y < 0:
-                    return None
-            if not _continues(p, i + 1, y):
+            claim = _inject(rng, error_kind, op, right)
+            if claim is None or not _continues(p, i + 1, claim.y):
                 return None
-        steps.append(_step_text(rng, p, i, op, x_in, sym, y))
-        if i == error_step:
-            claimed, true = f"{x_in} {sym} {op.arg} = {y}", f"{x} {SYMBOL[op.kind]} {op.arg} = {true_y}"
-            offset = steps[-1].index(claimed) + _first_difference(claimed, true)
-        x = y
-    final = x
-    if error_step == n:  # only a carried-forward slip is possible in the boxed step
-        final = _wrong_value(rng, x)
+            departure = _first_difference(claim.text(), right.text())
+        claims.append(claim)
+        x = claim.y
+    return claims, departure
+
+
+def make_solution(rng: random.Random, p: Problem, error_kind: str = "", error_step: int = -1) -> Solution | None:
+    """Write a solution; inject ``error_kind`` at ``error_step`` (or none). None if the error can't fit.
+
+    ``error_step == len(p.ops)`` is a wrong carried-forward value in the boxed answer.
+    """
+    n = len(p.ops)
+    made = make_claims(rng, p, error_kind, error_step) if error_step < n else make_claims(rng, p)
+    if made is None:
+        return None
+    claims, departure = made
+    steps = [_step_text(rng, p, i, op, c.x, c.sym, c.y) for i, (op, c) in enumerate(zip(p.ops, claims))]
+    offset = steps[error_step].index(claims[error_step].text()) + departure if 0 <= error_step < n else -1
+    final = claims[-1].y
+    if error_step == n:
+        final = _wrong_value(rng, final)
     steps.append(rng.choice(BOXED_STEPS).format(v=final, name=p.name, item=p.item))
     if error_step == n:
-        offset = steps[-1].index("\\boxed{") + len("\\boxed{") + _first_difference(str(final), str(x))
+        offset = steps[-1].index("\\boxed{") + len("\\boxed{") + _first_difference(str(final), str(claims[-1].y))
     first = error_step if error_kind else -1
     labels = [0 if first >= 0 and k >= first else 1 for k in range(n + 1)]
     return Solution(steps, labels, final, first, error_kind, offset)
+
+
+def make_chain(rng: random.Random, p_error: float = 0.5, p_slip: float = 0.5) -> tuple[str, int]:
+    """A problem's computation as bare claims, for training only: ``"12 coins. 12 + 5 = 17 coins. 17 × 2 = 34 coins."``
+
+    With probability ``p_error`` one claim has a slip (``p_slip`` of those) or else a wrong
+    carried-forward value: the errors that need arithmetic, not wording, to catch. Returns the
+    text and the character where it departs from the correct chain (-1 if it is correct).
+    Drills on these give the bundled PRM far more arithmetic checks per token than solutions do.
+    """
+    while True:
+        p = make_problem(rng)
+        step = rng.randrange(len(p.ops)) if rng.random() < p_error else -1
+        made = make_claims(rng, p, "slip" if rng.random() < p_slip else "wrong_carry", step)
+        if made is not None:
+            break
+    claims, departure = made
+    texts = [f"{p.start} {p.item}."] + [f"{c.text()} {p.item}." for c in claims]
+    offset = sum(len(t) + 1 for t in texts[: step + 1]) + departure if step >= 0 else -1
+    return " ".join(texts), offset
 
 
 def _first_difference(a: str, b: str) -> int:
