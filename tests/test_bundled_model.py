@@ -8,14 +8,18 @@ import sys
 
 import pytest
 
-from prmserve import PRM
+from prmserve import PRM, synthetic
 from prmserve.demo import load_problems
 from prmserve.evaluation import held_out_quality, prm_scorer
 from prmserve.prm import BUNDLED_MODEL
 
-# Floors the shipped checkpoint clears with margin (its full held-out numbers are in quality.json).
-MIN_F1 = 0.30
-MIN_BEST_OF_4_GAIN_OVER_RANDOM = 0.02
+# Floors the training recipe clears on every seed tried (worst of eight GPU seeds: F1 0.82, slip 0.39,
+# best-of-4 0.08 over majority vote; bench/notes/small_prm.md). The shipped checkpoint's full
+# held-out numbers are in quality.json (F1 0.97).
+MIN_F1 = 0.80
+MIN_ACCURACY_PER_ERROR_KIND = 0.30
+MIN_BEST_OF_4_GAIN_OVER_MAJORITY = 0.05
+MIN_BEST_OF_4_GAIN_OVER_RANDOM = 0.20
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,10 @@ def test_held_out_quality_clears_its_floor(prm) -> None:
     seed = json.loads((BUNDLED_MODEL / "quality.json").read_text())["training"]["seed"]
     report = held_out_quality(prm_scorer(prm), seed, n_val=300, n_test=400, n_best_of=150)
     assert report["processbench"]["f1"] >= MIN_F1, report
+    for kind in synthetic.ERROR_KINDS:
+        assert report["processbench"][f"acc_{kind}"] >= MIN_ACCURACY_PER_ERROR_KIND, (kind, report)
     best_of = report["best_of_4"]
+    assert best_of["prm_min_step"] - best_of["majority_vote"] >= MIN_BEST_OF_4_GAIN_OVER_MAJORITY, report
     assert best_of["prm_min_step"] - best_of["random_pick"] >= MIN_BEST_OF_4_GAIN_OVER_RANDOM, report
 
 
