@@ -316,3 +316,24 @@ def test_sigterm_stops_accepting_and_drains_in_flight_work(qwen_prm_dir: Path, t
     finally:
         server.stop()
 
+
+
+def test_app_observes_engine_steps_only_while_it_serves(qwen_prm_dir: Path) -> None:
+    from prmserve import PRM
+    from prmserve.server import create_app
+
+    prm = PRM(str(qwen_prm_dir), device="cpu", dtype="float32")
+    app = create_app(prm)
+    assert prm.engine.step_observers == []
+
+    async def serve_once() -> int:
+        async with app.router.lifespan_context(app):
+            assert len(prm.engine.step_observers) == 1
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+                response = await client.post("/v1/score", json={"items": short_items(2)})
+                assert response.status_code == 200
+                metrics = (await client.get("/metrics")).text
+        return int(float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("prmserve_step_sequences_count"))))
+
+    assert asyncio.run(serve_once()) > 0
+    assert prm.engine.step_observers == []  # shutdown closed the PRM and let go of the engine

@@ -62,14 +62,17 @@ def create_app(
 ) -> FastAPI:
     """An app serving `prm`; its lifespan starts the engine thread and, on shutdown, lets it finish and stops it."""
     metrics = ServerMetrics(prm)
-    prm.engine.step_observers.append(metrics.observe_step)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        prm.engine.step_observers.append(metrics.observe_step)  # engine step metrics while this app serves
         prm.loop  # start the engine thread before the first request
-        yield
-        await asyncio.to_thread(prm.close)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(prm.close)
+            prm.engine.step_observers.remove(metrics.observe_step)
 
     app = FastAPI(title="prmserve", summary="Process reward model scoring", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
