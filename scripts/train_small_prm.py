@@ -411,6 +411,7 @@ def main() -> None:
     batches: list[list[dict]] = []
     drills: list[list[dict]] = []
     model.train()
+    t_train = time.time()
     for step in range(args.steps):
         if not batches:
             batches = length_grouped([data[i % len(data)] for i in order[step * args.batch : (step + group) * args.batch]],
@@ -430,8 +431,10 @@ def main() -> None:
         opt.step()
         sched.step()
         if step % 100 == 0 or step == args.steps - 1:
+            elapsed = time.time() - t0
+            eta = (time.time() - t_train) / (step + 1) * (args.steps - step - 1)
             print(f"step {step:5d}  prm {prm_loss.item():.4f}  lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  "
-                  f"drill {drill_loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+                  f"drill {drill_loss.item():.4f}  {elapsed:.0f}s, about {eta:.0f}s of training left", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             r = step_rewards(model, monitor_data, pad_id)
             threshold = quality.best_threshold(r, monitor_errors)
