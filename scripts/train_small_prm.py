@@ -155,6 +155,11 @@ class SmallPRM(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def token_at(offsets: list[tuple[int, int]], char: int) -> int:
+    """Index of the token that holds character ``char`` (the first token ending past it)."""
+    return next(i for i, (_, end) in enumerate(offsets) if end > char)
+
+
 def encode(tok: Tokenizer, pairs: list[tuple], step_id: int, im_start_id: int) -> list[dict]:
     """Token ids, ``<extra_0>`` positions and step labels per solution, plus the auxiliary targets.
 
@@ -172,7 +177,7 @@ def encode(tok: Tokenizer, pairs: list[tuple], step_id: int, im_start_id: int) -
         if s.first_error >= 0:
             char = text.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n") + s.error_offset
             char += sum(len(step) + len(STEP_TOKEN) for step in s.steps[: s.first_error])
-            wrong = next(i for i, (_, end) in enumerate(enc.offsets) if end > char)
+            wrong = token_at(enc.offsets, char)
         out.append({"ids": ids, "seps": seps, "labels": s.labels, "span": (first, seps[-1]), "wrong": wrong})
     return out
 
@@ -186,7 +191,7 @@ def encode_chains(tok: Tokenizer, chains: list[tuple[str, int]]) -> list[dict]:
     out = []
     for (text, wrong_char), enc in zip(chains, tok.encode_batch([" " + t for t, _ in chains])):
         ids = enc.ids
-        wrong = len(ids) if wrong_char < 0 else next(i for i, (_, end) in enumerate(enc.offsets) if end > wrong_char + 1)
+        wrong = len(ids) if wrong_char < 0 else token_at(enc.offsets, wrong_char + 1)  # +1: the leading space
         out.append({"ids": ids, "seps": [], "labels": [], "span": (0, len(ids) - 1), "wrong": wrong})
     return out
 

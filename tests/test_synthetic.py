@@ -116,21 +116,15 @@ def test_chain_offset_is_where_it_departs_from_the_correct_chain() -> None:
     n_wrong = 0
     for _ in range(300):
         text, offset = synthetic.make_chain(rng)
-        start = int(text.split(" ", 1)[0])
-        correct, carried = [], start
-        for m in EXPR.finditer(text):
+        carried, last, pieces = int(text.split(" ", 1)[0]), 0, []
+        for m in EXPR.finditer(text):  # every claim rewritten from the correct carried value
             _, sym, a, _ = m.groups()
-            y = evaluate(carried, sym, int(a))
-            correct.append((m.start(), f"{carried} {sym} {a} = {int(y)}"))
-            carried = int(y)
-        expected = -1
-        for pos, want in correct:
-            got = text[pos : pos + len(want)]
-            diff = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
-            if diff is None and len(got) == len(want) and (pos + len(want) == len(text) or not text[pos + len(want)].isdigit()):
-                continue
-            expected = pos + (diff if diff is not None else min(len(got), len(want)))
-            break
+            y = int(evaluate(carried, sym, int(a)))
+            pieces += [text[last : m.start()], f"{carried} {sym} {a} = {y}"]
+            carried, last = y, m.end()
+        correct = "".join(pieces) + text[last:]
+        expected = next((i for i, (g, w) in enumerate(zip(text, correct)) if g != w),
+                        -1 if len(text) == len(correct) else min(len(text), len(correct)))
         assert offset == expected, (text, offset, expected)
         n_wrong += offset >= 0
     assert 100 < n_wrong < 200

@@ -52,6 +52,20 @@ class Op:
 
 
 @dataclass
+class Claim:
+    """What one step computes: ``x sym arg = y`` (x is the value it carries in)."""
+
+    x: int
+    sym: str
+    arg: int
+    y: int
+
+    def text(self) -> str:
+        """The expression as written in a step."""
+        return f"{self.x} {self.sym} {self.arg} = {self.y}"
+
+
+@dataclass
 class Problem:
     """A word problem: its text, the operations it describes and the true answer."""
 
@@ -149,9 +163,9 @@ def make_problem(rng: random.Random) -> Problem:
     return Problem(text, name, pronoun, item, start, ops, x)
 
 
-def _step_text(rng: random.Random, p: Problem, i: int, op: Op, x: int, sym: str, y: int) -> str:
-    """Write the step for operation i claiming ``x sym arg = y`` (x is the carried-in value)."""
-    expr = f"{x} {sym} {op.arg} = {y}"
+def _step_text(rng: random.Random, p: Problem, i: int, op: Op, claim: Claim) -> str:
+    """Write the step for operation i, stating ``claim``."""
+    expr = claim.text()
     it, pr, nm = p.item, p.pronoun, p.name
     if i == 0:
         lead = rng.choice([f"{nm} starts with {p.start} {it}", f"At first {nm} has {p.start} {it}"])
@@ -199,7 +213,7 @@ def _wrong_value(rng: random.Random, true: int) -> int:
             return v
 
 
-def _bad_operation(rng: random.Random, op: Op, x: int) -> tuple[str, int] | None:
+def _bad_operation(rng: random.Random, op: Op, x: int) -> Claim | None:
     """A wrong operator applied to the right operands, with its (correct) result; None if none fits."""
     options = {"add": ["sub", "mul"], "sub": ["add"], "mul": ["add"], "div": ["sub", "mul"]}[op.kind]
     kind = rng.choice(options)
@@ -208,7 +222,7 @@ def _bad_operation(rng: random.Random, op: Op, x: int) -> tuple[str, int] | None
     y = apply(kind, x, op.arg)
     if y < 0 or y == apply(op.kind, x, op.arg):
         return None
-    return SYMBOL[kind], y
+    return Claim(x, SYMBOL[kind], op.arg, y)
 
 
 def _continues(p: Problem, start_index: int, value: int) -> bool:
@@ -222,25 +236,10 @@ def _continues(p: Problem, start_index: int, value: int) -> bool:
     return True
 
 
-@dataclass
-class Claim:
-    """What one step computes: ``x sym arg = y`` (x is the value it carries in)."""
-
-    x: int
-    sym: str
-    arg: int
-    y: int
-
-    def text(self) -> str:
-        """The expression as written in a step."""
-        return f"{self.x} {self.sym} {self.arg} = {self.y}"
-
-
 def _inject(rng: random.Random, error_kind: str, op: Op, right: Claim) -> Claim | None:
     """``right`` with one error of ``error_kind``; None if that error can't fit here."""
     if error_kind == "bad_operation":
-        bad = _bad_operation(rng, op, right.x)
-        return None if bad is None else Claim(right.x, bad[0], op.arg, bad[1])
+        return _bad_operation(rng, op, right.x)
     if error_kind == "slip":
         return Claim(right.x, right.sym, op.arg, _wrong_value(rng, right.y))
     if error_kind == "wrong_carry":
@@ -282,7 +281,7 @@ def make_solution(rng: random.Random, p: Problem, error_kind: str = "", error_st
     if made is None:
         return None
     claims, departure = made
-    steps = [_step_text(rng, p, i, op, c.x, c.sym, c.y) for i, (op, c) in enumerate(zip(p.ops, claims))]
+    steps = [_step_text(rng, p, i, op, c) for i, (op, c) in enumerate(zip(p.ops, claims))]
     offset = steps[error_step].index(claims[error_step].text()) + departure if 0 <= error_step < n else -1
     final = claims[-1].y
     if error_step == n:
