@@ -69,27 +69,20 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """`prmserve serve [MODEL]`: the model, where to listen, and the service's limits."""
-    parser.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face ID (default: the bundled model)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    add_model_arguments(parser)
-    parser.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 429 (default 1024)")
-    parser.add_argument("--api-key", default=os.environ.get("PRMSERVE_API_KEY"), help="require this bearer key (env PRMSERVE_API_KEY)")
-    parser.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="larger bodies get 413")
-    parser.add_argument("--request-timeout", type=float, help="default per-request timeout in seconds (then 504)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    """`prmserve serve [MODEL]`: vLLM's flag names (defined in prmserve.server.args, imported only here)."""
+    from prmserve.server.args import add_serve_arguments as add
+
+    add(parser, option_type=_key_value)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model and serve it over HTTP until SIGTERM/SIGINT."""
-    from prmserve.server.serve import run_server
+    from prmserve.server.args import prm_options, server_settings
+    from prmserve.server.serve import load_for_serving, run_server
 
-    prm = load_prm(args, args.model, max_queue=args.max_queue)
-    run_server(
-        prm, args.host, args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-        default_timeout=args.request_timeout, log_level=args.log_level,
-    )
+    settings = server_settings(args)
+    prm = load_for_serving(args.model, prm_options(args), settings, seed=args.seed)
+    run_server(prm, settings, enforce_eager=args.enforce_eager)
     return 0
 
 

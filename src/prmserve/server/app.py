@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import email.message
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from prmserve.engine import Request as EngineRequest
 from prmserve.errors import FormatError, InvalidInputError, QueueFullError, RequestCancelledError
 from prmserve.formats.base import EncodedItem, render_chat
 from prmserve.prm import PRM
-from prmserve.results import ScoreResult, TokenUsage, aggregate
+from prmserve.results import TokenUsage, aggregate
+from prmserve.server.args import DEFAULT_MAX_BODY_BYTES
+from prmserve.server.docs import add_offline_docs
+from prmserve.server.encoding import rows_to_base64
 from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics, pending_requests
-from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware
+from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestLogMiddleware
 from prmserve.server.protocol import (
     ErrorResponse,
     Health,
@@ -36,9 +42,9 @@ from prmserve.server.protocol import (
     ScoreResponse,
     ScoreResultBody,
     Usage,
+    Version,
 )
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 POOLING_TASKS = ("encode", "token_classify", "classify", "reward")
 RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer
@@ -59,9 +65,19 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     default_timeout: float | None = None,
+    served_model_names: Sequence[str] | None = None,
+    max_model_len: int | None = None,
+    allowed_origins: Sequence[str] | None = None,
+    log_requests: bool = True,
 ) -> FastAPI:
-    """An app serving `prm`; its lifespan starts the engine thread and, on shutdown, lets it finish and stops it."""
-    metrics = ServerMetrics(prm)
+    """An app serving `prm`; its lifespan starts the engine thread and, on shutdown, lets it finish and stops it.
+
+    `served_model_names` (default: the model's name) are the names clients may ask for, the first one in
+    answers and metric labels; `max_model_len` lowers the longest accepted input; `allowed_origins` adds CORS.
+    """
+    names = list(served_model_names or [prm.model_name])
+    limit = effective_max_model_len(prm, max_model_len)
+    metrics = ServerMetrics(prm, names[0])
     created = int(time.time())
 
     @asynccontextmanager
@@ -74,56 +90,76 @@ def create_app(
             await asyncio.to_thread(prm.close)
             prm.engine.step_observers.remove(metrics.observe_step)
 
-    app = FastAPI(title="prmserve", summary="Process reward model scoring", lifespan=lifespan)
+    app = FastAPI(title="prmserve", summary="Process reward model scoring", lifespan=lifespan, docs_url=None, redoc_url=None)
+    add_offline_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if log_requests:
+        app.add_middleware(RequestLogMiddleware)
+    if allowed_origins is not None:  # outermost, so preflight requests are answered before any limit applies
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"])
     _add_error_handlers(app)
     authorized = [Depends(_bearer_check(api_key))]
+
+    async def run(request: Request, items: list[dict[str, Any]], param: str, priority: int, timeout: float | None) -> list[EngineRequest]:
+        # Tokenising runs in a worker thread so a big request does not stall the event loop.
+        encoded = await asyncio.to_thread(_encode, prm, items, param, limit)
+        return await _run(prm, request, encoded, priority, timeout, metrics)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items (results in item order); lower priority values run first."""
-        # Tokenising runs in a worker thread so a big request does not stall the event loop.
-        encoded = await asyncio.to_thread(_encode, prm, [item.to_item() for item in body.items], "items")
         timeout = body.timeout if body.timeout is not None else default_timeout
-        results = await _run(prm, request, encoded, body.priority, timeout)
+        done = await run(request, [item.to_item() for item in body.items], "items", body.priority, timeout)
+        results = [prm.result(r) for r in done]
         return ScoreResponse(
             results=[
                 ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, body.aggregate), usage=_usage(r.usage))
                 for r in results
             ],
-            usage=_usage(_total(results)),
+            usage=_usage(_total(r.usage for r in results)),
         )
 
     @app.post("/pooling", response_model=PoolingResponse, responses=_ERRORS | {404: {"model": ErrorResponse}}, dependencies=authorized)
     async def pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
-        """vLLM-compatible pooling: one `[1 - reward, reward]` row per step of each input."""
-        if body.model is not None and body.model != prm.model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {prm.model_name!r}", "not_found", "model")
+        """vLLM-compatible pooling: one `[1 - reward, reward]` row per step of each input (raw head outputs without activation)."""
+        if body.model is not None and body.model not in names:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {' or '.join(map(repr, names))}", "not_found", "model")
         if body.task is not None and body.task not in POOLING_TASKS:
             raise APIError(400, f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}", "InvalidInputError", "task")
-        items = _pooling_items(prm, body)
-        encoded = await asyncio.to_thread(_encode, prm, items, "messages" if body.messages is not None else "input")
-        results = await _run(prm, request, encoded, body.priority, default_timeout)
-        prompt_tokens = _total(results).prompt_tokens
+        param = "messages" if body.messages is not None else "input"
+        done = await run(request, _pooling_items(prm, body), param, body.priority, default_timeout)
+        rows = [_pooling_rows(prm, r, body.activated) for r in done]
+        encode = (lambda x: x) if body.encoding_format == "float" else (lambda x: rows_to_base64(x, body.embed_dtype, body.endianness))
+        prompt_tokens = _total(r.usage for r in done).prompt_tokens
         return PoolingResponse(
             id=f"pool-{uuid.uuid4().hex}",
             created=int(time.time()),
-            model=prm.model_name,
-            data=[PoolingData(index=i, data=[[1.0 - r, r] for r in res.step_rewards]) for i, res in enumerate(results)],
+            model=body.model or names[0],
+            data=[PoolingData(index=i, data=encode(r)) for i, r in enumerate(rows)],
             usage=PoolingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=authorized)
     async def models() -> ModelList:
-        """The served model (OpenAI-style list)."""
-        card = ModelCard(id=prm.model_name, created=created, format=prm.format_name, max_model_len=prm.max_model_len)
-        return ModelList(data=[card])
+        """The served model, one card per served name (OpenAI-style list)."""
+        return ModelList(data=[ModelCard(id=name, created=created, format=prm.format_name, max_model_len=limit) for name in names])
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
         """Liveness; open even when an API key is set."""
-        return Health(model=prm.model_name, pending=pending_requests(prm))
+        return Health(model=names[0], pending=pending_requests(prm))
+
+    @app.get("/ping", response_class=Response, operation_id="ping")
+    @app.post("/ping", response_class=Response, operation_id="ping_post")
+    async def ping() -> Response:
+        """vLLM's (SageMaker's) liveness probe: 200 with an empty body; open even when an API key is set."""
+        return Response(status_code=200)
+
+    @app.get("/version", response_model=Version)
+    async def version() -> Version:
+        """The running prmserve's version."""
+        return Version(version=prmserve_version())
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     async def prometheus_metrics() -> Response:
@@ -131,6 +167,27 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+def effective_max_model_len(prm: PRM, asked: int | None) -> int:
+    """The longest input served: `asked` (--max-model-len), which may not exceed what the model and KV pool take."""
+    if asked is None:
+        return prm.max_model_len
+    if not 1 <= asked <= prm.max_model_len:
+        raise ValueError(f"--max-model-len {asked} must be between 1 and {prm.max_model_len} (this model's context, bounded by the KV pool)")
+    return asked
+
+
+def prmserve_version() -> str:
+    """`prmserve.__version__`, or the installed distribution's version where the package has none."""
+    import prmserve
+
+    version = getattr(prmserve, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as distribution_version
+
+        version = distribution_version("prmserve")
+    return version
 
 
 def _bearer_check(api_key: str | None):
@@ -163,22 +220,32 @@ def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
     return [{"text": x} if isinstance(x, str) else {"token_ids": x} for x in given]
 
 
-def _encode(prm: PRM, items: list[dict[str, Any]], param: str) -> list[EncodedItem]:
+def _encode(prm: PRM, items: list[dict[str, Any]], param: str, max_model_len: int) -> list[EncodedItem]:
     """Encode every item; a refusal is a 400 naming the request field and the item's index."""
     try:
-        return prm.encode_all(items)
+        encoded = prm.encode_all(items)
     except (InvalidInputError, FormatError) as exc:
         raise APIError(400, f"{param}: {exc}", type(exc).__name__, param) from None
+    for index, item in enumerate(encoded):
+        if len(item.token_ids) > max_model_len:
+            message = f"{param}: item {index}: the input is {len(item.token_ids)} tokens; this server takes at most {max_model_len}"
+            raise APIError(400, message, "InputTooLongError", param)
+    return encoded
 
 
-async def _run(prm: PRM, request: Request, encoded: Sequence[EncodedItem], priority: int, timeout: float | None) -> list[ScoreResult]:
+async def _run(
+    prm: PRM, request: Request, encoded: Sequence[EncodedItem], priority: int, timeout: float | None, metrics: ServerMetrics
+) -> list[EngineRequest]:
     """Submit every item (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done."""
     limit = prm.engine.config.max_queue
     if limit is not None and len(encoded) > limit:
         raise APIError(400, f"{len(encoded)} items can never fit the server's queue of {limit}; split the request", "InvalidInputError", "items")
     futures: list[Future] = []
     try:
+        submitted = time.perf_counter()
         futures = prm.submit_many(encoded, priority)
+        for future in futures:
+            future.add_done_callback(lambda f: _observe_finished(f, metrics, submitted))
         # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         left = asyncio.ensure_future(_client_left(request))
@@ -191,7 +258,7 @@ async def _run(prm: PRM, request: Request, encoded: Sequence[EncodedItem], prior
             failed = next((r for r in requests if isinstance(r, BaseException)), None)
             if failed is not None:
                 raise failed
-            return [prm.result(r) for r in requests]
+            return requests
         if left in done:
             raise APIError(CLIENT_CLOSED, "the client closed the connection; its work was dropped", "client_closed")
         raise APIError(504, f"not finished within the timeout of {timeout} s; the work was dropped", "timeout", "timeout")
@@ -212,8 +279,21 @@ async def _client_left(request: Request) -> None:
         pass
 
 
-def _total(results: Sequence[ScoreResult]) -> TokenUsage:
-    return sum((r.usage for r in results), TokenUsage())
+def _observe_finished(future: Future, metrics: ServerMetrics, submitted: float) -> None:
+    """Engine-thread callback: a scored input counts as a vLLM request success with its end-to-end latency."""
+    if not future.cancelled() and future.exception() is None:
+        metrics.observe_finished(time.perf_counter() - submitted)
+
+
+def _pooling_rows(prm: PRM, request: EngineRequest, activated: bool) -> list[list[float]]:
+    """Rows per step: `[1 - reward, reward]`, or with the activation off the reward head's raw outputs there."""
+    if activated:
+        return [[1.0 - r, r] for r in prm.result(request).step_rewards]
+    return request.outputs.float().tolist()
+
+
+def _total(usages: Iterable[TokenUsage]) -> TokenUsage:
+    return sum(usages, TokenUsage())
 
 
 def _usage(usage: TokenUsage) -> Usage:
@@ -234,6 +314,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        unreadable = _unreadable_body(request.headers.get("content-type"), exc)
+        if unreadable is not None:
+            return respond(422, unreadable, "InvalidInputError")
         problems = []
         for error in exc.errors()[:5]:
             where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
@@ -249,3 +332,25 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return respond(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+def _unreadable_body(content_type: str | None, exc: RequestValidationError) -> str | None:
+    """What is wrong when the body could not be read as JSON at all: its Content-Type, or its syntax (where)."""
+    errors = exc.errors()
+    decode = next((e for e in errors if e["type"] == "json_invalid"), None)
+    if decode is not None:
+        position, document = decode["loc"][-1], exc.body if isinstance(exc.body, str) else ""
+        line = document.count("\n", 0, position) + 1
+        column = position - document.rfind("\n", 0, position)
+        return f"the body is not valid JSON: {decode['ctx']['error']} at line {line} column {column}"
+    if content_type and any(e["loc"][:1] == ("body",) for e in errors) and not _is_json(content_type):
+        return f"the body must be JSON: send 'Content-Type: application/json' (got {content_type!r})"
+    return None
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this type as JSON (application/json or application/*+json)."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))

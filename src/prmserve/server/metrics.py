@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app: engine queue and tokens, step batches, request latency, errors."""
+"""Prometheus metrics of one app: prmserve's own (engine queue and tokens, step batches, HTTP latency, errors)
+and vLLM's names for the meanings the two share, labelled with the served model name."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from prmserve.engine import StepStats
+from prmserve.engine import EngineStats, StepStats
 from prmserve.prm import PRM
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -25,8 +26,9 @@ def pending_requests(prm: PRM) -> int:
 class EngineCollector(Collector):
     """Reads the engine's queue and token totals at scrape time, so nothing is counted twice."""
 
-    def __init__(self, prm: PRM) -> None:
+    def __init__(self, prm: PRM, model_name: str) -> None:
         self.prm = prm
+        self.model_name = model_name
 
     def collect(self) -> Iterator:
         stats = self.prm.engine.stats()
@@ -48,14 +50,38 @@ class EngineCollector(Collector):
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        yield from self._vllm_names(stats)
+
+    def _vllm_names(self, stats: EngineStats) -> Iterator:
+        """vLLM's gauges and token counters; prefix-cache tokens are counted when a request finishes."""
+        usage = stats.kv_blocks_in_use / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+        gauges = {
+            "vllm:num_requests_running": ("Number of requests in model execution batches", stats.num_running),
+            "vllm:num_requests_waiting": ("Number of requests waiting to be processed", stats.num_waiting),
+            "vllm:kv_cache_usage_perc": ("KV-cache usage: 1 means 100 percent of the blocks are held", usage),
+        }
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+        counters = {
+            "vllm:prefix_cache_queries": ("Prefix cache queries, in tokens (prompt tokens of finished requests)", stats.prompt_tokens),
+            "vllm:prefix_cache_hits": ("Prefix cache hits, in tokens (prompt tokens read from the cache)", stats.cached_tokens),
+            "vllm:prompt_tokens": ("Number of prefill tokens processed (cached ones included)", stats.prompt_tokens),
+        }
+        for name, (doc, value) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
 
 
 class ServerMetrics:
     """The app's own registry (several apps may live in one process) and the hooks that fill it."""
 
-    def __init__(self, prm: PRM) -> None:
+    def __init__(self, prm: PRM, model_name: str) -> None:
+        self.model_name = model_name
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(prm))
+        self.registry.register(EngineCollector(prm, model_name))
         self.step_seqs = Histogram(
             "prmserve_step_sequences", "Sequences per engine step", buckets=_SIZE_BUCKETS, registry=self.registry
         )
@@ -69,12 +95,25 @@ class ServerMetrics:
             "prmserve_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry
         )
         self.errors = Counter("prmserve_errors", "HTTP error responses", ["route", "status"], registry=self.registry)
+        self.e2e_latency = Histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds (submit to result, per input)",
+            ["model_name"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.successes = Counter(
+            "vllm:request_success", "Count of successfully processed requests (one per input)",
+            ["model_name", "finished_reason"], registry=self.registry,
+        )
 
     def observe_step(self, stats: StepStats) -> None:
         """Engine-thread hook (`engine.step_observers`): one observation per step."""
         self.step_seqs.observe(stats.num_seqs)
         self.step_tokens.observe(stats.num_tokens)
         self.step_seconds.observe(stats.seconds)
+
+    def observe_finished(self, seconds: float) -> None:
+        """One engine request (one input) scored, `seconds` after its submission: vLLM's "stop" finish."""
+        self.e2e_latency.labels(self.model_name).observe(seconds)
+        self.successes.labels(self.model_name, "stop").inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.latency.labels(route).observe(seconds)

@@ -1,8 +1,9 @@
-"""ASGI middleware: body-size limit (declared and streamed) and per-route latency/error metrics."""
+"""ASGI middleware: body-size limit (declared and streamed), per-route latency/error metrics, one log line per request."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -67,6 +68,19 @@ class BodyLimitMiddleware:
         await send_error(send, 413, f"the request body is over the server's limit of {self.max_bytes} bytes", "payload_too_large")
 
 
+class _StatusNotingSend:
+    """A `send` that remembers the response's status (500 until one starts)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class MetricsMiddleware:
     """Time every HTTP request and count error statuses, labelled by route template (bounded cardinality)."""
 
@@ -78,16 +92,28 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        status = 500
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noting = _StatusNotingSend(send)
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive, noting)
         finally:
             route = getattr(scope.get("route"), "path", "other")
-            self.metrics.observe_request(route, status, time.perf_counter() - started)
+            self.metrics.observe_request(route, noting.status, time.perf_counter() - started)
+
+
+class RequestLogMiddleware:
+    """One line per request on the "prmserve" logger: method, path, status, milliseconds."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.logger = logging.getLogger("prmserve")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        noting = _StatusNotingSend(send)
+        try:
+            await self.app(scope, receive, noting)
+        finally:
+            ms = (time.perf_counter() - started) * 1000
+            self.logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], noting.status, ms)

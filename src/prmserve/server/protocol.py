@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from prmserve.results import AGGREGATIONS
 
@@ -89,13 +89,23 @@ class ChatMessage(BaseModel):
 class PoolingRequest(BaseModel):
     """vLLM's `/pooling` request: `input` (text(s) or token id list(s)) or one chat in `messages`."""
 
-    model_config = ConfigDict(extra="ignore")  # vLLM clients send more fields (user, encoding_format, ...)
+    model_config = ConfigDict(extra="ignore")  # vLLM clients send more fields (user, truncate_prompt_tokens, ...)
 
     model: StrictStr | None = None
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
     messages: list[ChatMessage] | None = None
     task: StrictStr | None = None
     priority: StrictInt = 0
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="`base64`: each input's rows, flattened, as the base64 of their `embed_dtype` bytes (as vLLM)"
+    )
+    embed_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Element type of base64 data")
+    endianness: Literal["native", "little", "big"] = Field("native", description="Byte order of base64 data")
+    use_activation: StrictBool | None = Field(
+        None, description="False: the reward head's raw outputs instead of `[1 - reward, reward]` (default True)"
+    )
+    activation: StrictBool | None = Field(None, description="vLLM's older name of `use_activation`")
+    softmax: StrictBool | None = Field(None, description="vLLM's older name of `use_activation`")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PoolingRequest":
@@ -107,13 +117,18 @@ class PoolingRequest(BaseModel):
             raise ValueError("'messages' must not be empty")
         return self
 
+    @property
+    def activated(self) -> bool:
+        """vLLM's precedence: `use_activation`, else `softmax`, else `activation`, else on."""
+        return next((v for v in (self.use_activation, self.softmax, self.activation) if v is not None), True)
+
 
 class PoolingData(BaseModel):
-    """One input's rows, one per step: `[1 - reward, reward]`."""
+    """One input's rows, one per step: `[1 - reward, reward]` (or the head's raw outputs); a string when base64."""
 
     index: int
     object: Literal["pooling"] = "pooling"
-    data: list[list[float]]
+    data: list[list[float]] | str
 
 
 class PoolingUsage(BaseModel):
@@ -146,6 +161,12 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Version(BaseModel):
+    """The running prmserve's version."""
+
+    version: str
 
 
 class Health(BaseModel):

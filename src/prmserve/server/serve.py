@@ -2,28 +2,95 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import signal
+from pathlib import Path
+from typing import Any
 
+import torch
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
+from prmserve.engine.model_runner import ModelRunner
 from prmserve.prm import PRM
-from prmserve.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from prmserve.server.app import create_app, effective_max_model_len
+from prmserve.server.args import ServerSettings
+
+logger = logging.getLogger("prmserve")
 
 
-def run_server(
-    prm: PRM,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    default_timeout: float | None = None,
-    log_level: str = "info",
-) -> None:
-    """Serve `prm` until a signal; uvicorn finishes open requests, then the lifespan closes the engine."""
-    app = create_app(prm, api_key=api_key, max_body_bytes=max_body_bytes, default_timeout=default_timeout)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+def load_for_serving(model: str | None, options: dict[str, Any], settings: ServerSettings, seed: int | None = None) -> PRM:
+    """The PRM the flags describe: seeded, loaded, with the chat template of `--chat-template` if given."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    prm = PRM(model, **options)
+    if settings.chat_template is not None:
+        prm.tokenizer.chat_template = read_chat_template(settings.chat_template)
+    return prm
+
+
+def read_chat_template(given: str) -> str:
+    """vLLM's rule: a path to an existing file is read; anything else is the template itself."""
+    path = Path(given)
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except OSError:  # a long template is not a valid path
+        pass
+    if not any(mark in given for mark in ("{{", "{%")):
+        raise ValueError(f"--chat-template {given!r} is neither a file nor a Jinja template")
+    return given
+
+
+def run_server(prm: PRM, settings: ServerSettings | None = None, *, enforce_eager: bool = False) -> None:
+    """Serve `prm` until a signal; uvicorn finishes open requests, then the lifespan closes the engine.
+
+    `enforce_eager` is what `prm` was loaded with (PRM does not record it), for the startup log.
+    """
+    settings = settings or ServerSettings()
+    app = create_app(
+        prm, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, default_timeout=settings.default_timeout,
+        served_model_names=settings.served_model_names, max_model_len=settings.max_model_len,
+        allowed_origins=settings.allowed_origins, log_requests=settings.log_requests,
+    )
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=30,
+        root_path=settings.root_path, ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile,
+        log_config=_logging_config(),
+    )  # configures logging, so the startup lines below have their handler
+    for line in startup_lines(prm, settings, enforce_eager):
+        logger.info(line)
     # uvicorn re-raises the stopping signal once it has drained; a drained, graceful stop is a success.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
+
+
+def startup_lines(prm: PRM, settings: ServerSettings, enforce_eager: bool = False) -> list[str]:
+    """What `vllm serve` tells before it listens: the model, its limits, the KV pool, how it runs, where."""
+    blocks = prm.engine.blocks
+    kv_bytes = blocks.num_blocks * ModelRunner.bytes_per_block(prm.model, blocks.block_size, prm.dtype)
+    compiled = prm.device.type == "cuda" and not enforce_eager  # PRM's rule
+    scheme = "https" if settings.ssl_certfile else "http"
+    names = settings.served_model_names or [prm.model_name]
+    return [
+        *settings.notes,
+        f"model: {prm.model_name} ({prm.path})",
+        f"served model name: {', '.join(names)}",
+        f"format: {prm.format_name}; dtype: {str(prm.dtype).removeprefix('torch.')}; device: {prm.device}",
+        f"max model length: {effective_max_model_len(prm, settings.max_model_len)} tokens",
+        f"KV pool: {blocks.num_blocks} blocks of {blocks.block_size} tokens = {blocks.num_blocks * blocks.block_size} tokens, "
+        f"{kv_bytes / 1024**3:.2f} GiB; prefix caching {'on' if prm.engine.config.enable_prefix_caching else 'off'}",
+        f"compile mode: {'compiled (torch.compile)' if compiled else 'eager'}",
+        f"serving on {scheme}://{settings.host}:{settings.port}{settings.root_path}",
+    ]
+
+
+def _logging_config() -> dict[str, Any]:
+    """uvicorn's logging set-up plus the "prmserve" logger (startup and request lines) at INFO, on uvicorn's format."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["prmserve"] = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s [prmserve] %(message)s"}
+    config["handlers"]["prmserve"] = {"formatter": "prmserve", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    config["loggers"]["prmserve"] = {"handlers": ["prmserve"], "level": "INFO", "propagate": False}
+    return config
