@@ -27,3 +27,7 @@ class QueueFullError(PRMServeError):
 
 class RequestCancelledError(PRMServeError):
     """The request was aborted before it finished (client gone, timeout, shutdown)."""
+
+
+class HandleNotFoundError(PRMServeError, LookupError):
+    """A node handle is unknown: never issued, released, expired (`handle_ttl`) or pushed out (`max_handles`)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +19,26 @@ from prmserve.formats import EncodedItem, detect_format, make_format
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
 from prmserve.models.attention import varlen_available
 from prmserve.models.loader import CheckpointTensors
+from prmserve.nodes import Node, NodeTable
+from prmserve.recent_encodings import RecentEncodings, prefix_keys
 from prmserve.results import ScoreResult
 from prmserve.tokenizer import load_tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "small-prm"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ENGINE_OPTIONS = set(EngineConfig.__dataclass_fields__)
+# Options of the PRM itself (node handles for tree search), with their defaults.
+_PRM_OPTIONS = {"handle_ttl": 600.0, "max_handles": 4096, "recent_encodings": 1024}
+
+
+@dataclass
+class ScoringJob:
+    """One item on its way through the engine: its encoding, its request, what its result is built from."""
+
+    encoded: EncodedItem
+    request: Request
+    parent: Node | None = None  # extend: the node whose rewards come first
+    node_text: tuple[str, tuple[str, ...]] | None = None  # keep: (problem, steps) of the node it becomes
 
 
 class PRM:
@@ -30,7 +47,8 @@ class PRM:
     `PRM()` loads the small model bundled with prmserve; otherwise pass a local checkpoint
     directory or a Hugging Face model ID. On CUDA the layers are compiled unless `enforce_eager`.
     Keyword options are the engine's (`EngineConfig`: `enable_prefix_caching`,
-    `max_num_batched_tokens`, ...) and then the format's.
+    `max_num_batched_tokens`, ...), the node handles' (`handle_ttl` seconds, `max_handles`), and
+    then the format's.
     """
 
     def __init__(
@@ -48,9 +66,10 @@ class PRM:
         self.path = resolve_checkpoint(model if model is not None else BUNDLED_MODEL)
         self.config = BackboneConfig.from_file(self.path)
         self.tokenizer = load_tokenizer(self.path)
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         engine_options = {k: options.pop(k) for k in list(options) if k in _ENGINE_OPTIONS}
+        own = {k: options.pop(k, default) for k, default in _PRM_OPTIONS.items()}
         self.format_name = format or detect_format(self.config, _tensor_names_if_needed(self.path, self.config))
         self.format = make_format(self.format_name, self.tokenizer, self.config, **options)
         self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
@@ -59,6 +78,9 @@ class PRM:
             self.model.compile_layers()  # fuses norms, rotary, SwiGLU; measured in bench/
         self.engine = Engine(self.model, EngineConfig(**engine_options))
         self._loop: EngineLoop | None = None
+        self._loop_lock = threading.Lock()
+        self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)
+        self.recent = RecentEncodings(own["recent_encodings"])
 
     @property
     def max_model_len(self) -> int:
@@ -72,9 +94,11 @@ class PRM:
 
     @property
     def loop(self) -> EngineLoop:
-        """The engine thread, started on first use."""
+        """The engine thread, started on first use (under a lock: one thread, however many callers)."""
         if self._loop is None:
-            self._loop = EngineLoop(self.engine)
+            with self._loop_lock:
+                if self._loop is None:
+                    self._loop = EngineLoop(self.engine)
         return self._loop
 
     def encode(self, item: Mapping[str, Any]) -> EncodedItem:
@@ -85,17 +109,36 @@ class PRM:
         if len(kinds) != 1:
             raise InvalidInputError("an item needs exactly one of: problem + steps, text, token_ids")
         if kinds[0] == "steps":
-            encoded = self.format.encode(item.get("problem"), item["steps"])
+            encoded = self._encode_steps(item.get("problem"), item["steps"])
         elif kinds[0] == "text":
             if not isinstance(item["text"], str) or not item["text"]:
                 raise InvalidInputError("'text' must be a non-empty string")
             encoded = self.format.encode_text(item["text"])
         else:
             encoded = self.format.encode_token_ids(self._checked_ids(item["token_ids"]))
+        return self._checked_length(encoded)
+
+    def _checked_length(self, encoded: EncodedItem) -> EncodedItem:
         if not encoded.read_positions:
             raise InvalidInputError(f"the input has no step to score (no {self.format_name} separator found)")
         if len(encoded.token_ids) > self.max_model_len:
             raise InputTooLongError(f"the input is {len(encoded.token_ids)} tokens; this model takes at most {self.max_model_len}")
+        return encoded
+
+    def _encode_steps(self, problem: Any, steps: Any) -> EncodedItem:
+        """Encode (problem, steps), tokenising only the steps after the longest prefix encoded recently."""
+        if not self.format.extendable:
+            return self.format.encode(problem, steps)
+        self.format.check_item(problem, steps)
+        keys = prefix_keys(problem, steps)
+        hit = self.recent.longest_prefix(problem, steps, keys)
+        if hit is None:
+            encoded = self.format.encode(problem, steps)
+        elif hit[0] == len(steps):
+            encoded = hit[1]
+        else:
+            encoded = self.format.extend(hit[1], problem, steps[: hit[0]], steps[hit[0] :])
+        self.recent.add(problem, steps, keys[-1], encoded)
         return encoded
 
     def _checked_ids(self, token_ids: Any) -> list[int]:
@@ -127,32 +170,148 @@ class PRM:
         return self.loop.submit_many([(e.token_ids, e.read_positions) for e in encoded], priority)
 
     def result(self, request: Request) -> ScoreResult:
-        """Step rewards of a finished request, by the format's formula."""
+        """Step rewards of one finished request from `submit`, by the format's formula."""
         return ScoreResult(self.format.rewards(request.outputs), request.usage)
 
-    def score(self, items: Sequence[Mapping[str, Any]], priority: int = 0, progress: bool = False) -> list[ScoreResult]:
-        """Score items (results in item order); all are queued at once so shared prefixes are computed once."""
-        futures = self.submit_many(self.encode_all(items), priority)
-        if progress:
-            from tqdm import tqdm
+    # Scoring in three steps (plan, submit, collect), shared by the blocking, async and HTTP fronts.
 
-            for _ in tqdm(as_completed(futures), total=len(futures), desc="scoring", unit="item"):
-                pass
-        return [self.result(f.result()) for f in futures]
+    def plan_score(self, items: Sequence[Mapping[str, Any]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
+        """Encode items into engine requests; `keep` pins each item's tokens for `extend`."""
+        if keep and not self.format.extendable:
+            raise FormatError(f"format {self.format_name!r} gives one score per solution: keep/extend need per-step rewards")
+        jobs = []
+        for index, (item, encoded) in enumerate(zip(items, self.encode_all(items))):
+            if keep and encoded.body_len is None:
+                raise InvalidInputError(f"item {index}: keep=True needs a problem + steps item (pre-formatted input cannot be extended)")
+            request = Request(uuid.uuid4().hex, encoded.token_ids, encoded.read_positions, priority,
+                              keep_tokens=encoded.body_len if keep else 0)
+            steps = (item["problem"], tuple(item["steps"])) if keep else None
+            jobs.append(ScoringJob(encoded, request, node_text=steps))
+        return jobs
 
-    async def score_async(self, items: Sequence[Mapping[str, Any]], priority: int = 0) -> list[ScoreResult]:
+    def plan_extend(self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
+        """Requests for children of a kept node: each child is the node's steps then its own new steps.
+
+        Only the new steps are tokenised; the node's ids and prefix-cache keys are reused as they are.
+        """
+        node = self.nodes.get(handle)
+        if isinstance(children, (str, Mapping)) or not isinstance(children, Sequence) or not children:
+            raise InvalidInputError("'children' must be a non-empty list of lists of new steps")
+        body = node.encoded.body_len
+        shared_blocks = body // self.engine.blocks.block_size
+        jobs = []
+        for index, steps in enumerate(children):
+            try:
+                if isinstance(steps, str) or not isinstance(steps, Sequence):
+                    raise InvalidInputError("a child is a list of new steps, not a string")
+                encoded = self._checked_length(self.format.extend(node.encoded, node.problem, node.steps, steps))
+            except (InvalidInputError, FormatError) as exc:
+                raise type(exc)(f"child {index}: {exc}") from None
+            # The node's cache keys hold for the child's leading blocks when the ids begin alike (always,
+            # unless the tokenizer forced a whole re-encoding that came out different).
+            same_start = encoded.token_ids[:body] == node.encoded.token_ids[:body]
+            hashes = node.block_hashes[:shared_blocks] if node.block_hashes and same_start else None
+            own = len(node.encoded.read_positions)
+            request = Request(uuid.uuid4().hex, encoded.token_ids, encoded.read_positions[own:], priority,
+                              block_hashes=hashes, keep_tokens=encoded.body_len if keep else 0)
+            text = (node.problem, node.steps + tuple(steps)) if keep else None
+            jobs.append(ScoringJob(encoded, request, parent=node, node_text=text))
+        return jobs
+
+    def submit_jobs(self, jobs: Sequence[ScoringJob]) -> list[Future]:
+        """Queue the jobs' requests together: admitted whole or refused whole (QueueFullError)."""
+        return self.loop.submit_requests([job.request for job in jobs])
+
+    def collect(self, jobs: Sequence[ScoringJob], finished: Sequence[Request]) -> list[ScoreResult]:
+        """Results of finished jobs: every reward in one batched operation; kept ones become nodes."""
+        rewards = self.format.rewards(torch.cat([r.outputs for r in finished])) if finished else []
+        results, start = [], 0
+        for job, request in zip(jobs, finished):
+            count = len(request.read_positions)
+            step_rewards = rewards[start : start + count]
+            start += count
+            if job.parent is not None:
+                step_rewards = job.parent.step_rewards + step_rewards
+            handle = None
+            if job.node_text is not None:
+                handle = request.request_id  # the engine pinned the node's blocks under this key
+                problem, steps = job.node_text
+                self.nodes.add(handle, Node(problem, steps, job.encoded, step_rewards, request.block_hashes))
+            results.append(ScoreResult(step_rewards, request.usage, handle))
+        return results
+
+    def abandon(self, jobs: Sequence[ScoringJob]) -> None:
+        """Unpin what kept jobs pinned when their results will never be collected (an error, a cancel)."""
+        for job in jobs:
+            if job.node_text is not None:
+                self._unpin(job.request.request_id)
+
+    # The public scoring calls --------------------------------------------------------------------
+
+    def score(
+        self, items: Sequence[Mapping[str, Any]], priority: int = 0, progress: bool = False, keep: bool = False
+    ) -> list[ScoreResult]:
+        """Score items (results in item order); all are queued at once so shared prefixes are computed once.
+
+        `keep=True` gives each result a `handle`: its tokens stay cached for `extend` until `release`.
+        """
+        return self._run(self.plan_score(items, priority, keep), progress)
+
+    def extend(
+        self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False
+    ) -> list[ScoreResult]:
+        """Score children of a kept node (each a list of new steps); a child's `step_rewards` are the
+        node's then its new steps', exactly as scoring the whole item would give them."""
+        return self._run(self.plan_extend(handle, children, priority, keep), False)
+
+    async def score_async(self, items: Sequence[Mapping[str, Any]], priority: int = 0, keep: bool = False) -> list[ScoreResult]:
         """Like `score`, for asyncio callers; cancelling the awaiting task aborts the queued work."""
-        futures = self.submit_many(self.encode_all(items), priority)
+        return await self._run_async(self.plan_score(items, priority, keep))
+
+    async def extend_async(
+        self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False
+    ) -> list[ScoreResult]:
+        """Like `extend`, for asyncio callers."""
+        return await self._run_async(self.plan_extend(handle, children, priority, keep))
+
+    def release(self, handles: str | Sequence[str]) -> int:
+        """Let kept nodes go (their blocks become evictable); the number of handles that existed."""
+        return self.nodes.release([handles] if isinstance(handles, str) else handles)
+
+    def _run(self, jobs: list[ScoringJob], progress: bool) -> list[ScoreResult]:
+        futures = self.submit_jobs(jobs)
         try:
-            requests = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            if progress:
+                from tqdm import tqdm
+
+                for _ in tqdm(as_completed(futures), total=len(futures), desc="scoring", unit="item"):
+                    pass
+            finished = [f.result() for f in futures]
         except BaseException:
             for f in futures:
                 f.cancel()
+            self.abandon(jobs)
             raise
-        return [self.result(r) for r in requests]
+        return self.collect(jobs, finished)
+
+    async def _run_async(self, jobs: list[ScoringJob]) -> list[ScoreResult]:
+        futures = self.submit_jobs(jobs)
+        try:
+            finished = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            self.abandon(jobs)
+            raise
+        return self.collect(jobs, finished)
+
+    def _unpin(self, handle: str) -> None:
+        if self._loop is not None:
+            self._loop.unpin(handle)
 
     def reset_prefix_cache(self) -> None:
-        """Forget cached prefixes and their rewards: call after changing the model's weights."""
+        """Forget cached prefixes and their rewards, kept nodes included: call after changing the weights."""
+        self.nodes.clear()
         if self._loop is not None:
             self._loop.reset_prefix_cache()
         else:
@@ -160,13 +319,28 @@ class PRM:
 
     def close(self) -> None:
         """Finish queued work and stop the engine thread."""
+        self.nodes.clear()
         if self._loop is not None:
             self._loop.shutdown()
             self._loop = None
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The asked device, checked; else CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"unknown device {device!r}: {exc}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {str(device)!r} was asked for, but this torch build or machine has no CUDA GPU")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise InvalidInputError(f"device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, config: BackboneConfig, device: torch.device) -> torch.dtype:

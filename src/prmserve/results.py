@@ -27,10 +27,14 @@ class TokenUsage:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """One item's step rewards, in step order (an outcome model gives one, for the whole solution)."""
+    """One item's step rewards, in step order (an outcome model gives one, for the whole solution).
+
+    `handle` names the scored node when it was kept (`keep=True`), for `extend` and `release`.
+    """
 
     step_rewards: list[float]
     usage: TokenUsage = field(default_factory=TokenUsage)
+    handle: str | None = None
 
     def aggregate(self, method: str = "min") -> float:
         """One number for the solution: min, last, mean or prod of the step rewards."""

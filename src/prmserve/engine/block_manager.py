@@ -4,6 +4,10 @@ A full block is known by the hash of its tokens chained to its predecessor's has
 stands for a whole token prefix. Blocks with no users stay cached (KV and head outputs intact)
 in LRU order until memory is needed. A block registered by a request scheduled in the current
 step can be shared at once: every layer writes the step's new keys before any sequence reads them.
+
+A pin (a tree-search node kept for its children) holds one reference on a finished request's
+cached blocks, so they are not evicted; pins are dropped oldest first when they would take more
+than their share of the pool, or when a request needs their memory.
 """
 
 from __future__ import annotations
@@ -37,13 +41,16 @@ class PrefixMatch:
 class BlockManager:
     """Allocates blocks to requests, shares cached prefixes, evicts unused cached blocks LRU-first."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, max_pinned_fraction: float = 0.5) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free: deque[int] = deque(range(num_blocks))  # hold nothing reusable
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # unused but cached, oldest first
         self.by_hash: dict[int, int] = {}
+        self.pins: OrderedDict[str, list[int]] = OrderedDict()  # pin key -> blocks it holds, oldest first
+        self.num_pinned = 0  # block references held by pins
+        self.max_pinned = int(num_blocks * max_pinned_fraction)
 
     @property
     def num_blocks(self) -> int:
@@ -58,11 +65,17 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _chain_hashes(self, request: Request) -> list[tuple[int, tuple[int, ...]]]:
-        """(hash, tokens) of every full block of the request's tokens, computed once per request."""
-        if request.block_hashes is None:
-            out, parent, ids = [], 0, request.token_ids
-            for start in range(0, len(ids) - self.block_size + 1, self.block_size):
-                tokens = tuple(ids[start : start + self.block_size])
+        """(hash, tokens) of every full block of the request's tokens, computed once per request.
+
+        Keys handed down from a parent (`request.block_hashes` set at submit) are continued, not redone.
+        """
+        known = request.block_hashes or []
+        full = len(request.token_ids) // self.block_size
+        if request.block_hashes is None or len(known) < full:
+            out, ids, size = list(known), request.token_ids, self.block_size
+            parent = out[-1][0] if out else 0
+            for start in range(len(out) * size, full * size, size):
+                tokens = tuple(ids[start : start + size])
                 parent = hash((parent, tokens))
                 out.append((parent, tokens))
             request.block_hashes = out
@@ -155,10 +168,59 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. after a weight update); blocks in use keep serving their owners."""
+        for key in list(self.pins):
+            self.unpin(key)
         for block in self.blocks:
             self._forget(block)
         self.free.extend(self.cached_free)
         self.cached_free.clear()
+
+    # Pins -----------------------------------------------------------------------------------------
+
+    def pin(self, key: str, request: Request) -> int:
+        """Hold the cached full blocks of the request's first `keep_tokens` tokens under `key`.
+
+        Call before the request's own references are freed. Older pins (this one too, if alone it is
+        over the share) are dropped until pins hold at most `max_pinned` blocks. Returns blocks pinned.
+        """
+        held = []
+        for index in range(min(request.keep_tokens, request.num_tokens) // self.block_size):
+            block = self.blocks[request.block_table[index]]
+            if block.hash is None or self.by_hash.get(block.hash) != block.block_id or not block.ready:
+                break  # not findable by a child's prefix match: pinning it (or what follows) buys nothing
+            held.append(block.block_id)
+        if not held:
+            return 0
+        for block_id in held:
+            self.blocks[block_id].ref_count += 1
+        self.pins[key] = held
+        self.num_pinned += len(held)
+        while self.num_pinned > self.max_pinned and self.pins:
+            self.unpin(next(iter(self.pins)))
+        return len(self.pins.get(key, ()))
+
+    def unpin(self, key: str) -> bool:
+        """Drop a pin; its blocks stay cached (evictable, LRU) unless something else holds them."""
+        held = self.pins.pop(key, None)
+        if held is None:
+            return False
+        self.num_pinned -= len(held)
+        for block_id in reversed(held):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count > 0:
+                continue
+            if block.hash is not None and block.ready:
+                self.cached_free[block_id] = None
+            else:
+                self._forget(block)
+                block.ready = False
+                self.free.append(block_id)
+        return True
+
+    def unpin_oldest(self) -> bool:
+        """Drop the oldest pin to make room for a request; False when nothing is pinned."""
+        return bool(self.pins) and self.unpin(next(iter(self.pins)))
 
     def slot(self, request: Request, position: int) -> int:
         """The KV pool slot holding the token at `position` of the request."""

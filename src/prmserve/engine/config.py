@@ -21,6 +21,7 @@ class EngineConfig:
     kv_cache_gb: float = 1.0
     num_kv_blocks: int | None = None
     max_queue: int | None = None
+    max_pinned_fraction: float = 0.5  # share of the KV pool that kept tree-search nodes may hold
 
     def __post_init__(self) -> None:
         checks = [
@@ -31,6 +32,7 @@ class EngineConfig:
             (self.kv_cache_gb > 0, "kv_cache_gb must be > 0"),
             (self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1"),
             (self.max_queue is None or self.max_queue >= 1, "max_queue must be >= 1"),
+            (0.0 <= self.max_pinned_fraction <= 1.0, "max_pinned_fraction must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -38,6 +38,7 @@ class EngineStats:
     cached_tokens: int
     kv_blocks_total: int
     kv_blocks_in_use: int
+    kv_blocks_pinned: int
 
 
 class Engine:
@@ -48,7 +49,7 @@ class Engine:
         self.model = model
         param = next(model.parameters())
         num_blocks = config.num_kv_blocks or _pool_blocks(model, config, param.device, param.dtype)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, config.max_pinned_fraction)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, self.blocks)
         self.step_observers: list[Callable[[StepStats], None]] = []
@@ -77,6 +78,10 @@ class Engine:
         """Drop a request and free its memory; False if it was not there."""
         return self.scheduler.abort(request_id) is not None
 
+    def unpin(self, key: str) -> bool:
+        """Let a kept request's blocks be evicted again (its node handle was released or expired)."""
+        return self.blocks.unpin(key)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -95,6 +100,8 @@ class Engine:
             for request, outputs in zip(done, self.runner.read_outputs(done)):
                 request.outputs = outputs
         for request in done:
+            if request.keep_tokens:
+                self.blocks.pin(request.request_id, request)  # a node kept for its children
             self.scheduler.release(request)
             usage = request.usage
             self._prompt += usage.prompt_tokens
@@ -111,7 +118,7 @@ class Engine:
         in_use = self.blocks.num_blocks - self.blocks.num_available
         return EngineStats(
             self.scheduler.num_waiting, self.scheduler.num_running, self._steps,
-            self._prompt, self._computed, self._cached, self.blocks.num_blocks, in_use,
+            self._prompt, self._computed, self._cached, self.blocks.num_blocks, in_use, self.blocks.num_pinned,
         )
 
 

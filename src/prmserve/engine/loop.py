@@ -53,10 +53,15 @@ class EngineLoop:
     def submit_many(self, items: Sequence[tuple[list[int], list[int]]], priority: int = 0) -> list[Future]:
         """Queue (token_ids, read_positions) pairs together: admitted or refused as a whole, and seen
         by the same scheduling step, so their shared prefix is computed once."""
+        return self.submit_requests(
+            [Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority) for token_ids, read_positions in items]
+        )
+
+    def submit_requests(self, requests: Sequence[Request]) -> list[Future]:
+        """Queue requests built by the caller (e.g. with `keep_tokens` or a parent's block hashes), as a whole."""
         limit = self.engine.config.max_queue
         pairs = []
-        for token_ids, read_positions in items:
-            request = Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority)
+        for request in requests:
             future: Future = Future()
             future.add_done_callback(lambda f, rid=request.request_id: f.cancelled() and self._inbox.put(("abort", rid)))
             pairs.append((request, future))
@@ -69,6 +74,10 @@ class EngineLoop:
             self._pending += len(pairs)
             self._inbox.put(("add", pairs))
         return [future for _, future in pairs]
+
+    def unpin(self, key: str) -> None:
+        """Release a kept request's pinned blocks, on the engine thread (fire and forget)."""
+        self._inbox.put(("unpin", key))
 
     def reset_prefix_cache(self) -> None:
         """Drop all cached prefixes, on the engine thread; returns once done."""
@@ -107,6 +116,8 @@ class EngineLoop:
                 elif kind == "abort":
                     self.engine.abort(payload)
                     self._settle(payload)
+                elif kind == "unpin":
+                    self.engine.unpin(payload)
                 elif kind == "reset":
                     self.engine.reset_prefix_cache()
                     payload.set_result(None)

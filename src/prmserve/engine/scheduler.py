@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from prmserve.engine.block_manager import BlockManager
+from prmserve.engine.block_manager import BlockManager, PrefixMatch
 from prmserve.engine.config import EngineConfig
 from prmserve.engine.request import Request, RequestStatus
 
@@ -87,7 +87,7 @@ class Scheduler:
                 match = self.blocks.match_prefix(request, self.step)
                 if match.blocked:
                     continue  # its prefix is being computed by another request: wait, don't redo it
-                if not self.blocks.can_allocate(request, match):
+                if not self._make_room(request, match):
                     admitting = False
                     continue
                 self.blocks.allocate(request, match)
@@ -103,6 +103,16 @@ class Scheduler:
         for item in kept:
             heapq.heappush(self.queue, item)
         return plan
+
+    def _make_room(self, request: Request, match: PrefixMatch) -> bool:
+        """Whether the request's blocks can be allocated, dropping pins (oldest first) that are in the way.
+
+        Unpinned blocks stay cached until taken, so the match stays valid.
+        """
+        while not self.blocks.can_allocate(request, match):
+            if not self.blocks.unpin_oldest():
+                return False
+        return True
 
     def finish_step(self, plan: Schedule) -> list[Request]:
         """Advance the computed chunks; return the requests now complete (their blocks released)."""

@@ -16,10 +16,20 @@ from prmserve.models.heads import HeadSpec
 
 @dataclass(frozen=True)
 class EncodedItem:
-    """An item ready for the engine: its token ids and the positions whose head outputs give rewards."""
+    """An item ready for the engine: its token ids and the positions whose head outputs give rewards.
+
+    `body_len`: `token_ids[:body_len]` begins the ids of this item with more steps appended, and
+    `token_ids[body_len:]` is the closing tail (e.g. `<|im_end|>\n`) that follows the last step;
+    None for pre-formatted input, which cannot be extended.
+    """
 
     token_ids: list[int]
     read_positions: list[int]
+    body_len: int | None = None
+
+    @property
+    def tail(self) -> list[int]:
+        return self.token_ids[self.body_len :] if self.body_len is not None else []
 
 
 class PRMFormat(ABC):
@@ -30,6 +40,10 @@ class PRMFormat(ABC):
     option_defaults: ClassVar[dict[str, Any]] = {}
     # Formats that read a reward at every occurrence of one token (a separator or step tag) set it.
     read_token_id: int | None = None
+    # Texts a step may not contain (its separator or tag): each would create a phantom step.
+    step_forbidden: Sequence[str] = ()
+    # Whether a scored item can be extended by more steps (tree search); outcome models give one score.
+    extendable: ClassVar[bool] = True
 
     def __init__(self, tokenizer: Any, config: BackboneConfig, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.option_defaults))
@@ -64,32 +78,87 @@ class PRMFormat(ABC):
 
     @abstractmethod
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
-        """Step rewards from the head outputs [steps, width] (in the model's dtype) at the read positions."""
+        """One reward per row of head outputs [rows, width] (model dtype) at read positions.
+
+        Row by row, so the rows of many items can be scored in one call.
+        """
+
+    def extend(self, node: EncodedItem, problem: str, node_steps: Sequence[str], new_steps: Sequence[str]) -> EncodedItem:
+        """The item (problem, node_steps + new_steps), built from the node's ids and the new steps alone.
+
+        Only the new steps are tokenised (`continuation`); where the tokenizer would merge text across
+        the boundary, the whole item is encoded instead, so the ids always equal `encode`'s.
+        """
+        if not self.extendable or node.body_len is None:
+            raise FormatError(f"format {self.name!r} cannot extend this item with more steps")
+        self.check_steps(new_steps, first_index=len(node_steps))
+        appended = self.continuation(node_steps[-1], new_steps)
+        if appended is None:
+            return self.encode(problem, list(node_steps) + list(new_steps))
+        ids, offsets = appended
+        body = node.body_len
+        return EncodedItem(
+            node.token_ids[:body] + ids + node.tail,
+            node.read_positions + [body + o for o in offsets],
+            body + len(ids),
+        )
+
+    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+        """Ids that follow an item's body when `new_steps` come after its last step, and the read
+        offsets among them; None when they cannot be tokenised apart from what precedes them."""
+        return None
 
     # Shared checks ---------------------------------------------------------------------------
 
-    def check_item(self, problem: Any, steps: Any, forbidden: Sequence[str] = ()) -> None:
+    def check_item(self, problem: Any, steps: Any) -> None:
         """Refuse what would score wrongly: no steps, non-strings, empty steps, separator text inside."""
         if not isinstance(problem, str) or not problem.strip():
             raise InvalidInputError("'problem' must be a non-empty string")
-        if isinstance(steps, str) or not isinstance(steps, Sequence) or len(steps) == 0:
-            raise InvalidInputError("'steps' must be a non-empty list of strings")
+        self.check_text(problem, "the problem")
         for token in self.special_tokens:
             if token in problem:
                 raise InvalidInputError(f"the problem contains the special token {token!r}, which would change the input's structure")
-        for i, step in enumerate(steps):
+        self.check_steps(steps)
+
+    def check_steps(self, steps: Any, first_index: int = 0) -> None:
+        """Every step a non-empty string without special tokens or the format's separator."""
+        if isinstance(steps, str) or not isinstance(steps, Sequence) or len(steps) == 0:
+            raise InvalidInputError("'steps' must be a non-empty list of strings")
+        for i, step in enumerate(steps, start=first_index):
             if not isinstance(step, str):
                 raise InvalidInputError(f"step {i} is a {type(step).__name__}, not a string")
             if not step.strip():
                 raise InvalidInputError(f"step {i} is empty")
+            self.check_text(step, f"step {i}")
             for token in self.special_tokens:
                 if token in step:
                     raise InvalidInputError(f"step {i} contains the special token {token!r}, which would change the input's structure")
-            for text in forbidden:
+            for text in self.step_forbidden:
                 if text and text in step:
                     raise InvalidInputError(
                         f"step {i} contains {text!r}, the {self.name} separator: it would create a phantom step"
                     )
+
+    @staticmethod
+    def check_text(text: str, what: str) -> None:
+        """Text a tokenizer can encode: no lone surrogates (JSON allows them, UTF-8 does not)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"{what} holds a character that is not valid Unicode text at index {exc.start}") from None
+
+    def ids_after(self, anchor: str, text: str) -> list[int] | None:
+        """Ids of `text` as tokenised right after `anchor`, or None if the two merge across the boundary."""
+        anchor_ids = self.tokenizer.encode(anchor, add_special_tokens=False)
+        ids = self.tokenizer.encode(anchor + text, add_special_tokens=False)
+        if ids[: len(anchor_ids)] != anchor_ids:
+            return None
+        return ids[len(anchor_ids) :]
+
+    def read_offsets(self, ids: list[int], steps: int) -> list[int] | None:
+        """Positions of the read token in continuation ids, if there is exactly one per new step."""
+        offsets = self.positions_of(ids, self.read_token_id)
+        return offsets if len(offsets) == steps else None
 
     def single_token(self, text: str, what: str) -> int:
         """The id of text that must tokenise to exactly one token (a separator, a label token)."""

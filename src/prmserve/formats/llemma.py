@@ -24,17 +24,23 @@ class LlemmaFormat(PRMFormat):
     def __init__(self, tokenizer, config, **options) -> None:
         super().__init__(tokenizer, config, **options)
         self.read_token_id = tokenizer.encode(STEP_TAG, add_special_tokens=False)[-1]
+        self.step_forbidden = [STEP_TAG.strip()]
 
     @property
     def head(self) -> HeadSpec:
         return HeadSpec("lm_mean")
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
-        self.check_item(problem, steps, forbidden=[STEP_TAG.strip()])
+        self.check_item(problem, steps)
         text = problem + "\n" + "\n".join(step + STEP_TAG for step in steps)
         ids = self.tokenizer.encode(text)
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), STEP_TAG)
-        return EncodedItem(ids, positions)
+        return EncodedItem(ids, positions, positions[-1] + 1)
+
+    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+        ids = self.ids_after(last_step + STEP_TAG, "".join("\n" + step + STEP_TAG for step in new_steps))
+        offsets = None if ids is None else self.read_offsets(ids, len(new_steps))
+        return None if offsets is None else (ids, offsets)
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.sigmoid(head_outputs[:, 0]))

@@ -19,6 +19,7 @@ class OutcomeFormat(PRMFormat):
     """
 
     name = "outcome"
+    extendable = False  # one score for the whole solution: there is no node reward to keep
     option_defaults = {"system_prompt": "auto", "step_separator": "\n\n"}
 
     def __init__(self, tokenizer, config, **options) -> None:
@@ -48,4 +49,4 @@ class OutcomeFormat(PRMFormat):
         return EncodedItem(ids, [len(ids) - 1] if ids else [])
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
-        return self.to_floats(head_outputs[-1:, 0])
+        return self.to_floats(head_outputs[:, 0])  # one read position per item

@@ -22,18 +22,25 @@ class QwenPRMFormat(PRMFormat):
     def __init__(self, tokenizer, config, **options) -> None:
         super().__init__(tokenizer, config, **options)
         self.read_token_id = self.single_token(SEPARATOR, "separator")
+        self.step_forbidden = [SEPARATOR]
 
     @property
     def head(self) -> HeadSpec:
         return HeadSpec("mlp", "score", out_features=self.config.num_labels or 2)
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
-        self.check_item(problem, steps, forbidden=[SEPARATOR])
+        self.check_item(problem, steps)
         answer = SEPARATOR.join(steps) + SEPARATOR
         text = render_chat(self.tokenizer, chat_messages(self.options["system_prompt"], problem, answer))
         ids = self.tokenizer.encode(text)
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), SEPARATOR)
-        return EncodedItem(ids, positions)
+        return EncodedItem(ids, positions, positions[-1] + 1)
+
+    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+        # The separator is a special token: text after it is tokenised apart from what precedes it.
+        ids = self.ids_after(SEPARATOR, SEPARATOR.join(new_steps) + SEPARATOR)
+        offsets = None if ids is None else self.read_offsets(ids, len(new_steps))
+        return None if offsets is None else (ids, offsets)
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 1])

@@ -10,6 +10,8 @@ from prmserve.errors import FormatError, InvalidInputError
 from prmserve.formats.base import EncodedItem, PRMFormat
 from prmserve.models.heads import HeadSpec
 
+_BASE_TURNS = [{"role": "user", "content": "Problem. Step."}, {"role": "assistant", "content": "+"}]
+
 
 class RLHFlowFormat(PRMFormat):
     """Reward of step k = softmax([logit("+"), logit("-")])[0] at the token before the k-th assistant "+".
@@ -26,6 +28,8 @@ class RLHFlowFormat(PRMFormat):
             raise FormatError("the rlhflow format needs the checkpoint's chat template")
         self.good_id = self.single_token("+", "good token")
         self.bad_id = self.single_token("-", "bad token")
+        # A one-step conversation whose rendering precedes any later turns: continuations are read after it.
+        self._base_ids = self._conversation_ids(_BASE_TURNS)
 
     @property
     def head(self) -> HeadSpec:
@@ -50,7 +54,22 @@ class RLHFlowFormat(PRMFormat):
         for prefix in prefixes:
             if ids[: len(prefix)] != prefix:
                 raise InvalidInputError("rlhflow: the chat template does not render the conversation prefix-stably")
-        return EncodedItem(ids, positions)
+        return EncodedItem(ids, positions, len(ids))
+
+    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+        # Later turns render the same whatever came before: render them after a one-step stand-in.
+        base = self._base_ids
+        conversation = list(_BASE_TURNS)
+        offsets: list[int] = []
+        prefix = base
+        for step in new_steps:
+            conversation += [{"role": "user", "content": step.strip()}, {"role": "assistant", "content": "+"}]
+            longer = self._conversation_ids(conversation)
+            if longer[: len(prefix)] != prefix:
+                return None
+            prefix = longer
+            offsets.append(len(prefix) - 3 - len(base))
+        return prefix[len(base) :], offsets
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 0])

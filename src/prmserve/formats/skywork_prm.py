@@ -19,21 +19,31 @@ class SkyworkPRMFormat(PRMFormat):
         super().__init__(tokenizer, config, **options)
         # Skywork appends the lone "\n" token after every line; never merged into "\n\n".
         self.step_token_id = tokenizer.encode("\n")[-1]
+        self.step_forbidden = ["\n"]
 
     @property
     def head(self) -> HeadSpec:
         return HeadSpec("linear", "v_head.summary", out_features=1, bias=True)
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
-        self.check_item(problem, steps, forbidden=["\n"])
+        self.check_item(problem, steps)
         bos = self.tokenizer.bos_token or ""
         ids = list(self.tokenizer.encode(bos + problem + "\n"))
-        positions = []
+        step_ids, offsets = self._steps(steps)
+        return EncodedItem(ids + step_ids, [len(ids) + o for o in offsets], len(ids) + len(step_ids))
+
+    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]]:
+        return self._steps(new_steps)  # every line is tokenised on its own: nothing crosses a boundary
+
+    def _steps(self, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Each step's ids then the flagged "\n" token; the flag offsets."""
+        ids: list[int] = []
+        offsets = []
         for step in steps:
             ids += self.tokenizer.encode(step)
-            positions.append(len(ids))
+            offsets.append(len(ids))
             ids.append(self.step_token_id)
-        return EncodedItem(ids, positions)
+        return ids, offsets
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.sigmoid(head_outputs[:, 0]))
