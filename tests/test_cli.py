@@ -1,4 +1,4 @@
-"""The `prmserve` command: `score` offline and against a server, resumable after a kill; imports stay light."""
+"""The `prmserve` command: `score` offline and against a server, resumable after a kill; `demo` input errors; imports stay light."""
 
 from __future__ import annotations
 
@@ -124,3 +124,35 @@ def test_the_cli_and_engine_import_without_the_server_stack() -> None:
     assert result.stdout.strip() == "[]"
     usage = subprocess.run([sys.executable, "-m", "prmserve", "--help"], capture_output=True, text=True, check=True).stdout
     assert "serve" in usage and "score" in usage
+
+
+def test_option_help_names_engine_and_format_options() -> None:
+    help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["demo"].format_help().split())
+    assert "an engine option (max_num_seqs" in help_text and "or a format option (system_prompt" in help_text
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"problem": "p", "solutions": [["a"]]}\n\nnot json', ":3: bad JSON"),
+    ('["p"]', ":1: a line must be a JSON object, not list"),
+    ('{"solutions": [["a"]]}', ":1: 'problem' must be a non-empty string"),
+    ('{"problem": "p"}', ":1: 'solutions' must be a non-empty list"),
+    ('{"problem": "p", "solutions": []}', ":1: 'solutions' must be a non-empty list"),
+    ('{"problem": "p", "solutions": [["a"], []]}', ":1: solution 1 must be a non-empty list of step strings"),
+    ("\n", ": no problems in the file"),
+])
+def test_a_bad_demo_problems_file_is_named_with_its_line(text: str, problem: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    assert cli.main(["demo", "--problems", str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"prmserve demo: {path}{problem}")
+    assert cli.main(["demo", "--problems", str(tmp_path / "missing.jsonl")]) == 1
+    assert "no such problems file" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_stops_the_command_quietly() -> None:
+    """`prmserve demo | head -2`: the reader leaves early; no traceback, the status of a SIGPIPE-killed command."""
+    proc = subprocess.Popen([sys.executable, "-m", "prmserve", "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the demo writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == cli.SIGPIPE_STATUS == 141
+    assert err == ""

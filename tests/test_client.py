@@ -1,16 +1,18 @@
-"""`prmserve.Client` / `AsyncClient` against a real server: offline-identical results, typed errors, retries."""
+"""`prmserve.Client` / `AsyncClient` against a real server: offline-identical results, typed errors, retries, batches split."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+import socket
+from collections.abc import Iterator
 
 import pytest
 
 from conftest import API_KEY, ServerProcess
-from prmserve import AsyncClient, Client, InvalidInputError, QueueFullError, ScoreResult
-from prmserve.client import AuthenticationError
+from prmserve import AsyncClient, Client, InvalidInputError, QueueFullError, RequestCancelledError, ScoreResult
+from prmserve.client import AuthenticationError, ClientTimeoutError, ConnectionFailedError
 from test_server import long_item, send_raw_and_hold, short_items, wait_until
 
 
@@ -77,3 +79,80 @@ def test_full_queue_is_retried_until_it_has_room(slow_server: ServerProcess) -> 
         finally:
             sock.close()
     wait_until(lambda: slow_server.pending() == 0, what="the queue to empty")
+
+
+def assert_offline_results(results: list[ScoreResult], items: list[dict], offline_prm) -> None:
+    want = offline_prm.score(items)
+    assert len(results) == len(want)
+    for got, expected in zip(results, want):
+        assert got.step_rewards == pytest.approx(expected.step_rewards, abs=1e-6)
+
+
+def test_a_batch_larger_than_the_servers_queue_is_sent_in_parts(slow_server: ServerProcess, offline_prm) -> None:
+    """The slow server queues at most 4 items: 10 in one request can never fit, 10 in requests of 4 are scored in order."""
+    items = short_items(10, seed=5)
+    with Client(slow_server.url, api_key=API_KEY, max_batch_items=256) as client:
+        with pytest.raises(InvalidInputError, match="never fit"):
+            client.score(items)
+    with Client(slow_server.url, api_key=API_KEY, max_batch_items=4) as client:
+        assert_offline_results(client.score(items), items, offline_prm)
+
+    async def run() -> list[ScoreResult]:
+        async with AsyncClient(slow_server.url, api_key=API_KEY, max_batch_items=3) as client:
+            return await client.score(items)
+
+    assert_offline_results(asyncio.run(run()), items, offline_prm)
+
+
+def test_a_bad_item_in_a_split_batch_names_its_request(server: ServerProcess) -> None:
+    items = short_items(5, seed=1)
+    items[3] = {"problem": "p", "steps": [""]}
+    with Client(server.url, max_batch_items=2) as client:
+        with pytest.raises(InvalidInputError, match=r"request of items 2\.\.3 of 5 .*item 1: step 0 is empty"):
+            client.score(items)
+    with pytest.raises(ValueError, match="max_batch_items"):
+        Client(server.url, max_batch_items=0)
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A loopback port nothing listens on: bound, then closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def silent_url() -> Iterator[str]:
+    """A loopback port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_unreachable_server_is_a_prmserve_error_naming_its_url(refused_url: str) -> None:
+    with Client(refused_url) as client:
+        with pytest.raises(ConnectionFailedError, match=f"cannot reach the prmserve server at {refused_url}: .*refused"):
+            client.score(short_items(1))
+
+    async def run() -> None:
+        async with AsyncClient(refused_url) as client:
+            await client.health()
+
+    with pytest.raises(ConnectionFailedError, match=refused_url):
+        asyncio.run(run())
+
+
+def test_a_server_that_does_not_answer_in_time_is_a_timeout_error(silent_url: str) -> None:
+    with Client(silent_url, timeout=0.2) as client:
+        with pytest.raises(ClientTimeoutError, match=f"the prmserve server at {silent_url} did not answer in time"):
+            client.score(short_items(1))
+
+    async def run() -> None:
+        async with AsyncClient(silent_url, timeout=0.2) as client:
+            await client.score(short_items(1))
+
+    with pytest.raises(RequestCancelledError, match=silent_url):  # a timeout drops the request, like the server's 504
+        asyncio.run(run())

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm import tqdm
-
+from prmserve import __version__, missing_dependency
 from prmserve.errors import FormatError, InvalidInputError, PRMServeError
 from prmserve.results import AGGREGATIONS, ScoreResult
 
@@ -39,7 +38,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prefixes")
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
-        help="a format option, repeatable; VALUE is read as JSON when it parses, else as a string",
+        help="an engine option (max_num_seqs, block_size, kv_cache_gb, num_kv_blocks, ...) or a format option "
+             "(system_prompt, step_tag, ...), repeatable; README.md's 'Python API' lists them all; VALUE is read as "
+             "JSON when it parses, else as a string",
     )
 
 
@@ -105,6 +106,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     """Score a JSONL file into another, in input order, resuming where a previous run stopped."""
+    from tqdm import tqdm
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
     if not args.input.is_file():
@@ -269,10 +271,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from prmserve.demo import DEMO_PROBLEMS, run_demo as demo
+    """Print each step's reward and the best-of-N pick; the problems are checked before the model loads."""
+    from prmserve.demo import DEMO_PROBLEMS, load_problems, run_demo as demo
 
+    problems = load_problems(args.problems or DEMO_PROBLEMS)
     with closing(load_prm(args, args.model)) as prm:
-        demo(prm, args.problems or DEMO_PROBLEMS)
+        demo(prm, problems)
     return 0
 
 
@@ -303,6 +307,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 # main -----------------------------------------------------------------------------------------
 
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a command killed by SIGPIPE (`yes | head` -> 141)
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("score the bundled problems with a PRM and show each step's reward", add_demo_arguments, run_demo),
     "evaluate": Subcommand("held-out quality on the synthetic arithmetic task (ProcessBench F1, best-of-4)",
@@ -315,6 +321,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="prmserve", description="Serve and run process reward models.")
+    parser.add_argument("--version", action="version", version=f"prmserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
         command.add_arguments(commands.add_parser(name, help=command.help, description=command.help))
@@ -323,9 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `prmserve` and `python -m prmserve`."""
-    args = build_parser().parse_args(argv)
+    try:
+        try:
+            return _run(build_parser().parse_args(argv))
+        finally:
+            sys.stdout.flush()  # a reader gone early (`| head`) shows here, not in an exit-time traceback
+    except BrokenPipeError:  # stop quietly, as a tool killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered has somewhere to go
+        return SIGPIPE_STATUS
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; an error the user can fix is one line on stderr and status 1."""
     try:
         return SUBCOMMANDS[args.command].run(args)
     except (PRMServeError, ValueError) as exc:  # bad model, option or setting: a message, not a traceback
         print(f"prmserve {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:  # installed with --no-deps, or a dependency removed since
+        hint = missing_dependency(exc)
+        if hint is None:
+            raise
+        print(f"prmserve {args.command} {hint}", file=sys.stderr)
         return 1

@@ -1,11 +1,15 @@
-"""HTTP clients of a prmserve server: `Client` (blocking) and `AsyncClient`, returning the offline API's `ScoreResult`s."""
+"""HTTP clients of a prmserve server: `Client` (blocking) and `AsyncClient`, returning the offline API's `ScoreResult`s.
+
+Both send large batches in requests of `max_batch_items`, so a batch larger than the server's queue still
+gets scored, and turn transport failures into prmserve errors that name the server's URL.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -29,6 +33,14 @@ class AuthenticationError(ServerError):
     """The server wants an API key (`Authorization: Bearer`) and did not get the right one."""
 
 
+class ConnectionFailedError(PRMServeError):
+    """The server could not be reached (refused, unknown host) or dropped the connection."""
+
+
+class ClientTimeoutError(RequestCancelledError):
+    """The server did not answer within the client's `timeout`; the request was dropped."""
+
+
 class _Retry:
     """Exponential backoff with jitter; the server's Retry-After wins when it sends one."""
 
@@ -50,10 +62,36 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _score_body(items: Sequence[Mapping[str, Any]], priority: int, aggregate: str, timeout: float | None) -> dict:
+def _score_bodies(
+    items: Sequence[Mapping[str, Any]], max_items: int, priority: int, aggregate: str, timeout: float | None,
+) -> Iterator[tuple[int, dict]]:
+    """(first item's index, request body) of each request of at most `max_items` items; one request when empty."""
     if isinstance(items, Mapping) or not isinstance(items, Sequence):
         raise InvalidInputError("score() takes a list of items")
-    return {"items": [dict(item) for item in items], "priority": priority, "aggregate": aggregate, "timeout": timeout}
+    for start in range(0, max(len(items), 1), max_items):
+        chunk = [dict(item) for item in items[start : start + max_items]]
+        yield start, {"items": chunk, "priority": priority, "aggregate": aggregate, "timeout": timeout}
+
+
+def _located(exc: InvalidInputError, start: int, size: int, total: int) -> InvalidInputError:
+    """The server counts items within one request: when the batch was split, say which items that request held."""
+    if size == total:
+        return exc
+    return type(exc)(f"request of items {start}..{start + size - 1} of {total} (the server numbers them from 0): {exc}")
+
+
+def _checked_batch_size(max_batch_items: int) -> int:
+    if max_batch_items < 1:
+        raise ValueError("max_batch_items must be >= 1")
+    return max_batch_items
+
+
+def _transport_error(exc: httpx.TransportError, url: str) -> PRMServeError:
+    """A prmserve error for a failure below HTTP, naming the server it was talking to."""
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return ClientTimeoutError(f"the prmserve server at {url} did not answer in time ({reason}); raise the client's timeout")
+    return ConnectionFailedError(f"cannot reach the prmserve server at {url}: {reason}")
 
 
 def _results(payload: dict) -> list[ScoreResult]:
@@ -91,7 +129,11 @@ def _error(status: int, kind: str, message: str) -> PRMServeError:
 class Client:
     """A blocking client: `score`, `models`, `health`; retries on 429/503; use it as a context manager."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 8) -> None:
+    def __init__(
+        self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 8, max_batch_items: int = 256,
+    ) -> None:
+        self.url = url
+        self.max_batch_items = _checked_batch_size(max_batch_items)
         self._http = httpx.Client(base_url=url, headers=_headers(api_key), timeout=timeout)
         self._retry = _Retry(max_retries)
 
@@ -102,8 +144,14 @@ class Client:
         aggregate: str = "min",
         timeout: float | None = None,
     ) -> list[ScoreResult]:
-        """Score items on the server; results in item order, as `PRM.score` gives them."""
-        return _results(self._send("POST", "/v1/score", json=_score_body(items, priority, aggregate, timeout)))
+        """Score items on the server, `max_batch_items` a request (each with its own `timeout`); results in item order."""
+        results: list[ScoreResult] = []
+        for start, body in _score_bodies(items, self.max_batch_items, priority, aggregate, timeout):
+            try:
+                results += _results(self._send("POST", "/v1/score", json=body))
+            except InvalidInputError as exc:
+                raise _located(exc, start, len(body["items"]), len(items)) from None
+        return results
 
     def models(self) -> list[dict[str, Any]]:
         """The served models (`[0]["id"]` is the name)."""
@@ -115,7 +163,10 @@ class Client:
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         attempt = 0
         while True:
-            response = self._http.request(method, path, **kwargs)
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise _transport_error(exc, self.url) from exc
             wait = self._retry.delay(attempt, response)
             if wait is None:
                 return _checked(response)
@@ -135,7 +186,11 @@ class Client:
 class AsyncClient:
     """The asyncio twin of `Client`."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 8) -> None:
+    def __init__(
+        self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 8, max_batch_items: int = 256,
+    ) -> None:
+        self.url = url
+        self.max_batch_items = _checked_batch_size(max_batch_items)
         self._http = httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout)
         self._retry = _Retry(max_retries)
 
@@ -146,8 +201,14 @@ class AsyncClient:
         aggregate: str = "min",
         timeout: float | None = None,
     ) -> list[ScoreResult]:
-        """Score items on the server; results in item order, as `PRM.score` gives them."""
-        return _results(await self._send("POST", "/v1/score", json=_score_body(items, priority, aggregate, timeout)))
+        """Score items on the server, `max_batch_items` a request (each with its own `timeout`); results in item order."""
+        results: list[ScoreResult] = []
+        for start, body in _score_bodies(items, self.max_batch_items, priority, aggregate, timeout):
+            try:
+                results += _results(await self._send("POST", "/v1/score", json=body))
+            except InvalidInputError as exc:
+                raise _located(exc, start, len(body["items"]), len(items)) from None
+        return results
 
     async def models(self) -> list[dict[str, Any]]:
         return (await self._send("GET", "/v1/models"))["data"]
@@ -158,7 +219,10 @@ class AsyncClient:
     async def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         attempt = 0
         while True:
-            response = await self._http.request(method, path, **kwargs)
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise _transport_error(exc, self.url) from exc
             wait = self._retry.delay(attempt, response)
             if wait is None:
                 return _checked(response)

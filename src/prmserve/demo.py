@@ -11,14 +11,46 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from prmserve.errors import InvalidInputError
 from prmserve.results import ScoreResult
 
 DEMO_PROBLEMS = Path(__file__).parent / "bundled" / "demo_problems.jsonl"
 
 
 def load_problems(path: Path = DEMO_PROBLEMS) -> list[dict[str, Any]]:
-    """Problems with candidate solutions: {"problem", "solutions": [[step, ...], ...], "answer"}."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Problems with candidate solutions: {"problem", "solutions": [[step, ...], ...], "answer"}; a bad line is named."""
+    if not path.is_file():
+        raise InvalidInputError(f"no such problems file: {path}")
+    problems = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            problems.append(_checked_problem(line))
+        except ValueError as exc:
+            raise InvalidInputError(f"{path}:{number}: {exc}") from None
+    if not problems:
+        raise InvalidInputError(f"{path}: no problems in the file")
+    return problems
+
+
+def _checked_problem(line: str) -> dict[str, Any]:
+    """One line's problem, or ValueError saying what is wrong with it."""
+    try:
+        problem = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"bad JSON: {exc}") from None
+    if not isinstance(problem, dict):
+        raise ValueError(f"a line must be a JSON object, not {type(problem).__name__}")
+    if not isinstance(problem.get("problem"), str) or not problem["problem"].strip():
+        raise ValueError("'problem' must be a non-empty string")
+    solutions = problem.get("solutions")
+    if not isinstance(solutions, list) or not solutions:
+        raise ValueError("'solutions' must be a non-empty list of solutions, each a list of step strings")
+    for index, steps in enumerate(solutions):
+        if not isinstance(steps, list) or not steps or not all(isinstance(step, str) for step in steps):
+            raise ValueError(f"solution {index} must be a non-empty list of step strings")
+    return problem
 
 
 def _paint(text: str, reward: float, colour: bool) -> str:
@@ -43,9 +75,8 @@ def render(problems: list[dict[str, Any]], results: list[list[ScoreResult]], out
         out.write(f"  Best-of-{len(scored)} pick: solution {chr(65 + best)}" + (f" (true answer: {answer})" if answer is not None else "") + "\n")
 
 
-def run_demo(prm: Any, path: Path = DEMO_PROBLEMS, out: TextIO = sys.stdout) -> list[list[ScoreResult]]:
-    """Score every candidate of every bundled problem in one batch and print them."""
-    problems = load_problems(path)
+def run_demo(prm: Any, problems: list[dict[str, Any]], out: TextIO = sys.stdout) -> list[list[ScoreResult]]:
+    """Score every candidate of every problem (`load_problems`) in one batch and print them."""
     items = [{"problem": p["problem"], "steps": s} for p in problems for s in p["solutions"]]
     flat = prm.score(items)
     results, start = [], 0

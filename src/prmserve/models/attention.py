@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-try:  # torch >= 2.10 on CUDA
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 
-    _VARLEN_GQA = "enable_gqa" in inspect.signature(_varlen_attn).parameters
-except ImportError:  # pragma: no cover - depends on the torch build
-    _varlen_attn = None
-    _VARLEN_GQA = False
+@functools.cache
+def _varlen_attn() -> Callable[..., torch.Tensor] | None:
+    """The Flash varlen kernel (torch >= 2.10), imported on first CUDA use: its module loads torch._dynamo (~1 s)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _varlen_gqa() -> bool:
+    """Whether this torch's varlen kernel takes an `enable_gqa` flag."""
+    return "enable_gqa" in inspect.signature(_varlen_attn()).parameters
 
 
 @dataclass
@@ -59,7 +68,7 @@ def cumulative_lengths(lengths: list[int]) -> torch.Tensor:
 
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True where the Flash varlen kernel can run: CUDA, a recent torch, and 16-bit activations."""
-    return _varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
 
 
 def causal_attention(
@@ -84,9 +93,10 @@ def _kernel_takes_gqa_as_is(device: torch.device) -> bool:
     q = torch.randn(9, 4, 64, device=device, dtype=torch.bfloat16, generator=gen)
     k, v = (torch.randn(9, 2, 64, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
-    want = _varlen_attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, cu, 5, 5, window_size=(-1, 0))
+    kernel = _varlen_attn()
+    want = kernel(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, cu, 5, 5, window_size=(-1, 0))
     try:
-        got = _varlen_attn(q, k, v, cu, cu, 5, 5, window_size=(-1, 0))
+        got = kernel(q, k, v, cu, cu, 5, 5, window_size=(-1, 0))
     except RuntimeError:
         return False
     return bool(torch.equal(got, want))
@@ -96,12 +106,12 @@ def _flash_varlen(q, k, v, inputs: AttentionInputs, scale: float, sliding_window
     left = -1 if sliding_window is None else sliding_window - 1
     kwargs = {"scale": scale, "window_size": (left, 0)}
     if q.shape[1] != k.shape[1]:
-        if _VARLEN_GQA:
+        if _varlen_gqa():
             kwargs["enable_gqa"] = True
         elif not _kernel_takes_gqa_as_is(q.device):  # else: repeat KV heads, at the cost of copies
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return _varlen_attn(
+    return _varlen_attn()(
         q, k, v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.max_seqlen_q, inputs.max_seqlen_k, **kwargs
     )
 
