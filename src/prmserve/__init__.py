@@ -5,6 +5,7 @@ from importlib import metadata
 from prmserve.errors import (
     CheckpointError,
     FormatError,
+    HandleNotFoundError,
     InputTooLongError,
     InvalidInputError,
     PRMServeError,
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidInputError",
     "InputTooLongError",
     "FormatError",
+    "HandleNotFoundError",
     "CheckpointError",
     "QueueFullError",
     "RequestCancelledError",
