@@ -23,6 +23,16 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 TRUST_REMOTE_CODE_NOTE = "--trust-remote-code is ignored: prmserve never runs code from a checkpoint"
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (the help says what happens then) and for switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if switch or action.default in (None, "", []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 @dataclass
 class ServerSettings:
     """What the HTTP layer needs from the command line (everything that is not a `PRM(...)` option)."""
@@ -46,14 +56,14 @@ class ServerSettings:
 
 def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[str], tuple[str, Any]]) -> None:
     """Every `prmserve serve` flag; `option_type` parses `--option KEY=VALUE` (shared with the other subcommands)."""
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = DefaultsHelpFormatter
     parser.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face ID (default: the bundled model)")
     parser.add_argument("--config", type=Path, help="YAML file of flags (keys without dashes, - or _); command-line flags win")
     _install_config_expansion(parser)
 
     where = parser.add_argument_group("where to listen")
     where.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only unless changed)")
-    where.add_argument("--port", type=int, default=8000)
+    where.add_argument("--port", type=int, default=8000, help="port to listen on")
     where.add_argument("--root-path", default="", help="ASGI root path, when behind a path-based proxy")
     where.add_argument("--ssl-keyfile", help="serve HTTPS with this key file (with --ssl-certfile)")
     where.add_argument("--ssl-certfile", help="serve HTTPS with this certificate file")
@@ -74,7 +84,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     model.add_argument("--trust-remote-code", action="store_true", help="accepted and ignored: no checkpoint code is ever run")
     model.add_argument("--seed", type=int, help="torch's random seed")
     model.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", type=option_type,
-                       help="a format option, repeatable; VALUE is read as JSON when it parses, else as a string")
+                       help="an engine or format option (README: Python API), repeatable; VALUE is read as JSON when it parses, "
+                            "else as a string")
 
     engine = parser.add_argument_group("the engine")
     engine.add_argument("--max-model-len", type=int, help="longest input in tokens; longer ones get 400 (default: the model's)")
@@ -93,11 +104,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     engine.add_argument("--max-queue", type=int, default=1024, help="requests waiting before 429")
 
     service = parser.add_argument_group("the service")
-    service.add_argument("--api-key", default=os.environ.get("PRMSERVE_API_KEY"),
-                         help="require this bearer key (env PRMSERVE_API_KEY)")
+    service.add_argument("--api-key", help="require this bearer key (default: env PRMSERVE_API_KEY, else none)")
     service.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     service.add_argument("--request-timeout", type=float, help="default per-request timeout in seconds (then 504)")
-    service.add_argument("--uvicorn-log-level", "--log-level", dest="uvicorn_log_level", default="info", choices=LOG_LEVELS)
+    service.add_argument("--uvicorn-log-level", "--log-level", dest="uvicorn_log_level", default="info", choices=LOG_LEVELS,
+                         help="uvicorn's log level (prmserve's startup and request lines are always at info)")
     service.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
 
 
@@ -133,7 +144,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         port=args.port,
         served_model_names=args.served_model_names,
         max_model_len=args.max_model_len,
-        api_key=args.api_key,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("PRMSERVE_API_KEY"),
         max_body_bytes=args.max_body_bytes,
         default_timeout=args.request_timeout,
         log_level=args.uvicorn_log_level,

@@ -1,0 +1,133 @@
+"""`prmserve serve`'s vLLM flags: each parses and lands in `PRM(...)` or the server settings, without starting a server."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prmserve import cli
+from prmserve.engine.config import EngineConfig
+from prmserve.server.args import ENGINE_DEFAULTS, TRUST_REMOTE_CODE_NOTE, prm_options, server_settings
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_every_vllm_flag_lands_where_it_should(tmp_path: Path) -> None:
+    args = parse(
+        "org/model", "--gpu-memory-utilization", "0.5", "--max-model-len", "2048", "--max-num-seqs", "8",
+        "--max-num-batched-tokens", "512", "--no-enable-prefix-caching", "--enforce-eager", "--block-size", "8",
+        "--dtype", "half", "--served-model-name", "prm", "prm-alias", "--chat-template", "{{ messages }}",
+        "--uvicorn-log-level", "debug", "--disable-log-requests", "--root-path", "/api",
+        "--allowed-origins", '["http://a.example", "http://b.example"]', "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
+        "--seed", "7", "-tp", "1", "--trust-remote-code", "--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
+        "--device", "cpu", "--format", "qwen_prm", "--option", "system_prompt=Be brief",
+    )
+    assert prm_options(args) == {
+        "format": "qwen_prm", "device": "cpu", "dtype": "float16", "enforce_eager": True,
+        "max_num_batched_tokens": 512, "max_num_seqs": 8, "block_size": 8, "gpu_memory_utilization": 0.5,
+        "enable_prefix_caching": False, "max_queue": 1024, "system_prompt": "Be brief",
+    }
+    settings = server_settings(args)
+    assert (settings.host, settings.port, settings.root_path) == ("0.0.0.0", 9000, "/api")
+    assert settings.served_model_names == ["prm", "prm-alias"] and settings.max_model_len == 2048
+    assert settings.log_level == "debug" and settings.log_requests is False
+    assert settings.allowed_origins == ["http://a.example", "http://b.example"]
+    assert (settings.ssl_keyfile, settings.ssl_certfile) == ("k.pem", "c.pem")
+    assert settings.chat_template == "{{ messages }}" and settings.api_key == "k"
+    assert settings.notes == [TRUST_REMOTE_CODE_NOTE]
+    assert args.seed == 7 and args.model == "org/model"
+
+
+def test_defaults_are_the_engines_and_the_old_names_stay_as_aliases() -> None:
+    args = parse()
+    options = prm_options(args)
+    engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    assert {k: options[k] for k in ENGINE_DEFAULTS} == {k: engine[k] for k in ENGINE_DEFAULTS}
+    assert options["enable_prefix_caching"] is True and options["dtype"] == "auto" and options["enforce_eager"] is False
+    settings = server_settings(args)
+    assert settings.log_requests and settings.allowed_origins is None and settings.served_model_names is None
+    old = parse("--no-prefix-caching", "--log-level", "warning", "--max-queue", "4", "--request-timeout", "2.5",
+                "--max-body-bytes", "100", "--api-key", "secret")
+    assert prm_options(old)["enable_prefix_caching"] is False and prm_options(old)["max_queue"] == 4
+    settings = server_settings(old)
+    assert (settings.log_level, settings.default_timeout, settings.max_body_bytes, settings.api_key) == ("warning", 2.5, 100, "secret")
+
+
+@pytest.mark.parametrize(("given", "dtype"), [("auto", "auto"), ("half", "float16"), ("float16", "float16"),
+                                              ("bfloat16", "bfloat16"), ("float", "float32"), ("float32", "float32")])
+def test_dtype_names(given: str, dtype: str) -> None:
+    assert prm_options(parse("--dtype", given))["dtype"] == dtype
+
+
+def test_help_shows_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 16384)", "(default: 0.85)", "(default: 256)", "(default: 8000)", "(default: True)"):
+        assert default in text
+
+
+def test_config_file_keys_take_dashes_or_underscores_and_the_command_line_wins(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "port: 9100\nmax_num_seqs: 4\nmax-num-batched-tokens: 64\nenable_prefix_caching: false\nenforce-eager: true\n"
+        "served_model_name: [a, b]\nallowed_origins: ['http://x.example']\ndtype: half\n"
+    )
+    args = parse("m", "--port", "9200", "--config", str(config), "--max-num-seqs", "2")
+    options, settings = prm_options(args), server_settings(args)
+    assert settings.port == 9200 and options["max_num_seqs"] == 2  # the command line, before or after --config
+    assert options["max_num_batched_tokens"] == 64 and options["enable_prefix_caching"] is False
+    assert options["enforce_eager"] is True and options["dtype"] == "float16"
+    assert settings.served_model_names == ["a", "b"] and settings.allowed_origins == ["http://x.example"]
+    assert parse("--config=" + str(config), "--enable-prefix-caching").enable_prefix_caching is True
+
+
+def test_config_file_with_an_unknown_key_is_refused(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_num_sequences: 4\n")
+    with pytest.raises(SystemExit):
+        parse("--config", str(config))
+    assert "unknown key 'max_num_sequences'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-tp", "2"], "--tensor-parallel-size 2: several GPUs are not supported yet"),
+    (["--tensor-parallel-size", "4"], "several GPUs are not supported yet"),
+    (["--tokenizer", "other/tok"], "--tokenizer is not supported yet"),
+    (["--revision", "v2"], "--revision is not supported yet"),
+    (["--download-dir", "/tmp/x"], "--download-dir is not supported yet"),
+    (["--max-model-len", "0"], "--max-model-len must be >= 1"),
+    (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
+])
+def test_flags_prmserve_cannot_honour_exit_with_one_line_before_loading(argv: list[str], message: str, capsys) -> None:
+    assert cli.main(["serve", "/no/such/model", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_chat_template_is_a_file_or_the_template_itself(tmp_path: Path) -> None:
+    from prmserve.server.serve import read_chat_template
+
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert read_chat_template(str(path)) == path.read_text()
+    assert read_chat_template("{{ messages[0].content }}") == "{{ messages[0].content }}"
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_base64_rows_are_vllms_flattened_bytes() -> None:
+    from prmserve.server.encoding import rows_to_base64
+
+    rows = [[0.25, 0.75], [0.5, 0.5], [1e-3, 0.999]]
+    flat = np.array(rows, dtype=np.float32).flatten()
+    assert np.array_equal(np.frombuffer(base64.b64decode(rows_to_base64(rows, "float32", "little")), "<f4"), flat)
+    assert np.array_equal(np.frombuffer(base64.b64decode(rows_to_base64(rows, "float32", "big")), ">f4"), flat)
+    assert np.array_equal(np.frombuffer(base64.b64decode(rows_to_base64(rows)), "=f4"), flat)
+    assert np.allclose(np.frombuffer(base64.b64decode(rows_to_base64(rows, "float16", "little")), "<f2"), flat, atol=1e-3)
