@@ -130,13 +130,12 @@ def create_app(
         param = "messages" if body.messages is not None else "input"
         done = await run(request, _pooling_items(prm, body), param, body.priority, default_timeout)
         rows = [_pooling_rows(prm, r, body.activated) for r in done]
-        encode = (lambda x: x) if body.encoding_format == "float" else (lambda x: rows_to_base64(x, body.embed_dtype, body.endianness))
         prompt_tokens = _total(r.usage for r in done).prompt_tokens
         return PoolingResponse(
             id=f"pool-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=body.model or names[0],
-            data=[PoolingData(index=i, data=encode(r)) for i, r in enumerate(rows)],
+            data=[PoolingData(index=i, data=_encoded(r, body)) for i, r in enumerate(rows)],
             usage=PoolingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
 
@@ -290,6 +289,13 @@ def _pooling_rows(prm: PRM, request: EngineRequest, activated: bool) -> list[lis
     if activated:
         return [[1.0 - r, r] for r in prm.result(request).step_rewards]
     return request.outputs.float().tolist()
+
+
+def _encoded(rows: list[list[float]], body: PoolingRequest) -> list[list[float]] | str:
+    """The rows as the request's `encoding_format` asks: JSON floats, or vLLM's base64."""
+    if body.encoding_format == "float":
+        return rows
+    return rows_to_base64(rows, body.embed_dtype, body.endianness)
 
 
 def _total(usages: Iterable[TokenUsage]) -> TokenUsage:
