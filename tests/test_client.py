@@ -156,3 +156,30 @@ def test_a_server_that_does_not_answer_in_time_is_a_timeout_error(silent_url: st
 
     with pytest.raises(RequestCancelledError, match=silent_url):  # a timeout drops the request, like the server's 504
         asyncio.run(run())
+
+
+def test_node_api_through_the_clients(server, offline_prm) -> None:
+    """keep / extend / release: the same rewards as the offline API, handles that expire into a typed error."""
+    from prmserve import HandleNotFoundError
+
+    problem, node, children = "Tom has 3 apples and buys 2 more. How many?", ["3 + 2 = 5."], [["The answer is 5."], ["So 6."]]
+    want = offline_prm.score([{"problem": problem, "steps": node + c} for c in children])
+    with Client(server.url, max_batch_items=1) as client:  # children split over two round trips
+        handle = client.score([{"problem": problem, "steps": node}], keep=True)[0].handle
+        kids = client.extend(handle, children, keep=True)
+        for kid, expected in zip(kids, want, strict=True):
+            assert kid.step_rewards == pytest.approx(expected.step_rewards, abs=1e-6)
+        assert all(k.handle for k in kids)
+        assert client.release([handle, kids[0].handle, kids[1].handle]) == 3
+        with pytest.raises(HandleNotFoundError):
+            client.extend(handle, children)
+
+    async def run() -> list[ScoreResult]:
+        async with AsyncClient(server.url) as client:
+            kept = (await client.score([{"problem": problem, "steps": node}], keep=True))[0].handle
+            result = await client.extend(kept, children)
+            assert await client.release(kept) == 1
+            return result
+
+    for got, expected in zip(asyncio.run(run()), want, strict=True):
+        assert got.step_rewards == pytest.approx(expected.step_rewards, abs=1e-6)

@@ -63,14 +63,29 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 def _score_bodies(
-    items: Sequence[Mapping[str, Any]], max_items: int, priority: int, aggregate: str, timeout: float | None,
+    items: Sequence[Mapping[str, Any]], max_items: int, priority: int, aggregate: str, timeout: float | None, keep: bool = False,
 ) -> Iterator[tuple[int, dict]]:
     """(first item's index, request body) of each request of at most `max_items` items; one request when empty."""
     if isinstance(items, Mapping) or not isinstance(items, Sequence):
         raise InvalidInputError("score() takes a list of items")
     for start in range(0, max(len(items), 1), max_items):
         chunk = [dict(item) for item in items[start : start + max_items]]
-        yield start, {"items": chunk, "priority": priority, "aggregate": aggregate, "timeout": timeout}
+        yield start, {"items": chunk, "priority": priority, "aggregate": aggregate, "timeout": timeout, "keep": keep}
+
+
+def _extend_bodies(
+    handle: str, children: Sequence[Sequence[str]], max_items: int, priority: int, aggregate: str, timeout: float | None, keep: bool,
+) -> Iterator[dict]:
+    """/v1/extend bodies of at most `max_items` children each, all on the same node."""
+    if isinstance(children, (str, Mapping)) or not isinstance(children, Sequence):
+        raise InvalidInputError("extend() takes a list of children, each a list of new steps")
+    for start in range(0, max(len(children), 1), max_items):
+        chunk = [list(child) if isinstance(child, (list, tuple)) else child for child in children[start : start + max_items]]
+        yield {"handle": handle, "children": chunk, "priority": priority, "aggregate": aggregate, "timeout": timeout, "keep": keep}
+
+
+def _release_body(handles: str | Sequence[str]) -> dict:
+    return {"handles": [handles] if isinstance(handles, str) else list(handles)}
 
 
 def _located(exc: InvalidInputError, start: int, size: int, total: int) -> InvalidInputError:
@@ -95,7 +110,7 @@ def _transport_error(exc: httpx.TransportError, url: str) -> PRMServeError:
 
 
 def _results(payload: dict) -> list[ScoreResult]:
-    return [ScoreResult(list(r["step_rewards"]), TokenUsage(**r["usage"])) for r in payload["results"]]
+    return [ScoreResult(list(r["step_rewards"]), TokenUsage(**r["usage"]), r.get("handle")) for r in payload["results"]]
 
 
 def _checked(response: httpx.Response) -> Any:
@@ -127,7 +142,7 @@ def _error(status: int, kind: str, message: str) -> PRMServeError:
 
 
 class Client:
-    """A blocking client: `score`, `models`, `health`; retries on 429/503; use it as a context manager."""
+    """A blocking client: `score`, `extend`, `release`, `models`, `health`; retries on 429/503; a context manager."""
 
     def __init__(
         self, url: str, api_key: str | None = None, timeout: float = 300.0, max_retries: int = 8, max_batch_items: int = 256,
@@ -143,15 +158,39 @@ class Client:
         priority: int = 0,
         aggregate: str = "min",
         timeout: float | None = None,
+        keep: bool = False,
     ) -> list[ScoreResult]:
-        """Score items on the server, `max_batch_items` a request (each with its own `timeout`); results in item order."""
+        """Score items on the server, `max_batch_items` a request (each with its own `timeout`); results in item order.
+
+        `keep=True` gives each result a `handle` for `extend`, as `PRM.score` does.
+        """
         results: list[ScoreResult] = []
-        for start, body in _score_bodies(items, self.max_batch_items, priority, aggregate, timeout):
+        for start, body in _score_bodies(items, self.max_batch_items, priority, aggregate, timeout, keep):
             try:
                 results += _results(self._send("POST", "/v1/score", json=body))
             except InvalidInputError as exc:
                 raise _located(exc, start, len(body["items"]), len(items)) from None
         return results
+
+    def extend(
+        self,
+        handle: str,
+        children: Sequence[Sequence[str]],
+        priority: int = 0,
+        aggregate: str = "min",
+        timeout: float | None = None,
+        keep: bool = False,
+    ) -> list[ScoreResult]:
+        """Score children of a kept node (each a list of new steps), as `PRM.extend` does; one round trip
+        per `max_batch_items` children."""
+        results: list[ScoreResult] = []
+        for body in _extend_bodies(handle, children, self.max_batch_items, priority, aggregate, timeout, keep):
+            results += _results(self._send("POST", "/v1/extend", json=body))
+        return results
+
+    def release(self, handles: str | Sequence[str]) -> int:
+        """Let kept nodes go; the number of handles that still existed."""
+        return (self._send("POST", "/v1/release", json=_release_body(handles)))["released"]
 
     def models(self) -> list[dict[str, Any]]:
         """The served models (`[0]["id"]` is the name)."""
@@ -200,15 +239,39 @@ class AsyncClient:
         priority: int = 0,
         aggregate: str = "min",
         timeout: float | None = None,
+        keep: bool = False,
     ) -> list[ScoreResult]:
-        """Score items on the server, `max_batch_items` a request (each with its own `timeout`); results in item order."""
+        """Score items on the server, `max_batch_items` a request (each with its own `timeout`); results in item order.
+
+        `keep=True` gives each result a `handle` for `extend`, as `PRM.score` does.
+        """
         results: list[ScoreResult] = []
-        for start, body in _score_bodies(items, self.max_batch_items, priority, aggregate, timeout):
+        for start, body in _score_bodies(items, self.max_batch_items, priority, aggregate, timeout, keep):
             try:
                 results += _results(await self._send("POST", "/v1/score", json=body))
             except InvalidInputError as exc:
                 raise _located(exc, start, len(body["items"]), len(items)) from None
         return results
+
+    async def extend(
+        self,
+        handle: str,
+        children: Sequence[Sequence[str]],
+        priority: int = 0,
+        aggregate: str = "min",
+        timeout: float | None = None,
+        keep: bool = False,
+    ) -> list[ScoreResult]:
+        """Score children of a kept node (each a list of new steps), as `PRM.extend` does; one round trip
+        per `max_batch_items` children."""
+        results: list[ScoreResult] = []
+        for body in _extend_bodies(handle, children, self.max_batch_items, priority, aggregate, timeout, keep):
+            results += _results(await self._send("POST", "/v1/extend", json=body))
+        return results
+
+    async def release(self, handles: str | Sequence[str]) -> int:
+        """Let kept nodes go; the number of handles that still existed."""
+        return (await self._send("POST", "/v1/release", json=_release_body(handles)))["released"]
 
     async def models(self) -> list[dict[str, Any]]:
         return (await self._send("GET", "/v1/models"))["data"]

@@ -77,6 +77,8 @@ class PRM:
         if self.device.type == "cuda" and not enforce_eager:
             self.model.compile_layers()  # fuses norms, rotary, SwiGLU; measured in bench/
         self.engine = Engine(self.model, EngineConfig(**engine_options))
+        if self.device.type == "cuda":  # compile and size memory now, not in the first big call
+            self.engine.runner.warmup(self.engine.config.max_num_batched_tokens)
         self._loop: EngineLoop | None = None
         self._loop_lock = threading.Lock()
         self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)

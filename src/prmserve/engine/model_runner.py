@@ -82,6 +82,35 @@ class ModelRunner:
         out = self.model(ids.to(**to), positions.to(**to), inputs)
         self.head_cache[inputs.slot_mapping] = out.float()
 
+    @torch.inference_mode()
+    def warmup(self, max_tokens: int) -> None:
+        """Run the forward at the batch sizes that compile or grow memory differently (1 token, a small
+        step, the full token budget) and once after a cached prefix, so the first real call is no slower
+        than later ones. Writes only KV slots of blocks that hold nothing yet (call before serving)."""
+        slots = self.kv_cache.shape[2]
+        largest = min(max_tokens, slots)
+        gen = torch.Generator().manual_seed(0)
+        for count, prefix in ((1, 0), (16, 0), (largest, 0), (min(16, largest), largest - min(16, largest))):
+            if count < 1 or prefix < 0:
+                continue
+            ids = torch.randint(0, self.model.config.vocab_size, (count,), generator=gen)
+            positions = torch.arange(prefix, prefix + count)
+            to = {"device": self.device}
+            inputs = AttentionInputs(
+                cu_seqlens_q=cumulative_lengths([count]).to(**to),
+                cu_seqlens_k=cumulative_lengths([prefix + count]).to(**to),
+                max_seqlen_q=count,
+                max_seqlen_k=prefix + count,
+                kv_cache=self.kv_cache,
+                slot_mapping=positions.to(**to),
+                key_slots=torch.arange(prefix + count).to(**to) if prefix else None,
+                seq_lens_q=[count],
+                seq_lens_k=[prefix + count],
+            )
+            self.model(ids.to(**to), positions.to(**to), inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def read_outputs(self, requests: list) -> list[torch.Tensor]:
         """Head outputs [reads, width] at each request's read positions, in the model's dtype (one gather)."""
         slots = [self.blocks.slot(r, p) for r in requests for p in r.read_positions]

@@ -7,7 +7,7 @@ import email.message
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,10 +20,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from prmserve.engine import Request as EngineRequest
-from prmserve.errors import FormatError, InvalidInputError, QueueFullError, RequestCancelledError
-from prmserve.formats.base import EncodedItem, render_chat
-from prmserve.prm import PRM
-from prmserve.results import TokenUsage, aggregate
+from prmserve.errors import FormatError, HandleNotFoundError, InvalidInputError, QueueFullError, RequestCancelledError
+from prmserve.formats.base import render_chat
+from prmserve.prm import PRM, ScoringJob
+from prmserve.results import ScoreResult, TokenUsage, aggregate
 from prmserve.server.args import DEFAULT_MAX_BODY_BYTES
 from prmserve.server.docs import add_offline_docs
 from prmserve.server.encoding import rows_to_base64
@@ -31,6 +31,7 @@ from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics, pending_request
 from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestLogMiddleware
 from prmserve.server.protocol import (
     ErrorResponse,
+    ExtendRequest,
     Health,
     ModelCard,
     ModelList,
@@ -38,6 +39,8 @@ from prmserve.server.protocol import (
     PoolingRequest,
     PoolingResponse,
     PoolingUsage,
+    ReleaseRequest,
+    ReleaseResponse,
     ScoreRequest,
     ScoreResponse,
     ScoreResultBody,
@@ -49,6 +52,8 @@ POOLING_TASKS = ("encode", "token_classify", "classify", "reward")
 RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
+_HANDLE_ERRORS = _ERRORS | {404: {"model": ErrorResponse}}
+SWEEP_INTERVAL_S = 10.0  # how often expired node handles are let go when no call touches them
 
 
 class APIError(Exception):
@@ -84,9 +89,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prm.engine.step_observers.append(metrics.observe_step)  # engine step metrics while this app serves
         prm.loop  # start the engine thread before the first request
+        sweeper = asyncio.create_task(_expire_handles(prm))
         try:
             yield
         finally:
+            sweeper.cancel()
             await asyncio.to_thread(prm.close)
             prm.engine.step_observers.remove(metrics.observe_step)
 
@@ -101,24 +108,32 @@ def create_app(
     _add_error_handlers(app)
     authorized = [Depends(_bearer_check(api_key))]
 
-    async def run(request: Request, items: list[dict[str, Any]], param: str, priority: int, timeout: float | None) -> list[EngineRequest]:
+    async def run(request: Request, plan: Callable[[], list[ScoringJob]], param: str, timeout: float | None) -> tuple[list[ScoringJob], list[EngineRequest]]:
         # Tokenising runs in a worker thread so a big request does not stall the event loop.
-        encoded = await asyncio.to_thread(_encode, prm, items, param, limit)
-        return await _run(prm, request, encoded, priority, timeout, metrics)
+        jobs = await asyncio.to_thread(_planned, plan, param, limit)
+        return jobs, await _run(prm, request, jobs, timeout, metrics)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
-        """Score items (results in item order); lower priority values run first."""
-        timeout = body.timeout if body.timeout is not None else default_timeout
-        done = await run(request, [item.to_item() for item in body.items], "items", body.priority, timeout)
-        results = [prm.result(r) for r in done]
-        return ScoreResponse(
-            results=[
-                ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, body.aggregate), usage=_usage(r.usage))
-                for r in results
-            ],
-            usage=_usage(_total(r.usage for r in results)),
-        )
+        """Score items (results in item order); lower priority values run first; `keep` returns node handles."""
+        items = [item.to_item() for item in body.items]
+        jobs, done = await run(request, lambda: prm.plan_score(items, body.priority, body.keep), "items", _timeout(body.timeout))
+        return _score_response(prm.collect(jobs, done), body.aggregate)
+
+    @app.post("/v1/extend", response_model=ScoreResponse, responses=_HANDLE_ERRORS, dependencies=authorized)
+    async def extend(body: ExtendRequest, request: Request) -> ScoreResponse:
+        """Score children of a kept node; each result's `step_rewards` are the node's then the child's new steps'."""
+        plan = lambda: prm.plan_extend(body.handle, body.children, body.priority, body.keep)  # noqa: E731
+        jobs, done = await run(request, plan, "children", _timeout(body.timeout))
+        return _score_response(prm.collect(jobs, done), body.aggregate)
+
+    @app.post("/v1/release", response_model=ReleaseResponse, responses=_ERRORS, dependencies=authorized)
+    async def release(body: ReleaseRequest) -> ReleaseResponse:
+        """Let kept nodes go: their cached blocks become evictable."""
+        return ReleaseResponse(released=prm.release(body.handles))
+
+    def _timeout(asked: float | None) -> float | None:
+        return asked if asked is not None else default_timeout
 
     @app.post("/pooling", response_model=PoolingResponse, responses=_ERRORS | {404: {"model": ErrorResponse}}, dependencies=authorized)
     async def pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
@@ -128,8 +143,9 @@ def create_app(
         if body.task is not None and body.task not in POOLING_TASKS:
             raise APIError(400, f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}", "InvalidInputError", "task")
         param = "messages" if body.messages is not None else "input"
-        done = await run(request, _pooling_items(prm, body), param, body.priority, default_timeout)
-        rows = [_pooling_rows(prm, r, body.activated) for r in done]
+        items = _pooling_items(prm, body)
+        jobs, done = await run(request, lambda: prm.plan_score(items, body.priority), param, default_timeout)
+        rows = _pooling_rows(prm, jobs, done, body.activated)
         prompt_tokens = _total(r.usage for r in done).prompt_tokens
         return PoolingResponse(
             id=f"pool-{uuid.uuid4().hex}",
@@ -219,30 +235,47 @@ def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
     return [{"text": x} if isinstance(x, str) else {"token_ids": x} for x in given]
 
 
-def _encode(prm: PRM, items: list[dict[str, Any]], param: str, max_model_len: int) -> list[EncodedItem]:
-    """Encode every item; a refusal is a 400 naming the request field and the item's index."""
+def _planned(plan: Callable[[], list[ScoringJob]], param: str, max_model_len: int) -> list[ScoringJob]:
+    """Encode a request's items into jobs; a refusal is a 400 naming the field and the item's index
+    (404 for an unknown node handle)."""
     try:
-        encoded = prm.encode_all(items)
+        jobs = plan()
+    except HandleNotFoundError as exc:
+        raise APIError(404, str(exc), "HandleNotFoundError", "handle") from None
     except (InvalidInputError, FormatError) as exc:
         raise APIError(400, f"{param}: {exc}", type(exc).__name__, param) from None
-    for index, item in enumerate(encoded):
-        if len(item.token_ids) > max_model_len:
-            message = f"{param}: item {index}: the input is {len(item.token_ids)} tokens; this server takes at most {max_model_len}"
+    for index, job in enumerate(jobs):
+        if len(job.encoded.token_ids) > max_model_len:
+            message = f"{param}: item {index}: the input is {len(job.encoded.token_ids)} tokens; this server takes at most {max_model_len}"
             raise APIError(400, message, "InputTooLongError", param)
-    return encoded
+    return jobs
 
 
-async def _run(
-    prm: PRM, request: Request, encoded: Sequence[EncodedItem], priority: int, timeout: float | None, metrics: ServerMetrics
-) -> list[EngineRequest]:
-    """Submit every item (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done."""
+def _score_response(results: list[ScoreResult], method: str) -> ScoreResponse:
+    bodies = [
+        ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, method), usage=_usage(r.usage), handle=r.handle)
+        for r in results
+    ]
+    return ScoreResponse(results=bodies, usage=_usage(_total(r.usage for r in results)))
+
+
+async def _expire_handles(prm: PRM) -> None:
+    """Let expired node handles go even when no call touches the table (clients that vanished)."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        prm.nodes.expire()
+
+
+async def _run(prm: PRM, request: Request, jobs: Sequence[ScoringJob], timeout: float | None, metrics: ServerMetrics) -> list[EngineRequest]:
+    """Submit every job (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done."""
     limit = prm.engine.config.max_queue
-    if limit is not None and len(encoded) > limit:
-        raise APIError(400, f"{len(encoded)} items can never fit the server's queue of {limit}; split the request", "InvalidInputError", "items")
+    if limit is not None and len(jobs) > limit:
+        raise APIError(400, f"{len(jobs)} items can never fit the server's queue of {limit}; split the request", "InvalidInputError", "items")
     futures: list[Future] = []
+    finished = False
     try:
         submitted = time.perf_counter()
-        futures = prm.submit_many(encoded, priority)
+        futures = prm.submit_jobs(jobs)
         for future in futures:
             future.add_done_callback(lambda f: _observe_finished(f, metrics, submitted))
         # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
@@ -257,6 +290,7 @@ async def _run(
             failed = next((r for r in requests if isinstance(r, BaseException)), None)
             if failed is not None:
                 raise failed
+            finished = True
             return requests
         if left in done:
             raise APIError(CLIENT_CLOSED, "the client closed the connection; its work was dropped", "client_closed")
@@ -270,6 +304,8 @@ async def _run(
     finally:
         for f in futures:
             f.cancel()  # no-op for finished work; aborts and frees the rest
+        if not finished:
+            prm.abandon(jobs)  # kept nodes whose handles will never be returned
 
 
 async def _client_left(request: Request) -> None:
@@ -284,11 +320,11 @@ def _observe_finished(future: Future, metrics: ServerMetrics, submitted: float) 
         metrics.observe_finished(time.perf_counter() - submitted)
 
 
-def _pooling_rows(prm: PRM, request: EngineRequest, activated: bool) -> list[list[float]]:
-    """Rows per step: `[1 - reward, reward]`, or with the activation off the reward head's raw outputs there."""
+def _pooling_rows(prm: PRM, jobs: list[ScoringJob], done: list[EngineRequest], activated: bool) -> list[list[list[float]]]:
+    """Rows per step of each input: `[1 - reward, reward]`, or with the activation off the head's raw outputs there."""
     if activated:
-        return [[1.0 - r, r] for r in prm.result(request).step_rewards]
-    return request.outputs.float().tolist()
+        return [[[1.0 - r, r] for r in result.step_rewards] for result in prm.collect(jobs, done)]
+    return [request.outputs.float().tolist() for request in done]
 
 
 def _encoded(rows: list[list[float]], body: PoolingRequest) -> list[list[float]] | str:

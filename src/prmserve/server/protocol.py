@@ -42,6 +42,38 @@ class ScoreRequest(BaseModel):
         None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
         description="Seconds to wait before answering 504 and dropping the work (default: the server's)",
     )
+    keep: StrictBool = Field(False, description="Keep each scored item as a node: results get a `handle` for /v1/extend")
+
+
+class ExtendRequest(BaseModel):
+    """Score children of a kept node: each child is a list of new steps after the node's steps."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"handle": "<from /v1/score with keep>", "children": [["3 * 2 = 6."], ["3 * 2 = 5.", "So 5."]]}]},
+    )
+
+    handle: StrictStr = Field(description="A node's handle, from /v1/score or /v1/extend with `keep`")
+    children: list[list[StrictStr]] = Field(min_length=1, description="Each child's new steps; results come back in this order")
+    priority: StrictInt = Field(0, description="Lower values are scheduled first (as in vLLM)")
+    aggregate: Aggregation = Field("min", description="How each result's `aggregate` reduces its step rewards")
+    timeout: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
+        description="Seconds to wait before answering 504 and dropping the work (default: the server's)",
+    )
+    keep: StrictBool = Field(False, description="Keep each child as a node too (its result gets a `handle`)")
+
+
+class ReleaseRequest(BaseModel):
+    """Let kept nodes go; unknown handles are ignored (they may have expired)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    handles: list[StrictStr] = Field(min_length=1)
+
+
+class ReleaseResponse(BaseModel):
+    released: int = Field(description="How many of the handles still existed")
 
 
 class Usage(BaseModel):
@@ -58,6 +90,7 @@ class ScoreResultBody(BaseModel):
     step_rewards: list[float]
     aggregate: float
     usage: Usage
+    handle: str | None = Field(None, description="The node's handle when it was kept")
 
 
 class ScoreResponse(BaseModel):
