@@ -1,0 +1,112 @@
+"""Where a small tree-search call spends its time: a timeline of `PRM.extend` (plan, submit, engine step
+host and GPU parts, wake-up, collect) for 1 and 16 children on a cached node, plus torch.profiler's top ops.
+
+    python bench/profile_tree.py --checkpoint /tmp/prmserve-bench-ckpt-qwen2.5-math-prm-7b [--threads 1] [--eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import bench_tree
+from prmserve import PRM
+from prmserve.engine.engine import Engine
+from prmserve.engine.model_runner import ModelRunner
+
+STAMPS: dict[str, list[float]] = {}
+
+
+def stamp(name: str, seconds: float) -> None:
+    STAMPS.setdefault(name, []).append(seconds * 1e3)
+
+
+def wrap(owner, name: str, label: str, gpu: bool = False) -> None:
+    """Time every call of owner.name (host), and its GPU span with events when asked."""
+    inner = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        if gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        began = time.perf_counter()
+        out = inner(*args, **kwargs)
+        stamp(label, time.perf_counter() - began)
+        if gpu:
+            end.record()
+            end.synchronize()
+            stamp(label + " (GPU)", start.elapsed_time(end) / 1e3)
+        return out
+
+    setattr(owner, name, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--assets", type=Path, default=Path(__file__).parent / ".assets")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in this process")
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prm = PRM(str(args.checkpoint), enforce_eager=args.eager)
+    wrap(prm, "plan_extend", "plan")
+    wrap(prm, "submit_jobs", "submit")
+    wrap(prm, "collect", "collect")
+    wrap(Engine, "step", "engine.step")
+    wrap(prm.engine.scheduler, "schedule", "schedule")
+    wrap(prm.engine.runner, "run", "runner.run", gpu=False)
+    wrap(ModelRunner, "read_outputs", "read_outputs")
+    model_forward = prm.model.forward
+
+    def forward(*a, **k):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        out = model_forward(*a, **k)
+        stamp("model host launch", time.perf_counter() - began)
+        end.record()
+        end.synchronize()
+        stamp("model GPU", start.elapsed_time(end) / 1e3)
+        stamp("model host+GPU", time.perf_counter() - began)
+        return out
+
+    rows = bench_tree.load_rows(args.assets)
+    problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
+    node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
+    for count in (1, 16):
+        prm.extend(node.handle, bench_tree.children_for(pool, count, 999))
+        STAMPS.clear()
+        totals = []
+        for rep in range(args.reps):
+            began = time.perf_counter()
+            prm.extend(node.handle, bench_tree.children_for(pool, count, rep))
+            totals.append((time.perf_counter() - began) * 1e3)
+        print(f"\n== {count} children, {args.reps} calls: total median {statistics.median(totals):.1f} ms "
+              f"(threads {torch.get_num_threads()}, {'eager' if args.eager else 'compiled'})")
+        for name, values in STAMPS.items():
+            print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / args.reps:.1f} per call")
+    if not torch.cuda.is_available():
+        return
+    prm.model.forward = forward
+    STAMPS.clear()
+    for rep in range(args.reps):
+        prm.extend(node.handle, bench_tree.children_for(pool, 16, 500 + rep))
+    print("\n== 16 children with the forward synchronised (its GPU time alone)")
+    for name in ("model host launch", "model GPU", "model host+GPU", "engine.step"):
+        print(f"  {name:24s} median {statistics.median(STAMPS[name]):7.2f} ms")
+    prm.model.forward = model_forward
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        prm.extend(node.handle, bench_tree.children_for(pool, 16, 777))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    prm.close()
+
+
+if __name__ == "__main__":
+    main()
