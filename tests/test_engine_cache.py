@@ -505,3 +505,12 @@ def test_read_positions_outside_the_prompt_are_refused(paths):
         with pytest.raises(InvalidInputError):
             prm.engine.add(Request(f"bad{bad}", list(range(1, 11)), bad))
     assert not prm.engine.has_unfinished()
+
+
+def test_warmup_at_load_changes_no_reward(make_prm) -> None:
+    """The load-time warm-up (run on CUDA) writes only slots nothing holds: rewards are the same after it."""
+    item = {"problem": "What is 3 + 4?", "steps": ["3 + 4 = 7.", "The answer is 7."]}
+    plain = make_prm("qwen_prm").score([item])[0].step_rewards
+    warmed = make_prm("qwen_prm")
+    warmed.engine.runner.warmup(64)
+    assert warmed.score([item])[0].step_rewards == plain

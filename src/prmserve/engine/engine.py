@@ -19,7 +19,7 @@ from prmserve.models.transformer import RewardModel
 
 @dataclass
 class StepStats:
-    """What one step did, for metrics."""
+    """What one step did, for metrics; `seconds` is the host's share (the GPU may still be running it)."""
 
     num_seqs: int
     num_tokens: int

@@ -48,38 +48,41 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> None:
-        """Compute the chunks' tokens; their KV and head outputs land in the pools."""
+        """Compute the chunks' tokens; their KV and head outputs land in the pools.
+
+        Index arrays are built on the host with numpy (no torch CPU kernels: their thread pool
+        fights the launching thread) and cross to the device in one copy; nothing waits for the GPU.
+        """
         tokens: list[int] = []
         for c in chunks:
             tokens.extend(c.request.token_ids[c.start : c.end])
-        ids = _index_tensor(tokens)
-        positions = torch.cat([torch.arange(c.start, c.end, dtype=torch.int64) for c in chunks])
         lens_q = [c.end - c.start for c in chunks]
         lens_k = [c.end for c in chunks]
+        positions = np.concatenate([np.arange(c.start, c.end, dtype=np.int64) for c in chunks])
         slots: list[int] = []
         for c in chunks:
             self._slots(c, c.start, slots)
-        slot_mapping = _index_tensor(slots)
         # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather.
-        key_slots = None
+        keys: list[int] = []
         if any(c.start > 0 for c in chunks):
-            keys: list[int] = []
             for c in chunks:
                 self._slots(c, 0, keys)
-            key_slots = _index_tensor(keys)
-        to = {"device": self.device, "non_blocking": True}
+        parts = [np.fromiter(tokens, np.int64, len(tokens)), positions, np.fromiter(slots, np.int64, len(slots)),
+                 np.fromiter(keys, np.int64, len(keys)), _cumulative(lens_q), _cumulative(lens_k)]
+        packed = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+        ids, positions_t, slot_mapping, key_slots, cu_q, cu_k = packed.split([len(p) for p in parts])
         inputs = AttentionInputs(
-            cu_seqlens_q=cumulative_lengths(lens_q).to(**to),
-            cu_seqlens_k=cumulative_lengths(lens_k).to(**to),
+            cu_seqlens_q=cu_q.to(torch.int32),
+            cu_seqlens_k=cu_k.to(torch.int32),
             max_seqlen_q=max(lens_q),
             max_seqlen_k=max(lens_k),
             kv_cache=self.kv_cache,
-            slot_mapping=slot_mapping.to(**to),
-            key_slots=None if key_slots is None else key_slots.to(**to),
+            slot_mapping=slot_mapping,
+            key_slots=key_slots if keys else None,
             seq_lens_q=lens_q,
             seq_lens_k=lens_k,
         )
-        out = self.model(ids.to(**to), positions.to(**to), inputs)
+        out = self.model(ids, positions_t, inputs)
         self.head_cache[inputs.slot_mapping] = out.float()
 
     @torch.inference_mode()
@@ -112,11 +115,22 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def read_outputs(self, requests: list) -> list[torch.Tensor]:
-        """Head outputs [reads, width] at each request's read positions, in the model's dtype (one gather)."""
+        """Head outputs [reads, width] at each request's read positions, in the model's dtype (one gather).
+
+        They stay on the model's device, so the engine thread never waits for the GPU; whoever reads
+        them turns them into rewards there and copies the rewards back once (`PRM.collect`).
+        """
         slots = [self.blocks.slot(r, p) for r in requests for p in r.read_positions]
-        index = _index_tensor(slots).to(self.device)
-        values = self.head_cache[index].to(self.dtype).cpu()
+        index = _index_tensor(slots).to(self.device, non_blocking=True)
+        values = self.head_cache[index].to(self.dtype)
         return list(values.split([len(r.read_positions) for r in requests]))
+
+
+def _cumulative(lengths: list[int]) -> np.ndarray:
+    """0, l0, l0+l1, ...: where packed sequences start."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def _index_tensor(values: list[int]) -> torch.Tensor:

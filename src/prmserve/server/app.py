@@ -118,14 +118,14 @@ def create_app(
         """Score items (results in item order); lower priority values run first; `keep` returns node handles."""
         items = [item.to_item() for item in body.items]
         jobs, done = await run(request, lambda: prm.plan_score(items, body.priority, body.keep), "items", _timeout(body.timeout))
-        return _score_response(prm.collect(jobs, done), body.aggregate)
+        return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
     @app.post("/v1/extend", response_model=ScoreResponse, responses=_HANDLE_ERRORS, dependencies=authorized)
     async def extend(body: ExtendRequest, request: Request) -> ScoreResponse:
         """Score children of a kept node; each result's `step_rewards` are the node's then the child's new steps'."""
         plan = lambda: prm.plan_extend(body.handle, body.children, body.priority, body.keep)  # noqa: E731
         jobs, done = await run(request, plan, "children", _timeout(body.timeout))
-        return _score_response(prm.collect(jobs, done), body.aggregate)
+        return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
     @app.post("/v1/release", response_model=ReleaseResponse, responses=_ERRORS, dependencies=authorized)
     async def release(body: ReleaseRequest) -> ReleaseResponse:
@@ -145,7 +145,7 @@ def create_app(
         param = "messages" if body.messages is not None else "input"
         items = _pooling_items(prm, body)
         jobs, done = await run(request, lambda: prm.plan_score(items, body.priority), param, default_timeout)
-        rows = _pooling_rows(prm, jobs, done, body.activated)
+        rows = await asyncio.to_thread(_pooling_rows, prm, jobs, done, body.activated)
         prompt_tokens = _total(r.usage for r in done).prompt_tokens
         return PoolingResponse(
             id=f"pool-{uuid.uuid4().hex}",
@@ -257,6 +257,11 @@ def _score_response(results: list[ScoreResult], method: str) -> ScoreResponse:
         for r in results
     ]
     return ScoreResponse(results=bodies, usage=_usage(_total(r.usage for r in results)))
+
+
+async def _collected(prm: PRM, jobs: list[ScoringJob], done: list[EngineRequest]) -> list[ScoreResult]:
+    """`prm.collect` in a worker thread: it waits for the GPU to finish the step, which the event loop must not."""
+    return await asyncio.to_thread(prm.collect, jobs, done)
 
 
 async def _expire_handles(prm: PRM) -> None:
