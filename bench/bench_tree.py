@@ -182,6 +182,8 @@ def phase_prmserve(args) -> dict:
     # bf16: the same paths scored in other batches and chunks differ by rounding (see the README's bf16 notes).
     report["beam_extend_vs_score_max_diff"] = max(
         abs(a - b) for path, x in beam_rewards.items() for a, b in zip(x, score_rewards[path], strict=True))
+    graphs = prm.engine.runner.graphs
+    report["cuda_graph_replays"] = graphs.replays if graphs is not None else 0
     prm.close()
     return report
 

@@ -79,6 +79,8 @@ class PRM:
         self.engine = Engine(self.model, EngineConfig(**engine_options))
         if self.device.type == "cuda":  # compile and size memory now, not in the first big call
             self.engine.runner.warmup(self.engine.config.max_num_batched_tokens)
+            if not enforce_eager and self.model.uses_varlen:  # small steps replay captured graphs
+                self.engine.runner.capture_graphs(self.engine.config.max_num_seqs)
         self._loop: EngineLoop | None = None
         self._loop_lock = threading.Lock()
         self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)

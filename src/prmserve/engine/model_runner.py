@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from prmserve.engine.block_manager import BlockManager
+from prmserve.engine.cuda_graphs import SCRATCH_SLOTS, CudaGraphs, StepArrays
 from prmserve.engine.scheduler import ScheduledChunk
 from prmserve.models.attention import AttentionInputs, cumulative_lengths
 from prmserve.models.transformer import RewardModel
@@ -20,12 +21,20 @@ class ModelRunner:
         cfg = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        slots = blocks.num_blocks * blocks.block_size
+        self.scratch = blocks.num_blocks * blocks.block_size  # slots from here on: CUDA graphs' padding
+        slots = self.scratch + SCRATCH_SLOTS
         self.kv_cache = torch.empty(
             (cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim), dtype=self.dtype, device=self.device
         )
         # Head outputs of every cached token, so a cached step's reward is read, not recomputed.
         self.head_cache = torch.zeros((slots, model.head_spec.width), dtype=torch.float32, device=self.device)
+        self.graphs: CudaGraphs | None = None
+
+    def capture_graphs(self, max_seqs: int) -> None:
+        """Capture CUDA graphs of the forward for small steps (call after `warmup`, before serving)."""
+        graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs)
+        graphs.capture_all()
+        self.graphs = graphs
 
     @staticmethod
     def bytes_per_block(model: RewardModel, block_size: int, dtype: torch.dtype) -> int:
@@ -62,11 +71,16 @@ class ModelRunner:
         slots: list[int] = []
         for c in chunks:
             self._slots(c, c.start, slots)
-        # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather.
+        # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather (graphs always gather).
         keys: list[int] = []
-        if any(c.start > 0 for c in chunks):
+        if any(c.start > 0 for c in chunks) or self.graphs is not None:
             for c in chunks:
                 self._slots(c, 0, keys)
+        if self.graphs is not None:
+            step = StepArrays(np.fromiter(tokens, np.int64, len(tokens)), positions, np.fromiter(slots, np.int64, len(slots)),
+                              np.fromiter(keys, np.int64, len(keys)), lens_q, lens_k)
+            if self.graphs.run(step):
+                return
         parts = [np.fromiter(tokens, np.int64, len(tokens)), positions, np.fromiter(slots, np.int64, len(slots)),
                  np.fromiter(keys, np.int64, len(keys)), _cumulative(lens_q), _cumulative(lens_k)]
         packed = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)

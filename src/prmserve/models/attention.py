@@ -123,6 +123,9 @@ def _sdpa_loop(q, k, v, inputs: AttentionInputs, scale: float, sliding_window: i
     out = torch.empty_like(q)
     start_q = start_k = 0
     for len_q, len_k in zip(lens_q, lens_k):
+        if len_q == 0:  # an empty entry (padded batches): nothing to compute
+            start_k += len_k
+            continue
         qi = q[start_q : start_q + len_q].transpose(0, 1)
         ki = k[start_k : start_k + len_k].transpose(0, 1).repeat_interleave(group, dim=0)
         vi = v[start_k : start_k + len_k].transpose(0, 1).repeat_interleave(group, dim=0)

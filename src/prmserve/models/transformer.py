@@ -98,9 +98,11 @@ class RewardModel(nn.Module):
         self.head = build_head(head, cfg.hidden_size)
         self._project: Callable = project_qkv
         self._finish: Callable = finish_layer
+        self.uses_varlen = False
 
     def set_attention_kernel(self, use_varlen: bool) -> None:
         """Choose the Flash varlen kernel (CUDA) or the portable SDPA loop for every layer."""
+        self.uses_varlen = use_varlen
         for layer in self.layers:
             layer.self_attn.use_varlen = use_varlen
 

@@ -1,0 +1,146 @@
+"""CUDA graphs for small steps: a tree search's children are a few hundred new tokens on cached nodes,
+where launching ~1,000 kernels one by one costs more than the GPU work they do.
+
+Each graph is the whole forward (every layer, the KV writes and the head-output write) captured at a
+fixed shape: `tokens` new tokens and `keys` gathered keys, up to `max_seqs` sequences. A step is padded
+up to the nearest shape: extra tokens form one padding sequence whose KV and head outputs go to
+scratch slots past the pool, unused sequence entries have length 0, and unused keys are never read.
+The padded inputs are filled into the graph's static buffer with one host-to-device copy, then the
+graph is replayed. Layers run eager inside graphs (their launches cost nothing on replay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from prmserve.models.attention import AttentionInputs
+from prmserve.models.transformer import RewardModel, finish_layer, project_qkv
+
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
+KEY_BUCKETS = (1024, 4096, 16384, 65536)
+SCRATCH_SLOTS = TOKEN_BUCKETS[-1]  # slots past the pool for padding tokens' KV and head outputs
+
+
+@dataclass(frozen=True)
+class StepArrays:
+    """A step's host-side inputs: ids, positions and pool slots of new tokens, slots of every key, lengths."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    keys: np.ndarray
+    lens_q: list[int]
+    lens_k: list[int]
+
+
+def shape_for(step: StepArrays, max_seqs: int) -> tuple[int, int] | None:
+    """The smallest (tokens, keys) graph shape this step fits, or None (too big: run it eagerly)."""
+    if len(step.lens_q) > max_seqs:
+        return None
+    tokens = next((b for b in TOKEN_BUCKETS if b >= len(step.tokens)), None)
+    if tokens is None:
+        return None
+    keys = next((b for b in KEY_BUCKETS if b >= len(step.keys) + tokens - len(step.tokens)), None)
+    return None if keys is None else (tokens, keys)
+
+
+def pad(step: StepArrays, tokens: int, keys: int, max_seqs: int, scratch: int) -> np.ndarray:
+    """The graph's packed int64 input [ids, positions, slots, keys, cu_q, cu_k] for this step, padded."""
+    extra = tokens - len(step.tokens)
+    scratch_slots = scratch + np.arange(extra, dtype=np.int64)
+    ids = np.concatenate([step.tokens, np.zeros(extra, np.int64)])
+    positions = np.concatenate([step.positions, np.arange(extra, dtype=np.int64)])
+    slots = np.concatenate([step.slots, scratch_slots])
+    filler = np.full(keys - len(step.keys) - extra, scratch, np.int64)
+    key_slots = np.concatenate([step.keys, scratch_slots, filler])
+    cu_q = _padded_cumulative(step.lens_q, extra, max_seqs)
+    cu_k = _padded_cumulative(step.lens_k, extra, max_seqs)
+    return np.concatenate([ids, positions, slots, key_slots, cu_q, cu_k])
+
+
+def _padded_cumulative(lengths: list[int], extra: int, max_seqs: int) -> np.ndarray:
+    """Starts of the real sequences, then the padding sequence, then empty ones: max_seqs + 2 entries."""
+    out = np.zeros(max_seqs + 2, dtype=np.int64)
+    np.cumsum(lengths + [extra], out=out[1 : len(lengths) + 2])
+    out[len(lengths) + 2 :] = out[len(lengths) + 1]
+    return out
+
+
+def layout(tokens: int, keys: int, max_seqs: int) -> list[int]:
+    return [tokens, tokens, tokens, keys, max_seqs + 2, max_seqs + 2]
+
+
+def padded_forward(model: RewardModel, kv_cache: torch.Tensor, head_cache: torch.Tensor, packed: torch.Tensor,
+                   tokens: int, keys: int, max_seqs: int) -> None:
+    """The forward a graph holds: padded inputs in, KV and head outputs written to the pools."""
+    ids, positions, slots, key_slots, cu_q, cu_k = packed.split(layout(tokens, keys, max_seqs))
+    inputs = AttentionInputs(
+        cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32), max_seqlen_q=tokens, max_seqlen_k=keys,
+        kv_cache=kv_cache, slot_mapping=slots, key_slots=key_slots,
+    )
+    head_cache[slots] = model(ids, positions, inputs).float()
+
+
+class CudaGraphs:
+    """Captured forwards for every small (tokens, keys) shape, replayed for the steps that fit one."""
+
+    def __init__(self, model: RewardModel, kv_cache: torch.Tensor, head_cache: torch.Tensor, scratch: int, max_seqs: int) -> None:
+        self.model, self.kv_cache, self.head_cache = model, kv_cache, head_cache
+        self.scratch, self.max_seqs = scratch, max_seqs
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = 0
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every shape (smallest keys first, so the shared memory pool grows once)."""
+        pool = torch.cuda.graph_pool_handle()
+        for keys in KEY_BUCKETS:
+            for tokens in TOKEN_BUCKETS:
+                self.graphs[(tokens, keys)] = self._capture(tokens, keys, pool)
+        torch.cuda.synchronize()
+
+    def _capture(self, tokens: int, keys: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        empty = StepArrays(*(np.zeros(0, np.int64) for _ in range(4)), [], [])
+        host = pad(empty, tokens, keys, self.max_seqs, self.scratch)  # all padding: a valid step
+        packed = torch.from_numpy(host).to(self.kv_cache.device)
+        step = lambda: padded_forward(self.model, self.kv_cache, self.head_cache, packed, tokens, keys, self.max_seqs)  # noqa: E731
+        with _eager_layers(self.model):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # warm-up outside the graph (lazy initialisation, cuBLAS handles)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                step()
+        return graph, packed
+
+    def run(self, step: StepArrays) -> bool:
+        """Replay the graph this step fits, after filling its inputs; False when none fits."""
+        shape = shape_for(step, self.max_seqs)
+        if shape is None or shape not in self.graphs:
+            return False
+        graph, packed = self.graphs[shape]
+        packed.copy_(torch.from_numpy(pad(step, *shape, self.max_seqs, self.scratch)), non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        return True
+
+
+class _eager_layers:
+    """Use the uncompiled layer functions for a while (graphs capture eager kernels)."""
+
+    def __init__(self, model: RewardModel) -> None:
+        self.model = model
+        self.saved: tuple[Callable, Callable] | None = None
+
+    def __enter__(self) -> None:
+        self.saved = (self.model._project, self.model._finish)
+        self.model._project, self.model._finish = project_qkv, finish_layer
+
+    def __exit__(self, *exc: object) -> None:
+        self.model._project, self.model._finish = self.saved
