@@ -24,7 +24,7 @@ def prm(tmp_path_factory):
 def test_shapes_round_up_and_refuse_big_steps() -> None:
     step = StepArrays(np.zeros(20, np.int64), np.zeros(20, np.int64), np.zeros(20, np.int64), np.zeros(900, np.int64), [20], [900])
     assert shape_for(step, max_seqs=8) == (32, 1024)  # 900 keys + 12 padding keys
-    big = StepArrays(*(np.zeros(600, np.int64) for _ in range(4)), [600], [600])
+    big = StepArrays(*(np.zeros(3000, np.int64) for _ in range(4)), [3000], [3000])
     assert shape_for(big, max_seqs=8) is None
     many = StepArrays(*(np.zeros(9, np.int64) for _ in range(4)), [1] * 9, [1] * 9)
     assert shape_for(many, max_seqs=8) is None

@@ -20,7 +20,7 @@ import torch
 from prmserve.models.attention import AttentionInputs
 from prmserve.models.transformer import RewardModel, finish_layer, project_qkv
 
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 KEY_BUCKETS = (1024, 4096, 16384, 65536)
 SCRATCH_SLOTS = TOKEN_BUCKETS[-1]  # slots past the pool for padding tokens' KV and head outputs
 

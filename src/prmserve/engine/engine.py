@@ -53,6 +53,8 @@ class Engine:
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, self.blocks)
         self.step_observers: list[Callable[[StepStats], None]] = []
+        self._device = param.device
+        self._launched: torch.cuda.Event | None = None  # the GPU work of the last step, once launched
         self._steps = self._prompt = self._computed = self._cached = 0
 
     @property
@@ -82,6 +84,13 @@ class Engine:
         """Let a kept request's blocks be evicted again (its node handle was released or expired)."""
         return self.blocks.unpin(key)
 
+    def wait_for_gpu(self) -> None:
+        """Block until the last step's GPU work is done: requests that arrive meanwhile join the next step
+        (continuous batching), instead of many tiny steps queueing behind it on the GPU."""
+        if self._launched is not None:
+            self._launched.synchronize()
+            self._launched = None
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -99,6 +108,9 @@ class Engine:
         if done:
             for request, outputs in zip(done, self.runner.read_outputs(done)):
                 request.outputs = outputs
+        if plan.chunks and self._device.type == "cuda":
+            self._launched = torch.cuda.Event()
+            self._launched.record()
         for request in done:
             if request.keep_tokens:
                 self.blocks.pin(request.request_id, request)  # a node kept for its children

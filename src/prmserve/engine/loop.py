@@ -105,6 +105,8 @@ class EngineLoop:
             block = not self.engine.has_unfinished()
             if stop and block:
                 return
+            if not block:
+                self.engine.wait_for_gpu()  # what arrives while the GPU works joins the next step
             try:
                 kind, payload = self._inbox.get(block=block)
             except queue.Empty:
