@@ -66,3 +66,12 @@ def test_padded_forward_writes_what_the_plain_step_writes(prm) -> None:
     torch.testing.assert_close(runner.head_cache[slots], want, atol=1e-5, rtol=0)
     assert want.abs().sum() > 0
     blocks.free_request(request)
+
+
+def test_every_captured_shape_can_be_padded_to() -> None:
+    """Capture pads an all-padding step into each shape: every shape must hold its own padding."""
+    from prmserve.engine.cuda_graphs import valid_shapes
+
+    empty = StepArrays(*(np.zeros(0, np.int64) for _ in range(4)), [], [])
+    for keys, tokens in valid_shapes():
+        assert len(pad(empty, tokens, keys, max_seqs=4, scratch=10)) == sum(layout(tokens, keys, 4))

@@ -37,6 +37,11 @@ class StepArrays:
     lens_k: list[int]
 
 
+def valid_shapes() -> list[tuple[int, int]]:
+    """(keys, tokens) of every graph: a step's keys include its new tokens, so keys < tokens never occurs."""
+    return [(keys, tokens) for keys in KEY_BUCKETS for tokens in TOKEN_BUCKETS if keys >= tokens]
+
+
 def shape_for(step: StepArrays, max_seqs: int) -> tuple[int, int] | None:
     """The smallest (tokens, keys) graph shape this step fits, or None (too big: run it eagerly)."""
     if len(step.lens_q) > max_seqs:
@@ -96,11 +101,10 @@ class CudaGraphs:
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every shape (smallest keys first, so the shared memory pool grows once)."""
+        """Capture every shape a step can take (keys >= tokens: every new token is a key too), smallest first."""
         pool = torch.cuda.graph_pool_handle()
-        for keys in KEY_BUCKETS:
-            for tokens in TOKEN_BUCKETS:
-                self.graphs[(tokens, keys)] = self._capture(tokens, keys, pool)
+        for keys, tokens in valid_shapes():
+            self.graphs[(tokens, keys)] = self._capture(tokens, keys, pool)
         torch.cuda.synchronize()
 
     def _capture(self, tokens: int, keys: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
