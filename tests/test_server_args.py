@@ -32,6 +32,7 @@ def test_every_vllm_flag_lands_where_it_should(tmp_path: Path) -> None:
         "format": "qwen_prm", "device": "cpu", "dtype": "float16", "enforce_eager": True,
         "max_num_batched_tokens": 512, "max_num_seqs": 8, "block_size": 8, "gpu_memory_utilization": 0.5,
         "enable_prefix_caching": False, "max_queue": 1024, "system_prompt": "Be brief",
+        "revision": None, "download_dir": None, "tokenizer": None,
     }
     settings = server_settings(args)
     assert (settings.host, settings.port, settings.root_path) == ("0.0.0.0", 9000, "/api")
@@ -99,9 +100,6 @@ def test_config_file_with_an_unknown_key_is_refused(tmp_path: Path, capsys) -> N
 @pytest.mark.parametrize(("argv", "message"), [
     (["-tp", "2"], "--tensor-parallel-size 2: several GPUs are not supported yet"),
     (["--tensor-parallel-size", "4"], "several GPUs are not supported yet"),
-    (["--tokenizer", "other/tok"], "--tokenizer is not supported yet"),
-    (["--revision", "v2"], "--revision is not supported yet"),
-    (["--download-dir", "/tmp/x"], "--download-dir is not supported yet"),
     (["--max-model-len", "0"], "--max-model-len must be >= 1"),
     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
 ])
@@ -131,3 +129,40 @@ def test_base64_rows_are_vllms_flattened_bytes() -> None:
     assert np.array_equal(np.frombuffer(base64.b64decode(rows_to_base64(rows, "float32", "big")), ">f4"), flat)
     assert np.array_equal(np.frombuffer(base64.b64decode(rows_to_base64(rows)), "=f4"), flat)
     assert np.allclose(np.frombuffer(base64.b64decode(rows_to_base64(rows, "float16", "little")), "<f2"), flat, atol=1e-3)
+
+
+def test_hub_flags_reach_the_loader(tmp_path: Path, monkeypatch) -> None:
+    """--revision and --download-dir go to snapshot_download; --tokenizer loads another checkpoint's tokenizer."""
+    import huggingface_hub
+
+    from prmserve.errors import CheckpointError
+    from prmserve.models.loader import resolve_checkpoint
+
+    args = parse("org/model", "--revision", "v2", "--download-dir", str(tmp_path), "--tokenizer", "org/tok")
+    options = prm_options(args)
+    assert (options["revision"], options["download_dir"], options["tokenizer"]) == ("v2", str(tmp_path), "org/tok")
+    seen = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: seen.update(kw) or str(tmp_path))
+    assert resolve_checkpoint("org/model", options["revision"], options["download_dir"]) == tmp_path
+    assert seen["repo_id"] == "org/model" and seen["revision"] == "v2" and seen["cache_dir"] == str(tmp_path)
+    with pytest.raises(CheckpointError, match="applies to hub IDs"):
+        resolve_checkpoint(tmp_path, "v2")
+
+
+def test_tokenizer_of_another_directory_is_used(qwen_prm_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from prmserve import PRM
+
+    other = tmp_path / "tok"
+    other.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (qwen_prm_dir / name).is_file():
+            shutil.copy(qwen_prm_dir / name, other / name)
+    config = (other / "tokenizer_config.json").read_text().replace('"chat_template"', '"chat_template_unused"')
+    (other / "tokenizer_config.json").write_text(config)
+    prm = PRM(str(qwen_prm_dir), device="cpu", tokenizer=str(other))
+    try:
+        assert not getattr(prm.tokenizer, "chat_template", None)  # the other directory's, without a template
+    finally:
+        prm.close()

@@ -83,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = server_settings(args)
     prm = load_for_serving(args.model, prm_options(args), settings, seed=args.seed)
-    run_server(prm, settings, enforce_eager=args.enforce_eager)
+    run_server(prm, settings)
     return 0
 
 

@@ -45,7 +45,9 @@ class PRM:
     """A process reward model ready to score: its format, weights, tokenizer and engine.
 
     `PRM()` loads the small model bundled with prmserve; otherwise pass a local checkpoint
-    directory or a Hugging Face model ID. On CUDA the layers are compiled unless `enforce_eager`.
+    directory or a Hugging Face model ID (`revision`, `download_dir`; `tokenizer` loads another
+    checkpoint's tokenizer). On CUDA the layers are compiled and small steps replay CUDA graphs,
+    unless `enforce_eager`.
     Keyword options are the engine's (`EngineConfig`: `enable_prefix_caching`,
     `max_num_batched_tokens`, ...), the node handles' (`handle_ttl` seconds, `max_handles`), and
     then the format's.
@@ -58,14 +60,18 @@ class PRM:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         enforce_eager: bool = False,
+        revision: str | None = None,
+        download_dir: str | Path | None = None,
+        tokenizer: str | Path | None = None,
         **options: Any,
     ) -> None:
         self.model_name = str(model) if model is not None else "prmserve/small-prm"
         if model is None and not (BUNDLED_MODEL / "config.json").is_file():
             raise CheckpointError(f"the bundled model is missing from this installation ({BUNDLED_MODEL}); pass a model")
-        self.path = resolve_checkpoint(model if model is not None else BUNDLED_MODEL)
+        self.path = resolve_checkpoint(model if model is not None else BUNDLED_MODEL, revision, download_dir)
         self.config = BackboneConfig.from_file(self.path)
-        self.tokenizer = load_tokenizer(self.path)
+        # The tokenizer (and chat template) of another directory or hub ID, as vLLM's --tokenizer.
+        self.tokenizer = load_tokenizer(self.path if tokenizer is None else resolve_checkpoint(tokenizer, None, download_dir))
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         engine_options = {k: options.pop(k) for k in list(options) if k in _ENGINE_OPTIONS}
@@ -74,7 +80,8 @@ class PRM:
         self.format = make_format(self.format_name, self.tokenizer, self.config, **options)
         self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
         self.model.set_attention_kernel(varlen_available(self.device, self.dtype))
-        if self.device.type == "cuda" and not enforce_eager:
+        self.compiled = self.device.type == "cuda" and not enforce_eager
+        if self.compiled:
             self.model.compile_layers()  # fuses norms, rotary, SwiGLU; measured in bench/
         self.engine = Engine(self.model, EngineConfig(**engine_options))
         if self.device.type == "cuda":  # compile and size memory now, not in the first big call

@@ -27,10 +27,13 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt",
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A local checkpoint directory for a path, or for a hub ID after `snapshot_download`."""
+def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None, download_dir: str | Path | None = None) -> Path:
+    """A local checkpoint directory for a path, or for a hub ID after `snapshot_download` (at `revision`,
+    into `download_dir` instead of the Hugging Face cache when given)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"revision {revision!r} applies to hub IDs; {str(name_or_path)!r} is a local directory")
         return path
     text = str(name_or_path)
     if not _HUB_ID.match(text):
@@ -38,7 +41,9 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     import huggingface_hub
 
     try:
-        return Path(huggingface_hub.snapshot_download(repo_id=text, allow_patterns=_HUB_FILES))
+        return Path(huggingface_hub.snapshot_download(
+            repo_id=text, revision=revision, cache_dir=None if download_dir is None else str(download_dir), allow_patterns=_HUB_FILES,
+        ))
     except Exception as exc:  # network, auth, missing repo: one clear message either way
         raise CheckpointError(f"could not fetch {text!r} from the Hugging Face hub: {exc}") from exc
 

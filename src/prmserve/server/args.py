@@ -77,9 +77,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     model.add_argument("--dtype", choices=list(DTYPES), default="auto",
                        help="weights and activations; half = float16, float = float32; auto: the checkpoint's on GPU, float32 on CPU")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--tokenizer", help="not supported yet: the tokenizer is the checkpoint's own")
-    model.add_argument("--revision", help="not supported yet: the hub's default branch is loaded")
-    model.add_argument("--download-dir", help="not supported yet: the Hugging Face cache (HF_HOME) is used")
+    model.add_argument("--tokenizer", help="load the tokenizer and chat template from this directory or hub ID instead")
+    model.add_argument("--revision", help="the hub revision (branch, tag or commit) of MODEL")
+    model.add_argument("--download-dir", help="download hub checkpoints here instead of the Hugging Face cache")
     model.add_argument("--chat-template", help="chat template for /pooling `messages`: a file path or the template itself")
     model.add_argument("--trust-remote-code", action="store_true", help="accepted and ignored: no checkpoint code is ever run")
     model.add_argument("--seed", type=int, help="torch's random seed")
@@ -116,10 +116,10 @@ def prm_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `PRM(...)` keyword arguments the flags ask for; refuses flags that PRM cannot honour yet (ValueError, one line)."""
     if args.tensor_parallel_size != 1:
         raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: several GPUs are not supported yet; use 1")
-    for flag, value in (("--tokenizer", args.tokenizer), ("--revision", args.revision), ("--download-dir", args.download_dir)):
-        if value is not None and not (flag == "--tokenizer" and value == args.model):
-            raise ValueError(f"{flag} is not supported yet: prmserve loads the checkpoint's own files from the default branch")
     return dict(args.option) | {
+        "revision": args.revision,
+        "download_dir": args.download_dir,
+        "tokenizer": None if args.tokenizer == args.model else args.tokenizer,
         "format": args.format,
         "device": args.device,
         "dtype": DTYPES[args.dtype],

@@ -43,11 +43,8 @@ def read_chat_template(given: str) -> str:
     return given
 
 
-def run_server(prm: PRM, settings: ServerSettings | None = None, *, enforce_eager: bool = False) -> None:
-    """Serve `prm` until a signal; uvicorn finishes open requests, then the lifespan closes the engine.
-
-    `enforce_eager` is what `prm` was loaded with (PRM does not record it), for the startup log.
-    """
+def run_server(prm: PRM, settings: ServerSettings | None = None) -> None:
+    """Serve `prm` until a signal; uvicorn finishes open requests, then the lifespan closes the engine."""
     settings = settings or ServerSettings()
     app = create_app(
         prm, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, default_timeout=settings.default_timeout,
@@ -59,7 +56,7 @@ def run_server(prm: PRM, settings: ServerSettings | None = None, *, enforce_eage
         root_path=settings.root_path, ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile,
         log_config=_logging_config(),
     )  # configures logging, so the startup lines below have their handler
-    for line in startup_lines(prm, settings, enforce_eager):
+    for line in startup_lines(prm, settings):
         logger.info(line)
     # uvicorn re-raises the stopping signal once it has drained; a drained, graceful stop is a success.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,11 +64,10 @@ def run_server(prm: PRM, settings: ServerSettings | None = None, *, enforce_eage
     uvicorn.Server(config).run()
 
 
-def startup_lines(prm: PRM, settings: ServerSettings, enforce_eager: bool = False) -> list[str]:
+def startup_lines(prm: PRM, settings: ServerSettings) -> list[str]:
     """What `vllm serve` tells before it listens: the model, its limits, the KV pool, how it runs, where."""
     blocks = prm.engine.blocks
     kv_bytes = blocks.num_blocks * ModelRunner.bytes_per_block(prm.model, blocks.block_size, prm.dtype)
-    compiled = prm.device.type == "cuda" and not enforce_eager  # PRM's rule
     scheme = "https" if settings.ssl_certfile else "http"
     names = settings.served_model_names or [prm.model_name]
     return [
@@ -82,9 +78,16 @@ def startup_lines(prm: PRM, settings: ServerSettings, enforce_eager: bool = Fals
         f"max model length: {effective_max_model_len(prm, settings.max_model_len)} tokens",
         f"KV pool: {blocks.num_blocks} blocks of {blocks.block_size} tokens = {blocks.num_blocks * blocks.block_size} tokens, "
         f"{kv_bytes / 1024**3:.2f} GiB; prefix caching {'on' if prm.engine.config.enable_prefix_caching else 'off'}",
-        f"compile mode: {'compiled (torch.compile)' if compiled else 'eager'}",
+        f"compile mode: {_compile_mode(prm)}",
         f"serving on {scheme}://{settings.host}:{settings.port}{settings.root_path}",
     ]
+
+
+def _compile_mode(prm: PRM) -> str:
+    if not prm.compiled:
+        return "eager"
+    graphs = prm.engine.runner.graphs
+    return "compiled (torch.compile)" + (f", {len(graphs.graphs)} CUDA graphs for small steps" if graphs else "")
 
 
 def _logging_config() -> dict[str, Any]:
