@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import time
 from importlib.metadata import version as distribution_version
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
@@ -81,6 +82,10 @@ def test_vllm_flags_reach_the_served_api(vllm_flag_server: ServerProcess) -> Non
 
 def test_requests_are_logged_one_line_each_by_default(server: ServerProcess) -> None:
     httpx.get(server.url + "/ping")
+    # The line is written once the answer has gone out: the client can read its answer first.
+    deadline = time.monotonic() + 5
+    while not re.search(r"\[prmserve\] GET /ping 200 \d+\.\d ms", server.log()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert re.search(r"\[prmserve\] GET /ping 200 \d+\.\d ms", server.log())
 
 
