@@ -44,10 +44,15 @@ class Scheduler:
         self.blocks = blocks
         self.queue: list[tuple[tuple[int, int], Request]] = []  # every unfinished request
         self.requests: dict[str, Request] = {}
+        # Unfinished requests per status, counted as they move: metrics read them from other threads,
+        # which must never iterate `requests` while this thread changes it.
+        self._counts = {RequestStatus.WAITING: 0, RequestStatus.RUNNING: 0}
         self.step = 0
 
     def add(self, request: Request) -> None:
+        assert request.status is RequestStatus.WAITING, f"request {request.request_id} was added twice"
         self.requests[request.request_id] = request
+        self._counts[RequestStatus.WAITING] += 1
         heapq.heappush(self.queue, (request.sort_key, request))
 
     def abort(self, request_id: str) -> Request | None:
@@ -62,11 +67,11 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return sum(1 for r in self.requests.values() if r.status is RequestStatus.WAITING)
+        return self._counts[RequestStatus.WAITING]
 
     @property
     def num_running(self) -> int:
-        return sum(1 for r in self.requests.values() if r.status is RequestStatus.RUNNING)
+        return self._counts[RequestStatus.RUNNING]
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -91,7 +96,7 @@ class Scheduler:
                     admitting = False
                     continue
                 self.blocks.allocate(request, match)
-                request.status = RequestStatus.RUNNING
+                self._move(request, RequestStatus.RUNNING)
                 if request.num_remaining == 0:
                     kept.pop()
                     plan.finished_from_cache.append(request)
@@ -136,4 +141,12 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         if request.block_table:
             self.blocks.free_request(request)
-        request.status = RequestStatus.FINISHED
+        if request.status is not RequestStatus.FINISHED:
+            self._move(request, RequestStatus.FINISHED)
+
+    def _move(self, request: Request, status: RequestStatus) -> None:
+        """Change a request's status and the per-status counts with it."""
+        self._counts[request.status] -= 1
+        if status in self._counts:
+            self._counts[status] += 1
+        request.status = status
