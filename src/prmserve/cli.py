@@ -10,11 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from prmserve import __version__, missing_dependency
 from prmserve.errors import FormatError, InvalidInputError, PRMServeError
 from prmserve.results import AGGREGATIONS, ScoreResult
+
+if TYPE_CHECKING:
+    from prmserve.prm import PRM
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_prm(args: argparse.Namespace, model: str | None, **engine_options: Any):
+def load_prm(args: argparse.Namespace, model: str | None, **engine_options: Any) -> PRM:
     """A `PRM` from the shared model options (`model` None loads the bundled model)."""
     from prmserve.prm import PRM
 
@@ -53,7 +56,15 @@ def load_prm(args: argparse.Namespace, model: str | None, **engine_options: Any)
         options["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
-    return PRM(model, format=args.format, device=args.device, dtype=args.dtype, **options)
+    return _owned(PRM(model, format=args.format, device=args.device, dtype=args.dtype, **options))
+
+
+def _owned(prm: PRM) -> PRM:
+    """The PRM of a command that owns the whole process: its loaded heap frozen (`freeze_heap` says why)."""
+    from prmserve.engine.loop import freeze_heap
+
+    freeze_heap()
+    return prm
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -82,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from prmserve.server.serve import load_for_serving, run_server
 
     settings = server_settings(args)
-    prm = load_for_serving(args.model, prm_options(args), settings, seed=args.seed)
+    prm = _owned(load_for_serving(args.model, prm_options(args), settings, seed=args.seed))
     run_server(prm, settings)
     return 0
 
@@ -196,7 +207,7 @@ def _score_batch(batch: list[tuple[int, str]], scorer: "_Scorer", method: str) -
 
 def _scored_fields(item: dict[str, Any]) -> dict[str, Any]:
     """The fields the PRM reads; the rest (ids, metadata) only travel to the output."""
-    return {k: item[k] for k in ("problem", "steps", "text", "token_ids") if k in item}
+    return {k: item[k] for k in ("problem", "steps", "completion", "messages", "step_split", "text", "token_ids") if k in item}
 
 
 class _Scorer:

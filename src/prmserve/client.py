@@ -110,7 +110,11 @@ def _transport_error(exc: httpx.TransportError, url: str) -> PRMServeError:
 
 
 def _results(payload: dict) -> list[ScoreResult]:
-    return [ScoreResult(list(r["step_rewards"]), TokenUsage(**r["usage"]), r.get("handle")) for r in payload["results"]]
+    return [
+        ScoreResult(list(r["step_rewards"]), TokenUsage(**r["usage"]), r.get("handle"),
+                    [tuple(span) for span in r["step_spans"]] if r.get("step_spans") is not None else None)
+        for r in payload["results"]
+    ]
 
 
 def _checked(response: httpx.Response) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from prmserve.completions import DEFAULT_STEP_SPLIT, chat_to_completion, split_completion, split_rule
 from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
 from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
 from prmserve.formats import EncodedItem, detect_format, make_format
@@ -28,7 +29,7 @@ BUNDLED_MODEL = Path(__file__).parent / "bundled" / "small-prm"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ENGINE_OPTIONS = set(EngineConfig.__dataclass_fields__)
 # Options of the PRM itself (node handles for tree search), with their defaults.
-_PRM_OPTIONS = {"handle_ttl": 600.0, "max_handles": 4096, "recent_encodings": 1024}
+_PRM_OPTIONS = {"handle_ttl": 600.0, "max_handles": 4096, "recent_encodings": 1024, "step_split": DEFAULT_STEP_SPLIT}
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ScoringJob:
     request: Request
     parent: Node | None = None  # extend: the node whose rewards come first
     node_text: tuple[str, tuple[str, ...]] | None = None  # keep: (problem, steps) of the node it becomes
+    step_spans: list[tuple[int, int]] | None = None  # a completion's steps, as characters of it
 
 
 class PRM:
@@ -92,6 +94,7 @@ class PRM:
         self._loop_lock = threading.Lock()
         self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)
         self.recent = RecentEncodings(own["recent_encodings"])
+        self.step_split = split_rule(own["step_split"])  # how completions are split when an item does not say
 
     @property
     def max_model_len(self) -> int:
@@ -113,21 +116,52 @@ class PRM:
         return self._loop
 
     def encode(self, item: Mapping[str, Any]) -> EncodedItem:
-        """Token ids and read positions for one item: {problem, steps}, or pre-formatted {text} / {token_ids}."""
+        """Token ids and read positions for one item: {problem, steps}, {problem, completion}, {messages},
+        or pre-formatted {text} / {token_ids}."""
+        return self._encode_item(item)[0]
+
+    def steps_of(self, item: Mapping[str, Any]) -> tuple[str, list[str], list[tuple[int, int]] | None] | None:
+        """(problem, steps, spans) of an item given as steps, a completion or a chat; None for pre-formatted input.
+
+        A completion (or a chat's last assistant turn) is split by the item's `step_split`, else the
+        PRM's (`"\n\n"` by default); `spans` are the steps' [start, end) characters in it.
+        """
         if not isinstance(item, Mapping):
             raise InvalidInputError(f"an item must be a mapping with 'problem' and 'steps', not {type(item).__name__}")
-        kinds = [k for k in ("steps", "text", "token_ids") if k in item]
+        kinds = [k for k in ("steps", "completion", "messages", "text", "token_ids") if k in item]
         if len(kinds) != 1:
-            raise InvalidInputError("an item needs exactly one of: problem + steps, text, token_ids")
+            raise InvalidInputError("an item needs exactly one of: problem + steps, problem + completion, messages, text, token_ids")
+        if "step_split" in item and kinds[0] not in ("completion", "messages"):
+            raise InvalidInputError("'step_split' applies to 'completion' and 'messages' items only")
         if kinds[0] == "steps":
-            encoded = self._encode_steps(item.get("problem"), item["steps"])
-        elif kinds[0] == "text":
+            return item.get("problem"), item["steps"], None
+        if kinds[0] in ("text", "token_ids"):
+            return None
+        if kinds[0] == "messages":
+            if "problem" in item:
+                raise InvalidInputError("a 'messages' item takes its problem from the user turn: drop 'problem'")
+            problem, completion = chat_to_completion(item["messages"])
+        else:
+            problem, completion = item.get("problem"), item["completion"]
+        rule = split_rule(item["step_split"]) if "step_split" in item else self.step_split
+        steps, spans = split_completion(completion, rule)
+        if not steps:
+            raise InvalidInputError("the completion holds no step: every piece between separators is empty")
+        return problem, steps, spans
+
+    def _encode_item(self, item: Mapping[str, Any]) -> tuple[EncodedItem, tuple | None]:
+        """The item's encoding, and its (problem, steps, spans) when it has steps."""
+        parts = self.steps_of(item)
+        if parts is not None:
+            encoded = self._encode_steps(parts[0], parts[1])
+        elif "text" in item:
             if not isinstance(item["text"], str) or not item["text"]:
                 raise InvalidInputError("'text' must be a non-empty string")
+            self.format.check_text(item["text"], "'text'")
             encoded = self.format.encode_text(item["text"])
         else:
             encoded = self.format.encode_token_ids(self._checked_ids(item["token_ids"]))
-        return self._checked_length(encoded)
+        return self._checked_length(encoded), parts
 
     def _checked_length(self, encoded: EncodedItem) -> EncodedItem:
         if not encoded.read_positions:
@@ -162,12 +196,15 @@ class PRM:
 
     def encode_all(self, items: Sequence[Mapping[str, Any]]) -> list[EncodedItem]:
         """Encode every item, naming the index of the first bad one."""
+        return [encoded for encoded, _ in self._encode_items(items)]
+
+    def _encode_items(self, items: Sequence[Mapping[str, Any]]) -> list[tuple[EncodedItem, tuple | None]]:
         if isinstance(items, Mapping) or not isinstance(items, Sequence):
             raise InvalidInputError("score() takes a list of items")
         encoded = []
         for index, item in enumerate(items):
             try:
-                encoded.append(self.encode(item))
+                encoded.append(self._encode_item(item))
             except (InvalidInputError, FormatError) as exc:
                 raise type(exc)(f"item {index}: {exc}") from None
         return encoded
@@ -191,13 +228,13 @@ class PRM:
         if keep and not self.format.extendable:
             raise FormatError(f"format {self.format_name!r} gives one score per solution: keep/extend need per-step rewards")
         jobs = []
-        for index, (item, encoded) in enumerate(zip(items, self.encode_all(items))):
-            if keep and encoded.body_len is None:
+        for index, (encoded, parts) in enumerate(self._encode_items(items)):
+            if keep and (parts is None or encoded.body_len is None):
                 raise InvalidInputError(f"item {index}: keep=True needs a problem + steps item (pre-formatted input cannot be extended)")
             request = Request(uuid.uuid4().hex, encoded.token_ids, encoded.read_positions, priority,
                               keep_tokens=encoded.body_len if keep else 0)
-            steps = (item["problem"], tuple(item["steps"])) if keep else None
-            jobs.append(ScoringJob(encoded, request, node_text=steps))
+            node_text = (parts[0], tuple(parts[1])) if keep else None
+            jobs.append(ScoringJob(encoded, request, node_text=node_text, step_spans=parts[2] if parts else None))
         return jobs
 
     def plan_extend(self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
@@ -248,7 +285,7 @@ class PRM:
                 handle = request.request_id  # the engine pinned the node's blocks under this key
                 problem, steps = job.node_text
                 self.nodes.add(handle, Node(problem, steps, job.encoded, step_rewards, request.block_hashes))
-            results.append(ScoreResult(step_rewards, request.usage, handle))
+            results.append(ScoreResult(step_rewards, request.usage, handle, job.step_spans))
         return results
 
     def abandon(self, jobs: Sequence[ScoringJob]) -> None:

@@ -29,12 +29,14 @@ class TokenUsage:
 class ScoreResult:
     """One item's step rewards, in step order (an outcome model gives one, for the whole solution).
 
-    `handle` names the scored node when it was kept (`keep=True`), for `extend` and `release`.
+    `handle` names the scored node when it was kept (`keep=True`), for `extend` and `release`;
+    `step_spans` are a completion's steps as [start, end) characters of it (completion and chat items).
     """
 
     step_rewards: list[float]
     usage: TokenUsage = field(default_factory=TokenUsage)
     handle: str | None = None
+    step_spans: list[tuple[int, int]] | None = None
 
     def aggregate(self, method: str = "min") -> float:
         """One number for the solution: min, last, mean or prod of the step rewards."""

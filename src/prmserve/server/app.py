@@ -253,7 +253,8 @@ def _planned(plan: Callable[[], list[ScoringJob]], param: str, max_model_len: in
 
 def _score_response(results: list[ScoreResult], method: str) -> ScoreResponse:
     bodies = [
-        ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, method), usage=_usage(r.usage), handle=r.handle)
+        ScoreResultBody(step_rewards=r.step_rewards, aggregate=aggregate(r.step_rewards, method), usage=_usage(r.usage),
+                        handle=r.handle, step_spans=r.step_spans)
         for r in results
     ]
     return ScoreResponse(results=bodies, usage=_usage(_total(r.usage for r in results)))

@@ -12,19 +12,36 @@ Aggregation = Literal[AGGREGATIONS]  # type: ignore[valid-type]
 MAX_TIMEOUT_S = 24 * 3600.0
 
 
-class ScoreItem(BaseModel):
-    """One solution to score: `problem` + `steps`, or pre-formatted `text` or `token_ids` with the model's separators."""
+class StepSplitRegex(BaseModel):
+    """Split a completion where this regular expression matches."""
 
     model_config = ConfigDict(extra="forbid")
 
-    problem: StrictStr | None = Field(None, description="The question; goes with `steps`")
+    regex: StrictStr
+
+
+class ScoreItem(BaseModel):
+    """One solution to score: `problem` + `steps`, `problem` + `completion` (split into steps by
+    `step_split`, default the server's, "\n\n"), a chat in `messages` (the last user turn is the problem,
+    the final assistant turn the completion), or pre-formatted `text` or `token_ids`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    problem: StrictStr | None = Field(None, description="The question; goes with `steps` or `completion`")
     steps: list[StrictStr] | None = Field(None, description="The solution's steps, in order")
+    completion: StrictStr | None = Field(None, description="The solution as one text, split into steps by `step_split`")
+    messages: list["ChatMessage"] | None = Field(None, description="A chat ending with the assistant's answer to score")
+    step_split: StrictStr | StepSplitRegex | None = Field(
+        None, description="Separator between steps of a `completion` or chat answer: a string or {\"regex\": pattern}")
     text: StrictStr | None = Field(None, description="A whole input already in the model's format, separators included")
     token_ids: list[StrictInt] | None = Field(None, description="A whole input already tokenised, separators included")
 
     def to_item(self) -> dict:
         """The item as `PRM.encode` takes it (only the fields that were sent)."""
-        return self.model_dump(exclude_unset=True)
+        item = self.model_dump(exclude_unset=True)
+        if self.messages is not None:
+            item["messages"] = [m.to_message() for m in self.messages]
+        return item
 
 
 class ScoreRequest(BaseModel):
@@ -91,6 +108,8 @@ class ScoreResultBody(BaseModel):
     aggregate: float
     usage: Usage
     handle: str | None = Field(None, description="The node's handle when it was kept")
+    step_spans: list[tuple[int, int]] | None = Field(
+        None, description="A completion's steps as [start, end) characters of it (completion and chat items)")
 
 
 class ScoreResponse(BaseModel):
@@ -219,3 +238,6 @@ class ErrorResponse(BaseModel):
     """Every error: what went wrong, the error's kind (a prmserve error class name where one applies), the field."""
 
     error: ErrorInfo
+
+
+ScoreItem.model_rebuild()
