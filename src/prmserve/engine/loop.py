@@ -33,11 +33,6 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet finished: the queue-depth limit applies to it
         self._stopping = False
-        # Move everything alive now (model, KV blocks, imported libraries: ~400k objects) out of the
-        # cyclic collector's sight, so its full passes scan only what requests create: the host side
-        # of the beam-search replay takes 170-190 ms with it, 215-465 ms without (bench/host_overhead.py).
-        # Cyclic garbage among those objects is never collected.
-        gc.freeze()
         self._thread = threading.Thread(target=self._run, name="prmserve-engine", daemon=True)
         self._thread.start()
 
@@ -153,6 +148,17 @@ class EngineLoop:
             return
         for request in done:
             _resolve(self._settle(request.request_id), result=request)
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (model, KV blocks, imported libraries: ~400k objects) out of the cyclic
+    collector's sight, so its full passes scan only what requests create: the host side of the
+    beam-search replay takes 170-190 ms with it, 215-465 ms without (bench/host_overhead.py).
+
+    Cyclic garbage among those objects is never collected, so only a process prmserve owns calls it
+    (`prmserve serve`, `score`, `demo`, `evaluate`, once the model is loaded), never the library itself.
+    """
+    gc.freeze()
 
 
 def _resolve(future: Future | None, result: object = None, exception: BaseException | None = None) -> None:
