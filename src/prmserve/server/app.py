@@ -20,7 +20,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from prmserve.engine import Request as EngineRequest
-from prmserve.errors import FormatError, HandleNotFoundError, InvalidInputError, QueueFullError, RequestCancelledError
+from prmserve.errors import (
+    CheckpointError,
+    FormatError,
+    HandleNotFoundError,
+    InputTooLongError,
+    InvalidInputError,
+    PRMServeError,
+    QueueFullError,
+    RequestCancelledError,
+)
 from prmserve.formats.base import render_chat
 from prmserve.prm import PRM, ScoringJob
 from prmserve.results import ScoreResult, TokenUsage, aggregate
@@ -29,6 +38,7 @@ from prmserve.server.docs import add_offline_docs
 from prmserve.server.encoding import rows_to_base64
 from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics, pending_requests
 from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestLogMiddleware
+from prmserve.server.rl_routes import add_rl_routes
 from prmserve.server.protocol import (
     ErrorResponse,
     ExtendRequest,
@@ -54,14 +64,38 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 _HANDLE_ERRORS = _ERRORS | {404: {"model": ErrorResponse}}
 SWEEP_INTERVAL_S = 10.0  # how often expired node handles are let go when no call touches them
+# The one map from prmserve's errors to HTTP statuses (a subclass answers as its nearest listed base),
+# registered as the app's exception handlers; the body's "type" is the error's class name.
+ERROR_STATUS: dict[type[PRMServeError], int] = {
+    InvalidInputError: 400,  # InputTooLongError too
+    FormatError: 400,
+    HandleNotFoundError: 404,
+    QueueFullError: 429,
+    RequestCancelledError: 503,
+    CheckpointError: 500,
+}
+RETRY_LATER = (QueueFullError, RequestCancelledError)  # answered with Retry-After
 
 
 class APIError(Exception):
-    """An error the API answers with its own status, kind and (optionally) the offending field."""
+    """An error of the HTTP layer itself (auth, unknown model, client gone, timeout): its status, kind, field."""
 
     def __init__(self, status: int, message: str, kind: str, param: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.retry_after = status, message, kind, param, retry_after
+
+
+class FieldError(Exception):
+    """A prmserve error caused by one request field: answered as `ERROR_STATUS` says, with `param` naming the field."""
+
+    def __init__(self, error: PRMServeError, param: str) -> None:
+        super().__init__(str(error))
+        self.error, self.param = error, param
+
+
+def blamed(error: PRMServeError, param: str) -> FieldError:
+    """`error` restated as about the field `param`, which its message names first."""
+    return FieldError(type(error)(f"{param}: {error}"), param)
 
 
 def create_app(
@@ -74,6 +108,7 @@ def create_app(
     max_model_len: int | None = None,
     allowed_origins: Sequence[str] | None = None,
     log_requests: bool = True,
+    rl_aggregate: str = "min",
 ) -> FastAPI:
     """An app serving `prm`; its lifespan starts the engine thread and, on shutdown, lets it finish and stops it.
 
@@ -111,7 +146,7 @@ def create_app(
     async def run(request: Request, plan: Callable[[], list[ScoringJob]], param: str, timeout: float | None) -> tuple[list[ScoringJob], list[EngineRequest]]:
         # Tokenising runs in a worker thread so a big request does not stall the event loop.
         jobs = await asyncio.to_thread(_planned, plan, param, limit)
-        return jobs, await _run(prm, request, jobs, timeout, metrics)
+        return jobs, await _run(prm, request, jobs, param, timeout, metrics)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
@@ -127,6 +162,12 @@ def create_app(
         jobs, done = await run(request, plan, "children", _timeout(body.timeout))
         return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
+    async def score_items(request: Request, items: list[dict[str, Any]], param: str) -> list[ScoreResult]:
+        jobs, done = await run(request, lambda: prm.plan_score(items), param, default_timeout)
+        return await _collected(prm, jobs, done)
+
+    add_rl_routes(app, score_items, authorized, _ERRORS, names, rl_aggregate, APIError)
+
     @app.post("/v1/release", response_model=ReleaseResponse, responses=_ERRORS, dependencies=authorized)
     async def release(body: ReleaseRequest) -> ReleaseResponse:
         """Let kept nodes go: their cached blocks become evictable."""
@@ -141,7 +182,7 @@ def create_app(
         if body.model is not None and body.model not in names:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {' or '.join(map(repr, names))}", "not_found", "model")
         if body.task is not None and body.task not in POOLING_TASKS:
-            raise APIError(400, f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}", "InvalidInputError", "task")
+            raise FieldError(InvalidInputError(f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}"), "task")
         param = "messages" if body.messages is not None else "input"
         items = _pooling_items(prm, body)
         jobs, done = await run(request, lambda: prm.plan_score(items, body.priority), param, default_timeout)
@@ -225,8 +266,8 @@ def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
         try:
             return [{"text": render_chat(prm.tokenizer, [m.to_message() for m in body.messages])}]
         except Exception as exc:  # no template, or the checkpoint's template refused these messages (jinja raise)
-            kind = type(exc).__name__ if isinstance(exc, FormatError) else "InvalidInputError"
-            raise APIError(400, f"messages: the chat template could not render them: {exc}", kind, "messages") from None
+            kind = type(exc) if isinstance(exc, FormatError) else InvalidInputError
+            raise blamed(kind(f"the chat template could not render them: {exc}"), "messages") from None
     given = body.input
     if isinstance(given, str):
         return [{"text": given}]
@@ -241,13 +282,13 @@ def _planned(plan: Callable[[], list[ScoringJob]], param: str, max_model_len: in
     try:
         jobs = plan()
     except HandleNotFoundError as exc:
-        raise APIError(404, str(exc), "HandleNotFoundError", "handle") from None
+        raise FieldError(exc, "handle") from None
     except (InvalidInputError, FormatError) as exc:
-        raise APIError(400, f"{param}: {exc}", type(exc).__name__, param) from None
+        raise blamed(exc, param) from None
     for index, job in enumerate(jobs):
         if len(job.encoded.token_ids) > max_model_len:
-            message = f"{param}: item {index}: the input is {len(job.encoded.token_ids)} tokens; this server takes at most {max_model_len}"
-            raise APIError(400, message, "InputTooLongError", param)
+            message = f"item {index}: the input is {len(job.encoded.token_ids)} tokens; this server takes at most {max_model_len}"
+            raise blamed(InputTooLongError(message), param)
     return jobs
 
 
@@ -272,16 +313,19 @@ async def _expire_handles(prm: PRM) -> None:
         prm.nodes.expire()
 
 
-async def _run(prm: PRM, request: Request, jobs: Sequence[ScoringJob], timeout: float | None, metrics: ServerMetrics) -> list[EngineRequest]:
-    """Submit every job (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done."""
-    limit = prm.engine.config.max_queue
-    if limit is not None and len(jobs) > limit:
-        raise APIError(400, f"{len(jobs)} items can never fit the server's queue of {limit}; split the request", "InvalidInputError", "items")
+async def _run(
+    prm: PRM, request: Request, jobs: Sequence[ScoringJob], param: str, timeout: float | None, metrics: ServerMetrics
+) -> list[EngineRequest]:
+    """Submit every job (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done.
+
+    The engine's refusals (a full queue, too long for the KV pool, shutting down) propagate to the
+    app's handlers; only a request too big for the queue is blamed on its field.
+    """
     futures: list[Future] = []
     finished = False
     try:
         submitted = time.perf_counter()
-        futures = prm.submit_jobs(jobs)
+        futures = _submitted(prm, jobs, param)
         for future in futures:
             future.add_done_callback(lambda f: _observe_finished(f, metrics, submitted))
         # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
@@ -301,17 +345,19 @@ async def _run(prm: PRM, request: Request, jobs: Sequence[ScoringJob], timeout: 
         if left in done:
             raise APIError(CLIENT_CLOSED, "the client closed the connection; its work was dropped", "client_closed")
         raise APIError(504, f"not finished within the timeout of {timeout} s; the work was dropped", "timeout", "timeout")
-    except (InvalidInputError, FormatError) as exc:  # refused by the engine itself (e.g. too long for the KV pool)
-        raise APIError(400, str(exc), type(exc).__name__) from None
-    except QueueFullError as exc:
-        raise APIError(429, f"the server is busy: {exc}; retry later", "QueueFullError", retry_after=RETRY_AFTER_S) from None
-    except RequestCancelledError as exc:
-        raise APIError(503, str(exc), "RequestCancelledError", retry_after=RETRY_AFTER_S) from None
     finally:
         for f in futures:
             f.cancel()  # no-op for finished work; aborts and frees the rest
         if not finished:
             prm.abandon(jobs)  # kept nodes whose handles will never be returned
+
+
+def _submitted(prm: PRM, jobs: Sequence[ScoringJob], param: str) -> list[Future]:
+    """Queue the jobs together; more of them than the queue can ever hold is an error about `param`."""
+    try:
+        return prm.submit_jobs(jobs)
+    except InvalidInputError as exc:
+        raise blamed(exc, param) from None
 
 
 async def _client_left(request: Request) -> None:
@@ -360,6 +406,21 @@ def _add_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return respond(exc.status, exc.message, exc.kind, exc.param, headers)
 
+    def prmserve_error(error: PRMServeError, param: str | None) -> JSONResponse:
+        status = next(ERROR_STATUS[c] for c in type(error).__mro__ if c in ERROR_STATUS)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(error, RETRY_LATER) else None
+        return respond(status, str(error), type(error).__name__, param, headers)
+
+    async def engine_error(request: Request, exc: Exception) -> JSONResponse:
+        return prmserve_error(exc, None) if isinstance(exc, PRMServeError) else unexpected_error(exc)
+
+    async def field_error(request: Request, exc: Exception) -> JSONResponse:
+        return prmserve_error(exc.error, exc.param) if isinstance(exc, FieldError) else unexpected_error(exc)
+
+    for error_class in ERROR_STATUS:
+        app.add_exception_handler(error_class, engine_error)
+    app.add_exception_handler(FieldError, field_error)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         unreadable = _unreadable_body(request.headers.get("content-type"), exc)
@@ -377,9 +438,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return respond(exc.status_code, str(exc.detail), "http_error", headers=getattr(exc, "headers", None))
 
+    def unexpected_error(exc: Exception) -> JSONResponse:
+        return respond(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return respond(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+        return unexpected_error(exc)
 
 
 def _unreadable_body(content_type: str | None, exc: RequestValidationError) -> str | None:

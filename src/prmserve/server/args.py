@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prmserve.results import AGGREGATIONS
+
 # The engine's defaults (EngineConfig), shown by --help; tests/test_server_args.py keeps them equal.
 ENGINE_DEFAULTS = {
     "max_num_batched_tokens": 16384,
@@ -51,6 +53,7 @@ class ServerSettings:
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
     chat_template: str | None = None  # a file path or the template itself
+    rl_aggregate: str = "min"  # how /get_reward and /classify reduce step rewards to one
     notes: list[str] = field(default_factory=list)  # one-line remarks for the startup log
 
 
@@ -110,6 +113,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     service.add_argument("--uvicorn-log-level", "--log-level", dest="uvicorn_log_level", default="info", choices=LOG_LEVELS,
                          help="uvicorn's log level (prmserve's startup and request lines are always at info)")
     service.add_argument("--disable-log-requests", action="store_true", help="no log line per request")
+    service.add_argument("--rl-aggregate", choices=AGGREGATIONS, default="min",
+                         help="how /get_reward (OpenRLHF) and /classify (verl) reduce a response's step rewards to one")
 
 
 def prm_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,6 +159,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
         chat_template=args.chat_template,
+        rl_aggregate=args.rl_aggregate,
         notes=[TRUST_REMOTE_CODE_NOTE] if args.trust_remote_code else [],
     )
 

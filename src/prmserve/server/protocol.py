@@ -241,3 +241,39 @@ class ErrorResponse(BaseModel):
 
 
 ScoreItem.model_rebuild()
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward model request: prompt + response texts, the prompts, and labels (unused)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: list[StrictStr] = Field(min_length=1, description="Each the policy's prompt followed by its response, as rendered text")
+    prompts: list[StrictStr] | None = Field(None, description="The prompts, to find where each response starts")
+    labels: list | None = Field(None, description="Reference answers; a PRM does not read them")
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's `/classify` request; each input is a chat-formatted prompt + response."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    input: StrictStr | list[StrictStr] = Field(description="Chat-formatted text(s) ending with the response to score")
+    activation: StrictBool = True
+
+
+class ClassifyData(BaseModel):
+    index: int
+    object: Literal["classification"] = "classification"
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(BaseModel):
+    """vLLM's `/classify` response: per input, [1 - reward, reward]."""
+
+    object: Literal["list"] = "list"
+    model: str
+    data: list[ClassifyData]
+    usage: PoolingUsage

@@ -49,7 +49,7 @@ def run_server(prm: PRM, settings: ServerSettings | None = None) -> None:
     app = create_app(
         prm, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, default_timeout=settings.default_timeout,
         served_model_names=settings.served_model_names, max_model_len=settings.max_model_len,
-        allowed_origins=settings.allowed_origins, log_requests=settings.log_requests,
+        allowed_origins=settings.allowed_origins, log_requests=settings.log_requests, rl_aggregate=settings.rl_aggregate,
     )
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=30,
