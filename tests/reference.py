@@ -128,23 +128,49 @@ def skywork_prm_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: to
 
 @torch.no_grad()
 def math_shepherd_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
-    """Math-Shepherd card: f"{question} {output}", each step ending in " ки"; softmax over [+, -] logits at the tag.
-
-    Steps are separated by a newline as in the card's example output, unless the tag itself ends in one
-    (OpenR's "\\n\\n\\n\\n\\n" tag: a newline after it would make a different token).
-    """
-    step_tag = options.pop("step_tag", "ки")
-    good_token, bad_token = options.pop("good_token", "+"), options.pop("bad_token", "-")
+    """Math-Shepherd card: f"{question} {output}", steps as given, each ending in " ки", one per line;
+    softmax over the [+, -] logits at the tag. `preset="openr"`: OpenR's Qwen PRM (`openr_prm_rewards`)."""
+    if options.pop("preset", "math_shepherd") == "openr":
+        return openr_prm_rewards(ckpt_dir, problem, steps, dtype, **options)
     _no_options_left(options)
     tokenizer = tokenizer_of(ckpt_dir)
-    joiner = "" if step_tag.endswith("\n") else "\n"
-    output = joiner.join(f"{step} {step_tag}" for step in steps)
+    output = "\n".join(f"{step} ки" for step in steps)
     input_ids = torch.tensor([tokenizer.encode(f"{problem} {output}")])
-    step_tag_id = tokenizer.encode(f" {step_tag}", add_special_tokens=False)[-1]
-    candidate_tokens = [_single_id(tokenizer, good_token), _single_id(tokenizer, bad_token)]
+    candidate_tokens = tokenizer.encode("+ -")[1:]
+    step_tag_id = tokenizer.encode("ки")[-1]
     logits = causal_lm(ckpt_dir, dtype)(input_ids).logits[:, :, candidate_tokens]
     scores = logits.softmax(dim=-1)[:, :, 0]
     return scores[input_ids == step_tag_id].float().tolist()
+
+
+# OpenR (github.com/openreasoner/openr): the tag its evaluation writes after each step for Qwen PRMs
+# (reason/evaluation/evaluate.py, prm_step_tag), and the separator of the Qwen policy's steps (lm_step_tag).
+OPENR_PRM_STEP_TAG = "\n\n\n\n\n "
+OPENR_LM_STEP_TAG = "\n\n"
+
+
+def openr_prm_input(question: str, steps: list[str]) -> str:
+    """OpenR's reward-model input for the policy's answer (its steps joined by lm_step_tag):
+    RewardModelCallingFunction.replace_step_tag (reason/inference/rm_call.py) and format_str "{question} {answer}"."""
+    answer = OPENR_LM_STEP_TAG.join(steps)
+    splits = [s.strip() for s in answer.split(OPENR_LM_STEP_TAG)]
+    response = f" {OPENR_PRM_STEP_TAG}".join([s for s in splits if s != ""])
+    response += f" {OPENR_PRM_STEP_TAG}"
+    return "{question} {answer}".format(question=question, answer=response)
+
+
+@torch.no_grad()
+def openr_prm_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """OpenR's Math-psa, as prm/infer_fns.py's _qwen_math_infer_fn scores `openr_prm_input`: softmax over the
+    logits of encode(" + -") at every position equal to encode(" \n\n\n\n\n"), probability of " +"."""
+    _no_options_left(options)
+    tokenizer = tokenizer_of(ckpt_dir)
+    candidate_tokens = tokenizer.encode(" + -")
+    step_tag_id = torch.tensor([tokenizer.encode(" \n\n\n\n\n")])
+    input_id = torch.tensor([tokenizer.encode(openr_prm_input(problem, steps))])
+    logits = causal_lm(ckpt_dir, dtype)(input_id).logits[:, :, candidate_tokens]
+    scores = logits.softmax(dim=-1)[:, :, 0]
+    return scores[input_id == step_tag_id].float().tolist()
 
 
 @torch.no_grad()
@@ -196,14 +222,6 @@ def outcome_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.
         return qwen_score_mlp(ckpt_dir, hidden)[0].float().tolist()
     input_ids = tokenizer.apply_chat_template(messages, return_tensors="pt", return_dict=True)["input_ids"]
     return [sequence_classifier(ckpt_dir, dtype)(input_ids).logits[0][0].item()]
-
-
-def _single_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    """The one token id `text` encodes to (the card's candidate-token lookup), refusing multi-token strings."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"{text!r} is {len(ids)} tokens, not one")
-    return ids[0]
 
 
 def _no_options_left(options: dict) -> None:

@@ -26,7 +26,7 @@ FP32_TOLERANCE = 1e-5
 # wrong input: dropping or changing the system prompt moves these bf16 rewards by 0.06 to 0.09.
 BF16_TOLERANCE = 2.0**-6
 
-OPENR = {"step_tag": "\n\n\n\n\n", "good_token": " +", "bad_token": " -"}
+OPENR = {"preset": "openr"}
 
 # (checkpoint, prmserve/reference options) for every family and variant.
 CASES: dict[str, tuple[str, dict]] = {

@@ -16,7 +16,7 @@ from prmserve.errors import FormatError, HandleNotFoundError, InvalidInputError
 from tiny_checkpoints import FORMAT_OF, build
 
 TOLERANCE = 1e-6
-OPENR = {"step_tag": "\n\n\n\n\n", "good_token": " +", "bad_token": " -"}
+OPENR = {"preset": "openr"}
 FAMILIES = {  # checkpoint -> format options
     "qwen_prm": {},
     "qwen_prm_jinja": {},

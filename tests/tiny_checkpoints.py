@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -112,6 +112,17 @@ def math_corpus(lines: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
+def openr_corpus(lines: int = 200, seed: int = 1) -> list[str]:
+    """Solutions laid out as OpenR writes them (" \\n\\n\\n\\n\\n " after each step), so " Step" is one token, as in Qwen2.5."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        steps = [f"Step 1: We have {a} and {b}.", f"Step 2: So {a} + {b} = {a + b}.", f"The answer is: {a + b}"]
+        out.append(f"What is {a} + {b}? " + "".join(f"{step} \n\n\n\n\n " for step in steps))
+    return out
+
+
 def _special(content: str) -> AddedToken:
     """An added token that is matched whole and never normalised, as in real tokenizer files."""
     return AddedToken(content, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
@@ -132,8 +143,8 @@ def _added_tokens_decoder(tokenizer: Tokenizer, contents: list[str]) -> dict[str
     }
 
 
-def byte_level_tokenizer(split_regex: str, specials: list[str], nfc: bool) -> Tokenizer:
-    """A GPT-2 style byte-level BPE (Qwen2 / Llama 3) trained on the math corpus, specials appended last."""
+def byte_level_tokenizer(split_regex: str, specials: list[str], nfc: bool, extra_corpus: Sequence[str] = ()) -> Tokenizer:
+    """A GPT-2 style byte-level BPE (Qwen2 / Llama 3) trained on the math corpus (plus extra_corpus), specials last."""
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     if nfc:
         tokenizer.normalizer = normalizers.NFC()
@@ -151,7 +162,7 @@ def byte_level_tokenizer(split_regex: str, specials: list[str], nfc: bool) -> To
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tokenizer.train_from_iterator(math_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(math_corpus() + list(extra_corpus), trainer=trainer)
     tokenizer.add_special_tokens([_special(s) for s in specials])
     return tokenizer
 
@@ -191,10 +202,11 @@ def write_qwen_tokenizer(
     chat_template: str,
     template_in_jinja_file: bool = False,
     bos_token: str | None = None,
+    extra_corpus: Sequence[str] = (),
 ) -> Tokenizer:
     """Write a Qwen2.5 tokenizer (tokenizer.json + tokenizer_config.json + special_tokens_map.json)."""
     specials = QWEN_SPECIALS + extra_specials
-    tokenizer = byte_level_tokenizer(QWEN2_SPLIT, specials, nfc=True)
+    tokenizer = byte_level_tokenizer(QWEN2_SPLIT, specials, nfc=True, extra_corpus=extra_corpus)
     tokenizer.save(str(directory / "tokenizer.json"))
     config = {
         "add_bos_token": False,
@@ -496,7 +508,7 @@ def build_math_shepherd(directory: Path) -> Path:
 def build_math_shepherd_openr(directory: Path) -> Path:
     """OpenR's Qwen2.5-Math PRM ("math-psa"): Qwen2ForCausalLM scored at the \\n\\n\\n\\n\\n tag with ' +'/' -'."""
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = write_qwen_tokenizer(directory, [], CHATML_WITH_DEFAULT_SYSTEM)
+    tokenizer = write_qwen_tokenizer(directory, [], CHATML_WITH_DEFAULT_SYSTEM, extra_corpus=openr_corpus())
     _save_causal_lm(directory, qwen2_config("Qwen2ForCausalLM", tokenizer), seed=4, dtype=torch.bfloat16)
     return directory
 
