@@ -213,10 +213,6 @@ class PRM:
         """Queue one encoded item; the future resolves to the engine's finished `Request`."""
         return self.loop.submit(encoded.token_ids, encoded.read_positions, priority)
 
-    def submit_many(self, encoded: Sequence[EncodedItem], priority: int = 0) -> list[Future]:
-        """Queue encoded items together: admitted whole or refused whole (QueueFullError)."""
-        return self.loop.submit_many([(e.token_ids, e.read_positions) for e in encoded], priority)
-
     def result(self, request: Request) -> ScoreResult:
         """Step rewards of one finished request from `submit`, by the format's formula."""
         return ScoreResult(self.format.rewards(request.outputs), request.usage)
@@ -336,9 +332,7 @@ class PRM:
                     pass
             finished = [f.result() for f in futures]
         except BaseException:
-            for f in futures:
-                f.cancel()
-            self.abandon(jobs)
+            self._give_up(jobs, futures)
             raise
         return self.collect(jobs, finished)
 
@@ -347,11 +341,15 @@ class PRM:
         try:
             finished = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except BaseException:
-            for f in futures:
-                f.cancel()
-            self.abandon(jobs)
+            self._give_up(jobs, futures)
             raise
         return self.collect(jobs, finished)
+
+    def _give_up(self, jobs: list[ScoringJob], futures: list[Future]) -> None:
+        """An error or a cancel while waiting: abort what is queued, unpin what was kept."""
+        for f in futures:
+            f.cancel()
+        self.abandon(jobs)
 
     def _unpin(self, handle: str) -> None:
         if self._loop is not None:

@@ -153,7 +153,13 @@ class BlockManager:
 
     def free_request(self, request: Request) -> None:
         """Drop the request's references; cached blocks go to the LRU tail, leaves first to be evicted."""
-        for block_id in reversed(request.block_table):
+        self._drop_references(request.block_table)
+        request.block_table = []
+
+    def _drop_references(self, block_ids: list[int]) -> None:
+        """One reference less on each block, last first: unused cached blocks become evictable (leaves
+        first), unused uncached ones free."""
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count > 0:
@@ -164,7 +170,6 @@ class BlockManager:
                 self._forget(block)
                 block.ready = False
                 self.free.append(block_id)
-        request.block_table = []
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. after a weight update); blocks in use keep serving their owners."""
@@ -205,17 +210,7 @@ class BlockManager:
         if held is None:
             return False
         self.num_pinned -= len(held)
-        for block_id in reversed(held):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count > 0:
-                continue
-            if block.hash is not None and block.ready:
-                self.cached_free[block_id] = None
-            else:
-                self._forget(block)
-                block.ready = False
-                self.free.append(block_id)
+        self._drop_references(held)
         return True
 
     def unpin_oldest(self) -> bool:
