@@ -12,7 +12,7 @@ import torch
 
 from prmserve import PRM
 from prmserve.engine import Engine, EngineConfig, EngineLoop
-from prmserve.errors import InputTooLongError, QueueFullError, RequestCancelledError
+from prmserve.errors import InputTooLongError, InvalidInputError, QueueFullError, RequestCancelledError
 from prmserve.models.attention import AttentionInputs
 from tiny_checkpoints import build
 
@@ -146,10 +146,15 @@ def test_cancelling_a_queued_request_before_the_loop_sees_it(prm, loops):
 
 
 def test_max_queue_gives_queue_full_error(prm, loops):
+    """The one limit: pending requests, the one being computed included; more at once than it holds is invalid."""
     loop = start(prm, loops, max_queue=3)
     gate = Gate(loop.engine)
-    futures = [loop.submit(ids_of(6, k), [5]) for k in range(3)]
-    with pytest.raises(QueueFullError):
+    with pytest.raises(InvalidInputError, match="can never fit the queue of 3"):
+        loop.submit_many([(ids_of(6, k), [5]) for k in range(4)])
+    futures = loop.submit_many([(ids_of(6, k), [5]) for k in range(3)])
+    gate.wait_entered()
+    assert loop.engine.stats().num_waiting == 0  # all three are being computed, and still count
+    with pytest.raises(QueueFullError, match="retry later"):
         loop.submit(ids_of(6, 9), [5])
     gate.opened.set()
     for f in futures:
@@ -165,9 +170,14 @@ def test_prm_max_queue_option(tmp_path_factory):
     try:
         gate = Gate(prm.engine)
         item = {"problem": "What is 1+2?", "steps": ["1+2=3."]}
-        with pytest.raises(QueueFullError):
+        with pytest.raises(InvalidInputError):
             prm.score([item] * 3)
+        held = prm.submit_jobs(prm.plan_score([item] * 2))
+        with pytest.raises(QueueFullError):
+            prm.score([item])
         gate.opened.set()
+        for future in held:
+            future.result(timeout=WAIT)
         wait_idle(prm.loop)
         assert len(prm.score([item] * 2)) == 2
     finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
+import httpx
 import pytest
 
 import prmserve.engine.loop as loop_module
-from prmserve import PRM, cli
+from prmserve import PRM, cli, errors
 from tiny_checkpoints import build
 
 
@@ -44,3 +46,67 @@ def test_the_commands_that_own_the_process_freeze_it_once_loaded(checkpoint, fre
     monkeypatch.setattr(serve_module, "run_server", lambda prm, settings: served.append(len(freezes)))
     assert cli.main(["serve", str(checkpoint), "--device", "cpu"]) == 0
     assert served == [2]  # frozen before serving
+
+
+# One error map: each prmserve error class answers with one status, from wherever it is raised ---------
+
+
+@pytest.fixture(scope="module")
+def small_queue_prm(checkpoint):
+    prm = PRM(str(checkpoint), device="cpu", num_kv_blocks=8, block_size=4, max_queue=2)
+    yield prm
+    prm.close()
+
+
+def post(app, path: str, body: dict) -> httpx.Response:
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            return await client.post(path, json=body)
+
+    return asyncio.run(go())
+
+
+ITEM = {"problem": "What is 1+2?", "steps": ["1+2=3."]}
+
+
+@pytest.mark.parametrize(("error", "status", "param", "retry"), [
+    (errors.InvalidInputError("bad"), 400, "items", False),
+    (errors.InputTooLongError("long"), 400, "items", False),
+    (errors.FormatError("no such format"), 400, "items", False),
+    (errors.HandleNotFoundError("no node"), 404, "handle", False),
+    (errors.QueueFullError("busy"), 429, None, True),
+    (errors.RequestCancelledError("stopping"), 503, None, True),
+    (errors.CheckpointError("broken"), 500, None, False),
+])
+def test_each_prmserve_error_has_its_status(small_queue_prm, monkeypatch, error, status, param, retry):
+    from prmserve.server import create_app
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(small_queue_prm, "plan_score", refuse)
+    response = post(create_app(small_queue_prm), "/v1/score", {"items": [ITEM]})
+    body = response.json()["error"]
+    assert (response.status_code, body["type"], body["code"], body["param"]) == (status, type(error).__name__, status, param)
+    assert body["message"].endswith(str(error))
+    assert ("Retry-After" in response.headers) == retry
+
+
+def test_engine_refusals_reach_the_client_with_their_class(small_queue_prm):
+    from prmserve.server import create_app
+
+    app = create_app(small_queue_prm)
+    too_many = post(app, "/v1/score", {"items": [ITEM] * 3})
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "items"
+    assert "can never fit the queue of 2" in too_many.json()["error"]["message"]
+    long_item = {"problem": ITEM["problem"], "steps": ["1+2=3."] * 20}  # more tokens than the KV pool's 32
+    too_long = post(app, "/v1/score", {"items": [ITEM, long_item]})
+    error = too_long.json()["error"]
+    assert too_long.status_code == 400 and (error["type"], error["param"]) == ("InputTooLongError", "items")
+    assert error["message"].startswith("items: item 1: ")
+
+
+def test_an_empty_token_sequence_is_invalid_not_too_long(small_queue_prm):
+    with pytest.raises(errors.InvalidInputError) as refused:
+        small_queue_prm.loop.submit([], []).result(timeout=10)
+    assert type(refused.value) is errors.InvalidInputError

@@ -13,7 +13,7 @@ from prmserve.engine.config import EngineConfig
 from prmserve.engine.model_runner import ModelRunner
 from prmserve.engine.request import Request
 from prmserve.engine.scheduler import Scheduler
-from prmserve.errors import InputTooLongError, InvalidInputError, QueueFullError
+from prmserve.errors import InputTooLongError, InvalidInputError
 from prmserve.models.transformer import RewardModel
 
 
@@ -63,17 +63,15 @@ class Engine:
         return self.blocks.num_blocks * self.blocks.block_size
 
     def add(self, request: Request) -> None:
-        """Queue a request; refuse it if it can never fit or the queue is full."""
+        """Queue a request; refuse it if it can never be scored (the queue limit is `EngineLoop`'s)."""
         if request.num_tokens == 0:
-            raise InputTooLongError("an empty token sequence cannot be scored")
+            raise InvalidInputError("an empty token sequence cannot be scored")
         if any(not 0 <= p < request.num_tokens for p in request.read_positions):
             raise InvalidInputError(f"read positions must lie in [0, {request.num_tokens}) for a {request.num_tokens}-token input")
         if request.num_tokens > self.max_tokens_per_request:
             raise InputTooLongError(
                 f"{request.num_tokens} tokens exceed the KV pool's {self.max_tokens_per_request}; give it more memory"
             )
-        if self.config.max_queue is not None and self.scheduler.num_waiting >= self.config.max_queue:
-            raise QueueFullError(f"the queue holds {self.config.max_queue} waiting requests")
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:

@@ -16,7 +16,7 @@ from concurrent.futures import Future, InvalidStateError
 
 from prmserve.engine.engine import Engine
 from prmserve.engine.request import Request
-from prmserve.errors import QueueFullError, RequestCancelledError
+from prmserve.errors import InvalidInputError, QueueFullError, RequestCancelledError
 
 
 class EngineLoop:
@@ -53,8 +53,14 @@ class EngineLoop:
         )
 
     def submit_requests(self, requests: Sequence[Request]) -> list[Future]:
-        """Queue requests built by the caller (e.g. with `keep_tokens` or a parent's block hashes), as a whole."""
+        """Queue requests built by the caller (e.g. with `keep_tokens` or a parent's block hashes), as a whole.
+
+        The one queue limit: at most `max_queue` requests pending (queued or computing); more at once
+        than it can ever hold is an invalid input, not a full queue to retry.
+        """
         limit = self.engine.config.max_queue
+        if limit is not None and len(requests) > limit:
+            raise InvalidInputError(f"{len(requests)} requests at once can never fit the queue of {limit}; split them")
         pairs = []
         for request in requests:
             future: Future = Future()
@@ -65,7 +71,7 @@ class EngineLoop:
             if self._stopping:
                 raise RequestCancelledError("the engine is shutting down")
             if limit is not None and self._pending + len(pairs) > limit:
-                raise QueueFullError(f"{self._pending} requests are queued; {len(pairs)} more exceed the limit of {limit}")
+                raise QueueFullError(f"the engine is busy: {self._pending} requests are pending; {len(pairs)} more exceed the limit of {limit}; retry later")
             self._pending += len(pairs)
             self._inbox.put(("add", pairs))
         return [future for _, future in pairs]

@@ -395,7 +395,8 @@ def _usage(usage: TokenUsage) -> Usage:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    """One error body for every failure: API errors, validation errors naming the field, HTTP errors, the unexpected."""
+    """One error body for every failure: prmserve's errors (by `ERROR_STATUS`), API errors, validation errors
+    naming the field, HTTP errors, the unexpected."""
 
     def respond(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
         body = ErrorResponse(error={"message": message, "type": kind, "code": status, "param": param})
@@ -411,15 +412,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(error, RETRY_LATER) else None
         return respond(status, str(error), type(error).__name__, param, headers)
 
-    async def engine_error(request: Request, exc: Exception) -> JSONResponse:
-        return prmserve_error(exc, None) if isinstance(exc, PRMServeError) else unexpected_error(exc)
-
-    async def field_error(request: Request, exc: Exception) -> JSONResponse:
-        return prmserve_error(exc.error, exc.param) if isinstance(exc, FieldError) else unexpected_error(exc)
+    async def engine_error(request: Request, exc: PRMServeError) -> JSONResponse:
+        return prmserve_error(exc, None)
 
     for error_class in ERROR_STATUS:
         app.add_exception_handler(error_class, engine_error)
-    app.add_exception_handler(FieldError, field_error)
+
+    @app.exception_handler(FieldError)
+    async def field_error(request: Request, exc: FieldError) -> JSONResponse:
+        return prmserve_error(exc.error, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -438,12 +439,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return respond(exc.status_code, str(exc.detail), "http_error", headers=getattr(exc, "headers", None))
 
-    def unexpected_error(exc: Exception) -> JSONResponse:
-        return respond(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
-
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return unexpected_error(exc)
+        return respond(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
 
 
 def _unreadable_body(content_type: str | None, exc: RequestValidationError) -> str | None:
