@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -611,6 +612,25 @@ FORMAT_OF: dict[str, str] = {
     "outcome_qwen": "outcome",
     "outcome_llama": "outcome",
 }
+
+
+def with_config(source: Path, directory: Path, **changes: object) -> Path:
+    """A copy of checkpoint `source` with keys of its config.json changed."""
+    shutil.copytree(source, directory)
+    config = json.loads((source / "config.json").read_text())
+    _write_json(directory / "config.json", {**config, **changes})
+    return directory
+
+
+def resaved_by_transformers(source: Path, directory: Path) -> Path:
+    """A copy of checkpoint `source` whose config.json the installed transformers re-saves (5.x: `dtype`,
+    `rope_parameters`, `layer_types` in place of `torch_dtype`, `rope_theta`/`rope_scaling`); other files kept."""
+    from transformers import CONFIG_MAPPING
+
+    shutil.copytree(source, directory)
+    model_type = json.loads((source / "config.json").read_text())["model_type"]
+    CONFIG_MAPPING[model_type].from_pretrained(source).save_pretrained(directory)
+    return directory
 
 
 def build(name: str, directory: Path | str) -> Path:

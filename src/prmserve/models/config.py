@@ -1,4 +1,4 @@
-"""Backbone hyper-parameters read from a checkpoint's config.json."""
+"""Backbone hyper-parameters read from a checkpoint's config.json, as transformers 4.x or 5.x writes it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ from typing import Any
 from prmserve.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
+
+# Rope types the backbones implement, with the keys each needs besides rope_type and rope_theta.
+ROPE_KEYS: dict[str, frozenset[str]] = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+}
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+# transformers' defaults where a config leaves the key out (RotaryEmbeddingConfigMixin, Qwen2Config).
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_MAX_WINDOW_LAYERS = 28
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class BackboneConfig:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             layers = int(cfg["num_hidden_layers"])
+            rope_theta, rope_scaling = _rope(cfg)
             return cls(
                 model_type=model_type,
                 vocab_size=int(cfg["vocab_size"]),
@@ -57,13 +69,14 @@ class BackboneConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 # Qwen2 always has q/k/v biases; Llama/Mistral only when the config says so.
                 attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-                sliding_window=_sliding_window(cfg),
-                torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+                sliding_window=_sliding_window(cfg, model_type, layers),
+                # transformers 5 writes `dtype`, 4.x `torch_dtype`; transformers reads `dtype` first.
+                torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
                 architectures=tuple(cfg.get("architectures") or ()),
                 num_labels=_num_labels(cfg),
                 raw=cfg,
@@ -90,12 +103,117 @@ class BackboneConfig:
         return self.vocab_size * h + self.num_layers * (attn + 3 * h * i)
 
 
-def _sliding_window(cfg: dict[str, Any]) -> int | None:
-    """Qwen2 configs carry a sliding_window that is only active with use_sliding_window."""
-    window = cfg.get("sliding_window")
-    if window is None:
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling or None) from either layout; both layouts in one file must agree."""
+    new = _rope_parameters(cfg)
+    old = _legacy_rope(cfg)
+    if new is not None and old is not None and new != old:
+        raise CheckpointError(
+            f"config.json's rope_parameters {cfg['rope_parameters']} disagree with its rope_theta/rope_scaling "
+            f"({cfg.get('rope_theta')}, {cfg.get('rope_scaling')}): cannot tell which the model was trained with"
+        )
+    rope = new or old or {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA}
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return float(rope["rope_theta"]), None if rope["rope_type"] == "default" else scaling
+
+
+def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """transformers 5's `rope_parameters`: one flat dict holding rope_theta, rope_type and the scaling keys."""
+    params = cfg.get("rope_parameters")
+    if not params:
         return None
-    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(
+            f"config.json's rope_parameters {params} differ by layer type; prmserve's backbones use one rotary "
+            "embedding for every layer"
+        )
+    # As transformers does: a rope_theta missing from the dict comes from the top level, else its default.
+    theta = params.get("rope_theta", cfg.get("rope_theta", DEFAULT_ROPE_THETA))
+    return _checked_rope({**params, "rope_theta": theta}, "rope_parameters")
+
+
+def _legacy_rope(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """transformers 4.x's top-level `rope_theta` plus `rope_scaling` (null, or a dict with rope_type or type)."""
+    if "rope_theta" not in cfg and not cfg.get("rope_scaling"):
+        return None
+    scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"config.json's rope_scaling {scaling!r} is not a dict")
+    theta = cfg.get("rope_theta", DEFAULT_ROPE_THETA)
+    return _checked_rope({**scaling, "rope_theta": theta}, "rope_scaling")
+
+
+def _checked_rope(rope: dict[str, Any], where: str) -> dict[str, Any]:
+    """The rope dict with its type under `rope_type`, refusing types and keys the backbones do not implement."""
+    rope = dict(rope)
+    kind = rope.pop("rope_type", None) or rope.get("type") or "default"
+    rope.pop("type", None)  # 4.x's older name of rope_type
+    if kind not in ROPE_KEYS:
+        raise CheckpointError(
+            f"config.json's {where}.rope_type {kind!r} is not supported (supported: {', '.join(ROPE_KEYS)})"
+        )
+    keys = set(rope) - {"rope_theta"}
+    missing, unknown = ROPE_KEYS[kind] - keys, keys - ROPE_KEYS[kind]
+    if missing or unknown:
+        problem = f"lack {sorted(missing)}" if missing else f"hold {sorted(unknown)}, which prmserve does not implement"
+        raise CheckpointError(f"config.json's {where} of rope_type {kind!r} {problem}")
+    return {"rope_type": kind, **rope}
+
+
+def _sliding_window(cfg: dict[str, Any], model_type: str, num_layers: int) -> int | None:
+    """The one window every layer uses (None: full attention), refusing per-layer mixes the backbones lack."""
+    types = _layer_types(cfg, model_type, num_layers)
+    unknown = sorted(set(types) - set(ATTENTION_TYPES))
+    if unknown:
+        raise CheckpointError(f"config.json's layer_types holds {unknown}; prmserve knows {', '.join(ATTENTION_TYPES)}")
+    if len(types) != num_layers:
+        raise CheckpointError(f"config.json's layer_types has {len(types)} entries for {num_layers} layers")
+    if "sliding_attention" not in types:
+        return None
+    if "full_attention" in types:
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        field = "layer_types" if cfg.get("layer_types") is not None else "use_sliding_window/max_window_layers"
+        raise CheckpointError(
+            f"config.json's {field} put sliding-window attention on layers {sliding} only; prmserve's "
+            "backbones use one kind of attention on every layer"
+        )
+    if model_type == "llama":
+        raise CheckpointError("config.json's layer_types ask for sliding_attention, which Llama's backbone does not have")
+    window = _window_size(cfg, model_type)
+    if window is None:
+        raise CheckpointError("config.json's layer_types ask for sliding_attention but it sets no active sliding_window")
+    return window
+
+
+def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> list[str]:
+    """transformers 5's `layer_types`, or the types that 4.x derived from the sliding-window keys."""
+    implied = _implied_layer_types(cfg, model_type, num_layers)
+    declared = cfg.get("layer_types")
+    if declared is None:
+        return implied
+    if model_type == "mistral" and list(declared) != implied:
+        # transformers' Mistral ignores layer_types and slides every layer when sliding_window is set.
+        raise CheckpointError(
+            f"config.json's layer_types {declared} disagree with its sliding_window {cfg.get('sliding_window')}: "
+            "Mistral's modeling code applies one window to every layer (per-layer types are Ministral's)"
+        )
+    return list(declared)
+
+
+def _implied_layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> list[str]:
+    """Qwen2 slides layers from max_window_layers on when use_sliding_window; Mistral slides all when windowed."""
+    if model_type == "qwen2":
+        first = int(cfg.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS))
+        slides = _window_size(cfg, model_type) is not None
+        return ["sliding_attention" if slides and i >= first else "full_attention" for i in range(num_layers)]
+    windowed = model_type == "mistral" and cfg.get("sliding_window") is not None
+    return ["sliding_attention" if windowed else "full_attention"] * num_layers
+
+
+def _window_size(cfg: dict[str, Any], model_type: str) -> int | None:
+    """The configured window; Qwen2 configs carry one that is only active with use_sliding_window."""
+    window = cfg.get("sliding_window")
+    if window is None or (model_type == "qwen2" and not cfg.get("use_sliding_window", False)):
         return None
     return int(window)
 
