@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,15 @@ def test_search_through_a_prmserve_server(server, offline_prm, generator: Genera
             assert picked["step_rewards"] == pytest.approx(whole.step_rewards, abs=1e-5)
 
 
+def test_cli_scores_against_a_server(server, offline_prm, fake: FakeGenerator, problems_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "remote.jsonl"
+    assert cli_search(fake, problems_file, out, "--url", server.url) == 0
+    good = [r for r in read(out) if "error" not in r]
+    assert len(good) == len(PROBLEMS) and len(read(out)) == 10
+    whole = offline_prm.score([{"problem": r["problem"], "steps": r["chosen"]["steps"]} for r in good])
+    assert [r["chosen"]["step_rewards"] for r in good] == [pytest.approx(w.step_rewards, abs=1e-5) for w in whole]
+
+
 BAD = {3: "not json {", 5: '{"answer": 1}', 6: "[1, 2]", 7: "", 8: '{"problem": "a problem the generator does not know"}'}
 
 
@@ -212,6 +223,11 @@ def test_a_custom_prompt_template(fake: FakeGenerator, prm) -> None:
         assert chosen["steps"] in PROBLEMS[0]["solutions"]
     with pytest.raises(ValueError, match="must contain '{problem}'"):
         Generator(fake.url, prompt_template="no place for it")
+
+
+def test_the_command_line_parser_loads_no_httpx() -> None:
+    code = "import sys, prmserve.cli; prmserve.cli.build_parser(); print('httpx' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("settings, message", [
