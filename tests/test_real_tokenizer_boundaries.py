@@ -15,7 +15,7 @@ CONFIG = BackboneConfig.from_dict({"model_type": "qwen2", "vocab_size": 152064, 
 CASES = {  # format, options
     "qwen_prm": ("qwen_prm", {}),
     "skywork_prm": ("skywork_prm", {}),
-    "openr_math_psa": ("math_shepherd", {"step_tag": "\n\n\n\n\n", "good_token": " +", "bad_token": " -"}),
+    "openr_math_psa": ("math_shepherd", {"preset": "openr"}),
     "math_shepherd_tag": ("math_shepherd", {}),
     "llemma_tag": ("llemma", {}),
 }
