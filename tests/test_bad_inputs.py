@@ -181,3 +181,28 @@ def test_local_directory_skips_the_hub(checkpoint, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     assert resolve_checkpoint(str(checkpoint("qwen_prm"))) == checkpoint("qwen_prm")
+
+
+def test_legacy_pytorch_bin_loads_without_mmap(checkpoint, tmp_path: Path) -> None:
+    """A pre-1.6 (non-zip) pytorch_model.bin cannot be memory-mapped: it is read whole, still tensors only."""
+    ckpt = copy_checkpoint(checkpoint, "skywork_prm", tmp_path)
+    state = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
+    torch.save(state, ckpt / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    prm = PRM(str(ckpt), format="skywork_prm", device="cpu", dtype="float32")
+    try:
+        got = score_one(prm, *MULTI_STEP)
+    finally:
+        prm.close()
+    want = reference_step_rewards("skywork_prm", checkpoint("skywork_prm"), *MULTI_STEP)
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5
+
+
+def test_pickled_code_in_pytorch_bin_is_refused_with_a_conversion_hint(checkpoint, tmp_path: Path) -> None:
+    """A .bin whose pickle references code: never loaded; the error says how to convert it, not to unpickle it."""
+    ckpt = copy_checkpoint(checkpoint, "skywork_prm", tmp_path)
+    state = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
+    state["hook"] = json.dumps  # pickled by reference: loading it would import and call code
+    torch.save(state, ckpt / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never unpickles code") as refused:
+        PRM(str(ckpt), format="skywork_prm", device="cpu", dtype="float32")
+    assert "save_file as model.safetensors" in str(refused.value) and "Re-running" not in str(refused.value)

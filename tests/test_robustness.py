@@ -110,3 +110,30 @@ def test_an_empty_token_sequence_is_invalid_not_too_long(small_queue_prm):
     with pytest.raises(errors.InvalidInputError) as refused:
         small_queue_prm.loop.submit([], []).result(timeout=10)
     assert type(refused.value) is errors.InvalidInputError
+
+
+@pytest.mark.parametrize(("extra", "param", "needle"), [
+    ('"timeout": "5"', "timeout", "valid number"),  # strict, like every other field
+    ('"timeout": true', "timeout", "valid number"),
+    ('"priority": ' + "9" * 3000, "priority", "less than 2147483648"),
+    ('"priority": -' + "9" * 5000, "priority", "greater than -2147483648"),  # past Python's 4,300-digit limit
+])
+def test_lax_or_huge_numbers_get_a_422_naming_the_field(small_queue_prm, extra, param, needle):
+    from prmserve.server import create_app
+
+    body = '{"items": [{"problem": "What is 1+2?", "steps": ["1+2=3."]}], ' + extra + "}"
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(small_queue_prm)), base_url="http://test") as client:
+            return await client.post("/v1/score", content=body, headers={"content-type": "application/json"})
+
+    response = asyncio.run(go())
+    error = response.json()["error"]
+    assert (response.status_code, error["param"]) == (422, param) and needle in error["message"]
+
+
+def test_integer_timeouts_are_still_accepted(small_queue_prm):
+    from prmserve.server import create_app
+
+    response = post(create_app(small_queue_prm), "/v1/score", {"items": [ITEM], "timeout": 5, "priority": -(2**31) + 1})
+    assert response.status_code == 200, response.text

@@ -8,7 +8,9 @@ the fused layout of our layers (q/k/v into one projection, gate/up into one).
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -62,11 +64,7 @@ class CheckpointTensors:
                 for name in handle.keys():
                     self._where[name] = handle
             else:
-                try:
-                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as exc:
-                    raise CheckpointError(f"{file} could not be read as a tensor-only torch file: {exc}") from exc
-                for name, tensor in state.items():
+                for name, tensor in _torch_file_tensors(file).items():
                     self._where[name] = tensor
 
     def names(self) -> set[str]:
@@ -77,6 +75,25 @@ class CheckpointTensors:
         """One tensor, read from disk on demand."""
         source = self._where[name]
         return source if isinstance(source, torch.Tensor) else source.get_tensor(name)
+
+
+def _torch_file_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `torch.save` file, read with `weights_only=True`: memory-mapped when it is a zip
+    archive (torch >= 1.6), read whole when it is the legacy format, which cannot be mapped."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError:  # the pickle holds objects besides tensors: running it could run any code
+        raise CheckpointError(
+            f"{file} holds pickled objects besides tensors, and prmserve never unpickles code. Convert it to "
+            "safetensors once, where you trust the file: torch.load it with weights_only=False, keep its tensors, and "
+            "save them with safetensors.torch.save_file as model.safetensors (a sharded checkpoint: every shard, and "
+            "model.safetensors.index.json naming them)"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{file} could not be read as a tensor-only torch file: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file} is not a state dict (a mapping of tensor names to tensors)")
+    return state
 
 
 def _weight_files(directory: Path) -> list[Path]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import email.message
 import hmac
+import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -16,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -93,6 +96,36 @@ class FieldError(Exception):
         self.error, self.param = error, param
 
 
+class BoundedIntRequest(Request):
+    """A request whose JSON body parses integers longer than Python converts (4,300 digits) as a stand-in
+    beyond every bound, so the field's validation refuses them by name (422) instead of the whole body (400)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_int=_json_int)
+        return self._json
+
+
+class BoundedIntRoute(APIRoute):
+    """Routes that read their bodies through `BoundedIntRequest`."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BoundedIntRequest(request.scope, request.receive))
+
+        return bounded
+
+
+def _json_int(text: str) -> int:
+    limit = sys.get_int_max_str_digits()
+    if not limit or len(text.lstrip("-")) <= limit:
+        return int(text)
+    beyond = 10**limit  # larger than any integer that has a decimal form here
+    return -beyond if text.startswith("-") else beyond
+
+
 def blamed(error: PRMServeError, param: str) -> FieldError:
     """`error` restated as about the field `param`, which its message names first."""
     return FieldError(type(error)(f"{param}: {error}"), param)
@@ -133,6 +166,7 @@ def create_app(
             prm.engine.step_observers.remove(metrics.observe_step)
 
     app = FastAPI(title="prmserve", summary="Process reward model scoring", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.router.route_class = BoundedIntRoute  # before any route is added
     add_offline_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from prmserve.results import AGGREGATIONS
 
 Aggregation = Literal[AGGREGATIONS]  # type: ignore[valid-type]
 MAX_TIMEOUT_S = 24 * 3600.0
+PRIORITY_LIMIT = 2**31  # |priority| below it: room for any scheme, and a 5,000-digit integer is refused by name
+# Strict, like every other field: "5" is not a number of seconds (an integer is).
+Timeout = Annotated[StrictFloat, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
+Priority = Annotated[StrictInt, Field(gt=-PRIORITY_LIMIT, lt=PRIORITY_LIMIT)]
 
 
 class StepSplitRegex(BaseModel):
@@ -53,11 +57,10 @@ class ScoreRequest(BaseModel):
     )
 
     items: list[ScoreItem] = Field(min_length=1, description="Scored together; results come back in this order")
-    priority: StrictInt = Field(0, description="Lower values are scheduled first (as in vLLM)")
+    priority: Priority = Field(0, description="Lower values are scheduled first (as in vLLM)")
     aggregate: Aggregation = Field("min", description="How each result's `aggregate` reduces its step rewards")
-    timeout: float | None = Field(
-        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
-        description="Seconds to wait before answering 504 and dropping the work (default: the server's)",
+    timeout: Timeout | None = Field(
+        None, description="Seconds to wait before answering 504 and dropping the work (default: the server's)"
     )
     keep: StrictBool = Field(False, description="Keep each scored item as a node: results get a `handle` for /v1/extend")
 
@@ -72,11 +75,10 @@ class ExtendRequest(BaseModel):
 
     handle: StrictStr = Field(description="A node's handle, from /v1/score or /v1/extend with `keep`")
     children: list[list[StrictStr]] = Field(min_length=1, description="Each child's new steps; results come back in this order")
-    priority: StrictInt = Field(0, description="Lower values are scheduled first (as in vLLM)")
+    priority: Priority = Field(0, description="Lower values are scheduled first (as in vLLM)")
     aggregate: Aggregation = Field("min", description="How each result's `aggregate` reduces its step rewards")
-    timeout: float | None = Field(
-        None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False,
-        description="Seconds to wait before answering 504 and dropping the work (default: the server's)",
+    timeout: Timeout | None = Field(
+        None, description="Seconds to wait before answering 504 and dropping the work (default: the server's)"
     )
     keep: StrictBool = Field(False, description="Keep each child as a node too (its result gets a `handle`)")
 
@@ -147,7 +149,7 @@ class PoolingRequest(BaseModel):
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
     messages: list[ChatMessage] | None = None
     task: StrictStr | None = None
-    priority: StrictInt = 0
+    priority: Priority = 0
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="`base64`: each input's rows, flattened, as the base64 of their `embed_dtype` bytes (as vLLM)"
     )
