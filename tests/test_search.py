@@ -14,6 +14,7 @@ import pytest
 from fake_generator import MODEL, FakeGenerator
 from prmserve import cli
 from prmserve.demo import load_problems
+from prmserve.results import ScoreResult
 from prmserve.search import Generator, SearchConfig, beam_search, best_of_n, search_file, states_answer
 from prmserve.search.templates import DEFAULT_PROMPT_TEMPLATE, step_prompt
 
@@ -109,6 +110,43 @@ def test_beam_search_releases_its_handles_and_its_rewards_equal_scoring_the_path
         assert chosen["step_rewards"] == pytest.approx(whole.step_rewards, abs=1e-6)
         assert chosen["aggregate"] == pytest.approx(min(whole.step_rewards), abs=1e-6)
         assert_beam_tree(record, width)
+
+
+class EvenScorer:
+    """Every step gets 0.5: all children tie. It checks the handles it gives and takes back."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, list[float]] = {}  # handle -> its node's rewards
+        self.released: list[str] = []
+
+    def _kept(self, rewards: list[float]) -> ScoreResult:
+        handle = f"h{len(self.kept)}"
+        self.kept[handle] = rewards
+        return ScoreResult(rewards, handle=handle)
+
+    def score(self, items, *, keep=False):
+        assert keep
+        return [self._kept([0.5] * len(item["steps"])) for item in items]
+
+    def extend(self, handle, children, *, keep=False):
+        assert keep and handle in self.kept and handle not in self.released
+        return [self._kept(self.kept[handle] + [0.5] * len(steps)) for steps in children]
+
+    def release(self, handles):
+        assert all(h in self.kept and h not in self.released for h in handles)
+        self.released += handles
+        return len(handles)
+
+
+def test_beam_ties_keep_the_first_children_and_every_handle_is_released_once(generator: Generator) -> None:
+    scorer = EvenScorer()
+    record = beam_search(PROBLEMS[0]["problem"], generator, scorer, SearchConfig(method="beam", width=3, depth=10)).record()
+    assert sorted(scorer.released) == sorted(scorer.kept)
+    nodes = record["tree"]
+    expanded = {n["parent"] for n in nodes}
+    for depth in range(1, max(n["depth"] for n in nodes)):
+        first = [n for n in nodes if n["depth"] == depth][:3]  # ties: the first children scored go on
+        assert {n["id"] for n in nodes if n["depth"] == depth and n["id"] in expanded} == {n["id"] for n in first if not n["finished"]}
 
 
 def test_beam_search_at_its_depth_picks_the_best_live_beam(prm, generator: Generator) -> None:

@@ -117,8 +117,7 @@ class _Handles:
         self.held: set[str] = set()
 
     def keep(self, handle: str | None) -> str:
-        if handle is None:
-            raise InvalidInputError("the scorer gave no node handle for a kept step (keep=True)")
+        assert handle is not None, "score/extend with keep=True give every result a handle"
         self.held.add(handle)
         return handle
 
@@ -153,14 +152,14 @@ def beam_search(problem: str, generator: Generator, scorer: Scorer, config: Sear
             asks = [(problem, beam.steps() if beam else [], config.width, config.seed_of(k)) for k, beam in enumerate(live)]
             children: list[SearchNode] = []
             for beam, continuations in zip(live, generator.next_steps_many(asks)):
-                steps = [(_step_of(c), c) for c in continuations]
-                steps = [(step, c) for step, c in steps if step]
-                if not steps:  # the generator ends this path where it is
+                proposals = [(_step_of(c), c) for c in continuations if _step_of(c)]
+                if not proposals:  # the generator ends this path where it is
                     if beam is not None:
                         beam.finished = True
                         finished.append(beam)
                     continue
-                for (step, c), result in zip(steps, _score_children(scorer, problem, beam, [s for s, _ in steps])):
+                results = _score_children(scorer, problem, beam, [step for step, _ in proposals])
+                for (step, c), result in zip(proposals, results):
                     children.append(tree.add(beam, step, result.step_rewards, _ends(c, step), handles.keep(result.handle)))
             handles.release(live)
             ranked = sorted(children, key=lambda node: -node.aggregate)  # stable: ties keep their order
