@@ -137,3 +137,47 @@ def test_integer_timeouts_are_still_accepted(small_queue_prm):
 
     response = post(create_app(small_queue_prm), "/v1/score", {"items": [ITEM], "timeout": 5, "priority": -(2**31) + 1})
     assert response.status_code == 200, response.text
+
+
+# vLLM's queue time -----------------------------------------------------------------------------------
+
+
+def test_queue_time_runs_from_creation_to_first_admission(small_queue_prm):
+    import time
+
+    from prmserve.engine import Engine, EngineConfig, Request
+
+    engine = Engine(small_queue_prm.model, EngineConfig(num_kv_blocks=8, block_size=4, max_num_seqs=1, max_num_batched_tokens=4))
+    first, second = Request("first", list(range(1, 9)), [7]), Request("second", list(range(1, 5)), [3])
+    engine.add(first)
+    engine.add(second)
+    engine.step()  # admits first, computes half of it
+    admitted = first.scheduled_at
+    time.sleep(0.05)
+    engine.step()  # first finishes; second still waits for the one sequence slot
+    assert second.scheduled_at is None and first.scheduled_at == admitted  # set once
+    engine.step()
+    assert 0 <= first.queue_seconds < 0.05 <= second.queue_seconds
+
+
+def test_queue_time_histogram_in_metrics(small_queue_prm):
+    import re
+
+    from prmserve.server import create_app
+
+    app = create_app(small_queue_prm, served_model_names=["tiny"])
+    assert post(app, "/v1/score", {"items": [ITEM, ITEM]}).status_code == 200
+
+    async def scrape() -> str:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            return (await client.get("/metrics")).text
+
+    text = asyncio.run(scrape())
+
+    def sample(name: str) -> float:
+        match = re.search(rf'^{re.escape(name)}{{model_name="tiny"}} (\S+)$', text, re.MULTILINE)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
+    assert sample("vllm:request_queue_time_seconds_count") == 2
+    assert 0 <= sample("vllm:request_queue_time_seconds_sum") < 5  # two tiny inputs, admitted at once

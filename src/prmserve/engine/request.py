@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ class Request:
     # Prefix-cache keys of its full blocks; may start as a parent's keys, continued for the rest.
     block_hashes: list[tuple[int, tuple[int, ...]]] | None = None
     keep_tokens: int = 0  # once finished, pin the cached blocks of its first keep_tokens tokens
+    created_at: float = field(default_factory=time.monotonic)  # when it was built, just before submission
+    scheduled_at: float | None = None  # when the scheduler first admitted it (set once)
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -49,6 +52,11 @@ class Request:
     @property
     def num_remaining(self) -> int:
         return self.num_tokens - self.num_done
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """Time from creation to first being scheduled (vLLM's queue time); None until admitted."""
+        return None if self.scheduled_at is None else self.scheduled_at - self.created_at
 
     @property
     def usage(self) -> TokenUsage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import time
 from dataclasses import dataclass, field
 
 from prmserve.engine.block_manager import BlockManager, PrefixMatch
@@ -97,6 +98,7 @@ class Scheduler:
                     continue
                 self.blocks.allocate(request, match)
                 self._move(request, RequestStatus.RUNNING)
+                request.scheduled_at = time.monotonic()
                 if request.num_remaining == 0:
                     kept.pop()
                     plan.finished_from_cache.append(request)

@@ -42,6 +42,7 @@ from prmserve.server.encoding import rows_to_base64
 from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics, pending_requests
 from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestLogMiddleware
 from prmserve.server.rl_routes import add_rl_routes
+from prmserve.server.ui import add_ui
 from prmserve.server.protocol import (
     ErrorResponse,
     ExtendRequest,
@@ -168,6 +169,7 @@ def create_app(
     app = FastAPI(title="prmserve", summary="Process reward model scoring", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.router.route_class = BoundedIntRoute  # before any route is added
     add_offline_docs(app)
+    add_ui(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if log_requests:
@@ -401,9 +403,10 @@ async def _client_left(request: Request) -> None:
 
 
 def _observe_finished(future: Future, metrics: ServerMetrics, submitted: float) -> None:
-    """Engine-thread callback: a scored input counts as a vLLM request success with its end-to-end latency."""
+    """Engine-thread callback: a scored input counts as a vLLM request success with its end-to-end latency
+    and its queue time."""
     if not future.cancelled() and future.exception() is None:
-        metrics.observe_finished(time.perf_counter() - submitted)
+        metrics.observe_finished(time.perf_counter() - submitted, future.result().queue_seconds)
 
 
 def _pooling_rows(prm: PRM, jobs: list[ScoringJob], done: list[EngineRequest], activated: bool) -> list[list[list[float]]]:

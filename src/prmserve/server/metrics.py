@@ -99,6 +99,10 @@ class ServerMetrics:
             "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds (submit to result, per input)",
             ["model_name"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds", "Histogram of time spent waiting in the queue in seconds (submit to first scheduled)",
+            ["model_name"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
         self.successes = Counter(
             "vllm:request_success", "Count of successfully processed requests (one per input)",
             ["model_name", "finished_reason"], registry=self.registry,
@@ -110,9 +114,12 @@ class ServerMetrics:
         self.step_tokens.observe(stats.num_tokens)
         self.step_seconds.observe(stats.seconds)
 
-    def observe_finished(self, seconds: float) -> None:
-        """One engine request (one input) scored, `seconds` after its submission: vLLM's "stop" finish."""
+    def observe_finished(self, seconds: float, queue_seconds: float | None) -> None:
+        """One engine request (one input) scored, `seconds` after its submission (`queue_seconds` of them
+        before it was first scheduled): vLLM's "stop" finish."""
         self.e2e_latency.labels(self.model_name).observe(seconds)
+        if queue_seconds is not None:
+            self.queue_time.labels(self.model_name).observe(queue_seconds)
         self.successes.labels(self.model_name, "stop").inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
