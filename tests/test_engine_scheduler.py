@@ -162,14 +162,3 @@ def test_memory_shortage_never_lets_a_lower_priority_request_jump_ahead(model):
     assert [r.request_id for r in done] == ["big", "mid", "small"]
     check_outputs(model, [big, mid, small])
     assert engine.stats().kv_blocks_in_use == 0
-
-
-def test_engine_max_queue(model):
-    engine = engine_for(model, max_queue=2)
-    engine.add(make_request("a", [1, 2, 3]))
-    engine.add(make_request("b", [1, 2, 3]))
-    with pytest.raises(QueueFullError):
-        engine.add(make_request("c", [1, 2, 3]))
-    drain(engine)
-    engine.add(make_request("d", [1, 2, 3]))
-    assert [r.request_id for r in drain(engine)] == ["d"]
