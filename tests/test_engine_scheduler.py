@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from prmserve.engine import Engine, EngineConfig, Request
-from prmserve.errors import QueueFullError
 from prmserve.models import BackboneConfig, load_reward_model
 from prmserve.models.attention import AttentionInputs
 from prmserve.models.heads import HeadSpec
