@@ -98,6 +98,39 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ui -------------------------------------------------------------------------------------------
+
+
+def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
+    """`prmserve ui [MODEL]`: `prmserve serve`'s flags, and whether to open the page in a browser."""
+    add_serve_arguments(parser)
+    parser.add_argument("--no-browser", action="store_true", help="serve the page without opening a browser")
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    """Serve as `prmserve serve` does; once the server listens (the model loads first), open its page at /."""
+    import socket
+    import threading
+    import time
+    import webbrowser
+
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # a wildcard bind answers on loopback
+    url = f"{'https' if args.ssl_certfile else 'http'}://{f'[{host}]' if ':' in host else host}:{args.port}/"
+
+    def open_when_listening() -> None:
+        while True:
+            try:
+                socket.create_connection((host, args.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        webbrowser.open(url)
+
+    if not args.no_browser:
+        threading.Thread(target=open_when_listening, daemon=True).start()
+    return run_serve(args)
+
+
 # score ----------------------------------------------------------------------------------------
 
 
@@ -389,6 +422,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                        lambda parser: _eval_commands().add_eval_arguments(parser), lambda args: _eval_commands().run_eval(args)),
     "serve": Subcommand("serve a PRM over HTTP (vLLM-compatible /pooling too)", add_serve_arguments, run_serve),
     "score": Subcommand("score a JSONL file, offline or against a server", add_score_arguments, run_score),
+    "ui": Subcommand("serve a PRM and open its web page: paste or upload solutions, see each step's reward",
+                     add_ui_arguments, run_ui),
     "search": Subcommand("best-of-N or beam search over an OpenAI-compatible generator, scored by a PRM",
                          add_search_arguments, run_search),
 }
