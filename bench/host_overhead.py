@@ -4,13 +4,12 @@ What is left is scheduling, prefix matching, index building and result hand-off:
 waits for between steps. CPU only; needs `python bench/make_workloads.py` first.
 
     PYTHONPATH=src python bench/host_overhead.py                  # as shipped
-    PYTHONPATH=src python bench/host_overhead.py --no-gc-freeze   # without the loop's gc.freeze()
+    PYTHONPATH=src python bench/host_overhead.py --no-gc-freeze   # without freeze_heap() (gc.freeze), as the CLI calls it
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from prmserve.engine import Engine, EngineConfig, EngineLoop
+from prmserve.engine.loop import freeze_heap
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
 from prmserve.models.transformer import RewardModel
@@ -28,11 +28,9 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", type=Path, default=HERE / ".assets/workloads_skywork_prm.json")
-    parser.add_argument("--no-gc-freeze", action="store_true", help="turn the loop's gc.freeze() into a no-op")
+    parser.add_argument("--no-gc-freeze", action="store_true", help="skip freeze_heap() (gc.freeze), which the CLI runs after loading")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.no_gc_freeze:
-        gc.freeze = lambda: None
     import transformers  # noqa: F401  (a real process has it loaded, and the collector scans it)
 
     cfg = BackboneConfig.from_dict({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
@@ -41,6 +39,8 @@ def main() -> None:
     model = RewardModel(cfg, HeadSpec("linear", source="v_head")).eval().requires_grad_(False)
     engine = Engine(model, EngineConfig(max_num_batched_tokens=16384, num_kv_blocks=100_000))
     engine.runner.model = lambda ids, positions, inputs: torch.zeros((ids.shape[0], 1))  # no compute
+    if not args.no_gc_freeze:
+        freeze_heap()  # as `prmserve serve` / `score` do once the model is loaded
     loop = EngineLoop(engine)
     text = args.workloads.read_text()
     for _ in range(args.repeats):
