@@ -35,6 +35,10 @@ class RecentEncodings:
                     return k, entry[2]
         return None
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
     def add(self, problem: str, steps: Sequence[str], key: int, encoded: EncodedItem) -> None:
         if self.capacity < 1 or encoded.body_len is None:
             return
