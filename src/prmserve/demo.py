@@ -6,12 +6,12 @@ best-of-N pick per problem by the minimum step reward, as PRM papers select solu
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from prmserve.errors import InvalidInputError
+from prmserve.problem_lines import parse_problem_line
 from prmserve.results import ScoreResult
 
 DEMO_PROBLEMS = Path(__file__).parent / "bundled" / "demo_problems.jsonl"
@@ -36,14 +36,7 @@ def load_problems(path: Path = DEMO_PROBLEMS) -> list[dict[str, Any]]:
 
 def _checked_problem(line: str) -> dict[str, Any]:
     """One line's problem, or ValueError saying what is wrong with it."""
-    try:
-        problem = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"bad JSON: {exc}") from None
-    if not isinstance(problem, dict):
-        raise ValueError(f"a line must be a JSON object, not {type(problem).__name__}")
-    if not isinstance(problem.get("problem"), str) or not problem["problem"].strip():
-        raise ValueError("'problem' must be a non-empty string")
+    problem = parse_problem_line(line)
     solutions = problem.get("solutions")
     if not isinstance(solutions, list) or not solutions:
         raise ValueError("'solutions' must be a non-empty list of solutions, each a list of step strings")

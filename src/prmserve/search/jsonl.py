@@ -8,6 +8,7 @@ from typing import Any
 
 from prmserve.cli import resume_point
 from prmserve.errors import FormatError, HandleNotFoundError, InvalidInputError
+from prmserve.problem_lines import parse_problem_line
 from prmserve.search.driver import Scorer, SearchConfig, search
 from prmserve.search.generator import Generator
 
@@ -43,20 +44,8 @@ def search_file(
 def search_line(number: int, text: str, generator: Generator, scorer: Scorer, config: SearchConfig) -> dict[str, Any]:
     """The output record of one input line: its fields + "chosen" + "tree" + "line", or {"line", "error"}."""
     try:
-        problem = _parsed(text)
+        problem = parse_problem_line(text)
         return {**problem, **search(problem["problem"], generator, scorer, config).record(), "line": number}
     except PROBLEM_ERRORS as exc:
         return {"line": number, "error": str(exc)}
 
-
-def _parsed(text: str) -> dict[str, Any]:
-    """A problem line's fields; InvalidInputError saying what is wrong with it."""
-    try:
-        problem = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"bad JSON: {exc}") from None
-    if not isinstance(problem, dict):
-        raise InvalidInputError(f"a line must be a JSON object, not {type(problem).__name__}")
-    if not isinstance(problem.get("problem"), str) or not problem["problem"].strip():
-        raise InvalidInputError("'problem' must be a non-empty string")
-    return problem
