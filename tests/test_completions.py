@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from prmserve.completions import chat_to_completion, split_completion, split_rule
