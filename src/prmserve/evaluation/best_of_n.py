@@ -58,10 +58,12 @@ def is_right(solution: dict[str, Any], reference: Any) -> bool:
     return bool(solution["correct"]) if "correct" in solution else normalize(solution["final_answer"]) == normalize(reference)
 
 
-def evaluate(problems: list[dict[str, Any]], score: Scorer) -> dict[str, Any]:
-    """Accuracy by N of the PRM's pick under each aggregation, majority vote, weighted majority vote, oracle."""
-    items = [{"problem": p["problem"], **({"steps": s["steps"]} if "steps" in s else {"completion": s["completion"]})}
-             for p in problems for s in p["solutions"]]
+def evaluate(problems: list[dict[str, Any]], score: Scorer, item_of: Callable[[dict], dict] | None = None) -> dict[str, Any]:
+    """Accuracy by N of the PRM's pick under each aggregation, majority vote, weighted majority vote, oracle.
+
+    `item_of(solution)` is what `score` gets for a solution (default: {problem, steps | completion}).
+    """
+    items = [item_of(s) if item_of else {"problem": p["problem"], **_text_of(s)} for p in problems for s in p["solutions"]]
     flat = score(items)
     rewards, start = [], 0
     for p in problems:
@@ -79,6 +81,10 @@ def evaluate(problems: list[dict[str, Any]], score: Scorer) -> dict[str, Any]:
     steps_right, steps_wrong = _reward_by_step(problems, rewards)
     return {"n_problems": len(problems), "sizes": sizes, "accuracy": dict(curves),
             "reward_by_step": {"right": steps_right, "wrong": steps_wrong}}
+
+
+def _text_of(solution: dict[str, Any]) -> dict[str, Any]:
+    return {"steps": solution["steps"]} if "steps" in solution else {"completion": solution["completion"]}
 
 
 def _mean(values) -> float:

@@ -1,4 +1,5 @@
-"""Held-out quality of a PRM on the synthetic arithmetic task, whatever scores it (training model or `PRM`).
+"""Held-out quality of a PRM on the synthetic arithmetic task, whatever scores it (training model or `PRM`):
+a case of the ProcessBench and best-of-N evaluations, on generated data.
 
 The splits are the ones the bundled model's training script reports in quality.json: validation
 (seed + 1) picks the ProcessBench threshold, test (seed + 2) measures it, and best-of-4 problems
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prmserve import quality, synthetic
+from prmserve.evaluation import best_of_n, processbench
 
 Pairs = list[tuple[synthetic.Problem, synthetic.Solution]]
 Scorer = Callable[[Pairs], list[list[float]]]
@@ -20,26 +22,36 @@ def held_out_quality(score: Scorer, seed: int, n_val: int = 600, n_test: int = 1
     """ProcessBench F1 (threshold chosen on validation), its accuracy per error kind, and best-of-4 accuracy against baselines."""
     val, test = synthetic.generate(n_val, seed + 1), synthetic.generate(n_test, seed + 2)
     candidates = synthetic.generate_candidates(n_best_of, seed + 3)
-    threshold = quality.best_threshold(score(val), [s.first_error for _, s in val])
-    test_rewards = score(test)
-    processbench = quality.processbench_scores(test_rewards, [s.first_error for _, s in test], threshold)
-    processbench.update(accuracy_by_kind(test_rewards, test, threshold))
-    flat = score([(p, s) for p, sols in candidates for s in sols])
-    per_problem, start = [], 0
-    for _, sols in candidates:
-        per_problem.append(flat[start : start + len(sols)])
-        start += len(sols)
+    scored: dict[int, list[float]] = {}  # the test split's rewards, kept for the per-kind accuracy
+
+    def by_records(records: list[dict[str, Any]]) -> list[list[float]]:
+        rewards = score([record["pair"] for record in records])
+        scored.update({id(record["pair"]): r for record, r in zip(records, rewards)})
+        return rewards
+
+    test_records = _records(test)
+    report = processbench.evaluate({"synthetic": test_records}, by_records, threshold=None, calibration=_records(val))
+    threshold, overall = report["threshold"], report["overall"]
+    test_rewards = [scored[id(record["pair"])] for record in test_records]
+    problems = [{"problem": p.text, "answer": p.answer, "solutions": [{"pair": (p, s), "final_answer": s.final_answer} for s in sols]}
+                for p, sols in candidates]
+    best = best_of_n.evaluate(problems, lambda items: score([item["pair"] for item in items]), item_of=lambda s: {"pair": s["pair"]})
     answers = [[s.final_answer for s in sols] for _, sols in candidates]
-    truth = [p.answer for p, _ in candidates]
     return {
-        "processbench": {"threshold": threshold, **processbench, "n_test": n_test, "n_val": n_val},
+        "processbench": {"threshold": threshold, "acc_erroneous": overall["acc_erroneous"], "acc_correct": overall["acc_correct"],
+                         "f1": overall["f1"], **accuracy_by_kind(test_rewards, test, threshold), "n_test": n_test, "n_val": n_val},
         "best_of_4": {
-            "prm_min_step": quality.best_of_n_accuracy(per_problem, answers, truth),
-            "majority_vote": quality.majority_vote_accuracy(answers, truth),
-            "random_pick": quality.random_pick_accuracy(answers, truth),
+            "prm_min_step": best["accuracy"]["prm_min"][4],
+            "majority_vote": best["accuracy"]["majority_vote"][4],
+            "random_pick": quality.random_pick_accuracy(answers, [p.answer for p, _ in candidates]),
             "n_problems": n_best_of,
         },
     }
+
+
+def _records(pairs: Pairs) -> list[dict[str, Any]]:
+    """ProcessBench-style records of generated solutions, each carrying its pair for the scorer."""
+    return [{"problem": p.text, "steps": s.steps, "label": s.first_error, "pair": (p, s)} for p, s in pairs]
 
 
 def accuracy_by_kind(rewards: list[list[float]], pairs: Pairs, threshold: float) -> dict[str, float]:
