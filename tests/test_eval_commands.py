@@ -121,3 +121,15 @@ def test_best_of_n_plot(tmp_path: Path) -> None:
     out = tmp_path / "bon.png"
     best_of_n.plot(best_of_n.evaluate(problems, fake_score), out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_solutions_too_long_for_the_model_are_left_out_and_counted() -> None:
+    def score(items: list[dict]) -> list:
+        return [None if item["steps"][0] == "c1" else REWARDS[item["steps"][0]] for item in items]
+
+    report = processbench.evaluate({"x": records(("a1", 2), ("c1", 1), ("b1", -1))}, score, threshold=0.5)
+    assert report["skipped_too_long"] == 1 and report["overall"]["n"] == 2 and report["overall"]["f1"] == 1.0
+    problems = [{"problem": "p", "answer": "5", "solutions": [solution("a1", "4"), solution("b1", "5")]},
+                {"problem": "q", "answer": "5", "solutions": [solution("c1", "4"), solution("b1", "5")]}]
+    best = best_of_n.evaluate(problems, score)
+    assert best["n_problems"] == 1 and best["skipped_too_long"] == 1

@@ -65,10 +65,16 @@ def evaluate(problems: list[dict[str, Any]], score: Scorer, item_of: Callable[[d
     """
     items = [item_of(s) if item_of else {"problem": p["problem"], **_text_of(s)} for p in problems for s in p["solutions"]]
     flat = score(items)
-    rewards, start = [], 0
-    for p in problems:
-        rewards.append(flat[start : start + len(p["solutions"])])
+    rewards, start, kept = [], 0, []
+    for p in problems:  # a problem with a solution longer than the model takes (None) is left out whole
+        mine = flat[start : start + len(p["solutions"])]
         start += len(p["solutions"])
+        if all(r is not None for r in mine):
+            rewards.append(mine)
+            kept.append(p)
+    skipped, problems = len(problems) - len(kept), kept
+    if not problems:
+        raise InvalidInputError("no problem left: every one has a solution longer than the model takes")
     largest = min(len(p["solutions"]) for p in problems)
     sizes = [n for n in (2**k for k in range(12)) if n <= largest]
     curves: dict[str, dict[int, float]] = defaultdict(dict)
@@ -79,7 +85,7 @@ def evaluate(problems: list[dict[str, Any]], score: Scorer, item_of: Callable[[d
         curves["majority_vote"][n] = _mean(_majority_right(p, n) for p in problems)
         curves["oracle"][n] = _mean(any(is_right(s, p["answer"]) for s in p["solutions"][:n]) for p in problems)
     steps_right, steps_wrong = _reward_by_step(problems, rewards)
-    return {"n_problems": len(problems), "sizes": sizes, "accuracy": dict(curves),
+    return {"n_problems": len(problems), "skipped_too_long": skipped, "sizes": sizes, "accuracy": dict(curves),
             "reward_by_step": {"right": steps_right, "wrong": steps_wrong}}
 
 
@@ -136,7 +142,8 @@ def _reward_by_step(problems: list[dict], rewards: list[list[list[float]]]) -> t
 def table(report: dict[str, Any]) -> str:
     """Accuracy by N, one row per method."""
     sizes = report["sizes"]
-    rows = [f"{report['n_problems']} problems; accuracy by N", f"{'method':26s}" + "".join(f"{n:>8d}" for n in sizes)]
+    left_out = f" ({report['skipped_too_long']} left out: a solution longer than the model takes)" if report["skipped_too_long"] else ""
+    rows = [f"{report['n_problems']} problems{left_out}; accuracy by N", f"{'method':26s}" + "".join(f"{n:>8d}" for n in sizes)]
     for method, curve in report["accuracy"].items():
         rows.append(f"{method:26s}" + "".join(f"{curve[n]:8.3f}" for n in sizes))
     return "\n".join(rows)

@@ -12,6 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from prmserve.errors import InputTooLongError
+
 BATCH = 256  # items a scoring call, so the progress bar moves
 
 
@@ -72,12 +74,23 @@ def _scorer(args: argparse.Namespace, stack: ExitStack) -> Callable[[list[dict[s
         target = load_prm(args, args.model)
         stack.callback(target.close)
 
-    def score(items: list[dict[str, Any]]) -> list[list[float]]:
-        out: list[list[float]] = []
+    def score(items: list[dict[str, Any]]) -> list[list[float] | None]:
+        out: list[list[float] | None] = []
         with tqdm(total=len(items), desc="scoring", unit="solution", disable=not sys.stderr.isatty()) as bar:
             for start in range(0, len(items), BATCH):
-                out += [r.step_rewards for r in target.score(items[start : start + BATCH])]
-                bar.update(min(BATCH, len(items) - start))
+                batch = items[start : start + BATCH]
+                try:
+                    out += [r.step_rewards for r in target.score(batch)]
+                except InputTooLongError:  # some solution is longer than the model takes: None for those alone
+                    out += [_one(target, item) for item in batch]
+                bar.update(len(batch))
         return out
 
     return score
+
+
+def _one(target: Any, item: dict[str, Any]) -> list[float] | None:
+    try:
+        return target.score([item])[0].step_rewards
+    except InputTooLongError:
+        return None

@@ -49,14 +49,16 @@ def evaluate(subsets: dict[str, list[dict[str, Any]]], score: Scorer, threshold:
         threshold = quality.best_threshold(score(calibration), [r["label"] for r in calibration])
         chosen_on = len(calibration)
     report: dict[str, Any] = {"threshold": threshold, "threshold_chosen_on": chosen_on, "subsets": {}}
-    all_rewards, all_labels = [], []
+    all_rewards, all_labels, skipped = [], [], 0
     for name, records in subsets.items():
-        rewards = score(records)
-        labels = [r["label"] for r in records]
+        scored = [(r, record["label"]) for r, record in zip(score(records), records) if r is not None]
+        skipped += len(records) - len(scored)
+        rewards, labels = [r for r, _ in scored], [label for _, label in scored]
         report["subsets"][name] = _scores(rewards, labels, threshold)
         all_rewards += rewards
         all_labels += labels
     report["overall"] = _scores(all_rewards, all_labels, threshold)
+    report["skipped_too_long"] = skipped  # records longer than the model takes (None from the scorer)
     return report
 
 
@@ -75,7 +77,8 @@ def _scores(rewards: list[list[float]], labels: Sequence[int], threshold: float)
 
 def table(report: dict[str, Any]) -> str:
     """The report as a text table: one row per subset, then overall."""
-    rows = [f"threshold {report['threshold']:.4g}" + (f" (chosen on {report['threshold_chosen_on']} records)" if report["threshold_chosen_on"] else ""),
+    rows = [f"threshold {report['threshold']:.4g}" + (f" (chosen on {report['threshold_chosen_on']} records)" if report["threshold_chosen_on"] else "")
+            + (f"; {report['skipped_too_long']} records longer than the model takes were left out" if report["skipped_too_long"] else ""),
             f"{'subset':24s} {'n':>6s} {'erroneous':>10s} {'correct':>8s} {'F1':>6s}"]
     for name, s in [*report["subsets"].items(), ("overall", report["overall"])]:
         rows.append(f"{name:24s} {s['n']:6d} {s['acc_erroneous']:10.3f} {s['acc_correct']:8.3f} {s['f1']:6.3f}")
