@@ -81,3 +81,35 @@ def test_bad_children_name_the_child(app) -> None:
 def test_keep_needs_problem_and_steps(app) -> None:
     response = post(app, "/v1/score", {"items": [{"text": "1 + 1 = 2<extra_0>"}], "keep": True})
     assert response.status_code == 400 and "keep=True needs a problem" in response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/score", {"items": [{"problem": "a\ud800b", "steps": ["x"]}]}, "items"),
+        ("/v1/score", {"items": [{"problem": "p", "steps": ["x", "\udfff"]}]}, "items"),
+        ("/v1/score", {"items": [{"text": "x\ud800<extra_0>"}]}, "items"),
+        ("/pooling", {"input": "x\ud800<extra_0>"}, "input"),
+        ("/pooling", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(app, path: str, body: dict, param: str) -> None:
+    """JSON allows "\\ud800"; UTF-8 does not: the tokenizer must never see it (it would be a 500)."""
+    import json as json_module
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            raw = json_module.dumps(body)  # keeps the escape: a client sending it as JSON text
+            return await client.post(path, content=raw, headers={"content-type": "application/json"})
+
+    response = asyncio.run(go())
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert "not valid Unicode" in response.json()["error"]["message"]
+
+
+def test_a_lone_surrogate_offline_is_an_invalid_input_error(offline_prm) -> None:
+    from prmserve.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="item 0: step 1 holds a character that is not valid Unicode"):
+        offline_prm.score([{"problem": "p", "steps": ["ok", "bad \ud800"]}])
