@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -151,6 +152,7 @@ def beam_search(problem: str, generator: Generator, scorer: Scorer, config: Sear
         for _ in range(config.depth):
             asks = [(problem, beam.steps() if beam else [], config.width, config.seed_of(k)) for k, beam in enumerate(live)]
             children: list[SearchNode] = []
+            expanding = []
             for beam, continuations in zip(live, generator.next_steps_many(asks)):
                 proposals = [(_step_of(c), c) for c in continuations if _step_of(c)]
                 if not proposals:  # the generator ends this path where it is
@@ -158,7 +160,11 @@ def beam_search(problem: str, generator: Generator, scorer: Scorer, config: Sear
                         beam.finished = True
                         finished.append(beam)
                     continue
-                results = _score_children(scorer, problem, beam, [step for step, _ in proposals])
+                expanding.append((beam, proposals))
+            # One call per beam, all at once, so the engine scores the level's children in one batch.
+            with ThreadPoolExecutor(max_workers=max(1, len(expanding))) as pool:
+                scored = list(pool.map(lambda bp: _score_children(scorer, problem, bp[0], [s for s, _ in bp[1]]), expanding))
+            for (beam, proposals), results in zip(expanding, scored):
                 for (step, c), result in zip(proposals, results):
                     children.append(tree.add(beam, step, result.step_rewards, _ends(c, step), handles.keep(result.handle)))
             handles.release(live)
