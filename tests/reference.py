@@ -1,7 +1,7 @@
 """Independent reference step rewards: transformers' own modeling code plus each family's published formula.
 
 Nothing here imports prmserve. Backbones come from transformers (`Qwen2Model`, `AutoModelForCausalLM`,
-`AutoModelForSequenceClassification`); heads transformers lacks (Qwen2ForProcessRewardModel's `score`
+`AutoModelForSequenceClassification`, `AutoModelForTokenClassification`); heads transformers lacks (Qwen2ForProcessRewardModel's `score`
 MLP, Skywork's `v_head`, Qwen2ForRewardModel's `score` MLP) are applied with plain torch from the
 checkpoint's own tensors. Inputs are built as the model cards' example code builds them: the
 checkpoint's tokenizer through `AutoTokenizer`, chat templates through `apply_chat_template`.
@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -63,6 +64,13 @@ def causal_lm(ckpt_dir: str, dtype: torch.dtype) -> PreTrainedModel:
 def sequence_classifier(ckpt_dir: str, dtype: torch.dtype) -> PreTrainedModel:
     """A *ForSequenceClassification checkpoint loaded by transformers with its `score` head."""
     model, info = AutoModelForSequenceClassification.from_pretrained(ckpt_dir, dtype=dtype, output_loading_info=True)
+    return _loaded(model, info)
+
+
+@functools.cache
+def token_classifier(ckpt_dir: str, dtype: torch.dtype) -> PreTrainedModel:
+    """A *ForTokenClassification checkpoint loaded by transformers with its `score` head."""
+    model, info = AutoModelForTokenClassification.from_pretrained(ckpt_dir, dtype=dtype, output_loading_info=True)
     return _loaded(model, info)
 
 
@@ -224,6 +232,38 @@ def outcome_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.
     return [sequence_classifier(ckpt_dir, dtype)(input_ids).logits[0][0].item()]
 
 
+def trl_prm_input(tokenizer: PreTrainedTokenizerBase, prompt: str, completions: list[str], step_separator: str) -> tuple[list[int], list[int]]:
+    """TRL's PRMTrainer.tokenize_row (trl/trainer/prm_trainer.py), untruncated: (input_ids, labelled positions).
+
+    The prompt and every completion are tokenised alone without special tokens, each completion followed
+    by `encode(step_separator, add_special_tokens=False)`, the label on its last token; BOS first if any.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    separator_ids = tokenizer.encode(step_separator, add_special_tokens=False)
+    completions_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + separator_ids for c in completions]
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    input_ids, positions = list(prompt_ids), []
+    for ids in completions_ids:
+        input_ids += ids
+        positions.append(len(input_ids) - 1)
+    return input_ids, positions
+
+
+@torch.no_grad()
+def token_classification_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """PRMs trained by TRL's PRMTrainer, run by transformers' *ForTokenClassification: softmax over the two
+    labels at each labelled token; reward p1 (HuggingFaceH4) or p1 - p0 (PURE)."""
+    step_separator = options.pop("step_separator", "\n")
+    reward = options.pop("reward", "p1")
+    _no_options_left(options)
+    input_ids, positions = trl_prm_input(tokenizer_of(ckpt_dir), problem, steps, step_separator)
+    logits = token_classifier(ckpt_dir, dtype)(torch.tensor([input_ids])).logits[0, positions]
+    probabilities = logits.softmax(dim=-1)
+    values = probabilities[:, 1] - probabilities[:, 0] if reward == "p1_minus_p0" else probabilities[:, 1]
+    return values.float().tolist()
+
+
 def _no_options_left(options: dict) -> None:
     """Refuse options a family does not take, so a typo in a test cannot pass silently."""
     if options:
@@ -237,6 +277,7 @@ REFERENCES = {
     "rlhflow": rlhflow_rewards,
     "llemma": llemma_rewards,
     "outcome": outcome_rewards,
+    "token_classification": token_classification_rewards,
 }
 
 

@@ -25,6 +25,9 @@ FAMILIES = {  # checkpoint -> format options
     "math_shepherd_openr": OPENR,
     "rlhflow": {},
     "llemma": {},
+    "token_classification_qwen2": {},
+    "token_classification_llama": {"step_separator": "\n\n", "reward": "p1_minus_p0"},
+    "token_classification_qwen3": {},
 }
 PROBLEM = "Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4. She sells the rest at $2 each. How much?"
 NODE = ["Step 1: She eats 3 eggs, so 16 - 3 = 13 eggs remain.", "Step 2: She bakes with 4, so 13 - 4 = 9 remain."]

@@ -367,22 +367,26 @@ def llama_config(architecture: str, model_type: str, vocab_size: int, bos: int, 
 
 
 def backbone_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every `model.*` tensor of a Qwen2 / Llama / Mistral decoder, in checkpoint order."""
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    """Every `model.*` tensor of a Qwen2 / Qwen3 / Llama / Mistral decoder, in checkpoint order."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     hidden, kv = config["hidden_size"], config["num_key_value_heads"] * head_dim
+    q = config["num_attention_heads"] * head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
     qkv_bias = config["model_type"] == "qwen2" or config.get("attention_bias", False)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "self_attn.q_proj.weight"] = (hidden, hidden)
+        shapes[p + "self_attn.q_proj.weight"] = (q, hidden)
         shapes[p + "self_attn.k_proj.weight"] = (kv, hidden)
         shapes[p + "self_attn.v_proj.weight"] = (kv, hidden)
         if qkv_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (hidden,)
+            shapes[p + "self_attn.q_proj.bias"] = (q,)
             shapes[p + "self_attn.k_proj.bias"] = (kv,)
             shapes[p + "self_attn.v_proj.bias"] = (kv,)
-        shapes[p + "self_attn.o_proj.weight"] = (hidden, hidden)
+        if config["model_type"] == "qwen3":  # per-head RMSNorm of queries and keys
+            shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, q)
         shapes[p + "post_attention_layernorm.weight"] = (hidden,)
         shapes[p + "mlp.gate_proj.weight"] = (config["intermediate_size"], hidden)
         shapes[p + "mlp.up_proj.weight"] = (config["intermediate_size"], hidden)
@@ -586,6 +590,92 @@ def build_outcome_llama(directory: Path) -> Path:
     return directory
 
 
+TWO_LABELS = {"id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "label2id": {"LABEL_0": 0, "LABEL_1": 1}}
+
+
+def _token_classification_head(hidden: int) -> dict[str, tuple[int, ...]]:
+    """transformers' GenericForTokenClassification head: `score` Linear(H, 2) with a bias."""
+    return {"score.weight": (2, hidden), "score.bias": (2,)}
+
+
+def build_token_classification_qwen2(directory: Path) -> Path:
+    """HuggingFaceH4 Qwen2.5-Math-*-PRM-0.2 / PURE-PRM-7B (TRL's PRMTrainer): Qwen2ForTokenClassification, no BOS."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_qwen_tokenizer(directory, [], CHATML_WITH_DEFAULT_SYSTEM)
+    config = qwen2_config("Qwen2ForTokenClassification", tokenizer, **TWO_LABELS)
+    _write_json(directory / "config.json", config)
+    shapes = backbone_tensor_shapes(config) | _token_classification_head(HIDDEN)
+    save_file(random_weights(shapes, seed=9, dtype=torch.bfloat16), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def build_token_classification_llama(directory: Path) -> Path:
+    """A Llama 3.1 PRM from TRL's PRMTrainer: LlamaForTokenClassification, BOS <|begin_of_text|> before the prompt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_llama3_tokenizer(directory)
+    config = llama_config(
+        "LlamaForTokenClassification",
+        "llama",
+        EMBED_ROWS,
+        bos=tokenizer.token_to_id("<|begin_of_text|>"),
+        eos=tokenizer.token_to_id("<|eot_id|>"),
+        torch_dtype="float32",
+        **TWO_LABELS,
+    )
+    _write_json(directory / "config.json", config)
+    shapes = backbone_tensor_shapes(config) | _token_classification_head(HIDDEN)
+    save_file(random_weights(shapes, seed=10, dtype=torch.float32), str(directory / "model.safetensors"))
+    return directory
+
+
+QWEN3_HEAD_DIM = 32  # != HIDDEN // HEADS, as in Qwen3 (e.g. Qwen3-8B: hidden 4096, 32 heads, head_dim 128)
+
+
+def qwen3_config(architecture: str, tokenizer: Tokenizer, **extra: object) -> dict:
+    """A Qwen3 config.json at toy size as transformers 5 writes it (`dtype`, `rope_parameters`, `layer_types`)."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(
+        architectures=[architecture],
+        vocab_size=EMBED_ROWS,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=QWEN3_HEAD_DIM,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-06,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=tokenizer.token_to_id("<|endoftext|>"),
+        eos_token_id=tokenizer.token_to_id("<|im_end|>"),
+        pad_token_id=tokenizer.token_to_id("<|endoftext|>"),
+        dtype="bfloat16",
+        **extra,
+    )
+    return config.to_dict()
+
+
+def _save_qwen3(directory: Path, architecture: str, head: dict[str, tuple[int, ...]], seed: int, **extra: object) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_qwen_tokenizer(directory, [], CHATML_PLAIN)
+    config = qwen3_config(architecture, tokenizer, **extra)
+    _write_json(directory / "config.json", config)
+    shapes = backbone_tensor_shapes(config) | head
+    save_sharded_safetensors(directory, random_weights(shapes, seed=seed, dtype=torch.bfloat16), shards=2)
+    return directory
+
+
+def build_outcome_qwen3(directory: Path) -> Path:
+    """Skywork-Reward-V2-Qwen3 layout: Qwen3ForSequenceClassification, `score.weight` [1, H], no bias."""
+    return _save_qwen3(directory, "Qwen3ForSequenceClassification", {"score.weight": (1, HIDDEN)}, seed=11, num_labels=1)
+
+
+def build_token_classification_qwen3(directory: Path) -> Path:
+    """A Qwen3 PRM from TRL's PRMTrainer: Qwen3ForTokenClassification, `score` Linear(H, 2) with a bias."""
+    return _save_qwen3(directory, "Qwen3ForTokenClassification", _token_classification_head(HIDDEN), seed=12, num_labels=2)
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "qwen_prm": build_qwen_prm,
     "qwen_prm_jinja": lambda d: build_qwen_prm(d, template_in_jinja_file=True, with_lm_head=True),
@@ -597,6 +687,14 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llemma": build_llemma,
     "outcome_qwen": build_outcome_qwen,
     "outcome_llama": build_outcome_llama,
+    "token_classification_qwen2": build_token_classification_qwen2,
+    "token_classification_llama": build_token_classification_llama,
+}
+
+# Qwen3 layouts, apart from BUILDERS: tests/test_families.py checks BUILDERS' configs against the three older backbones.
+QWEN3_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "outcome_qwen3": build_outcome_qwen3,
+    "token_classification_qwen3": build_token_classification_qwen3,
 }
 
 # The prmserve format each checkpoint is served with.
@@ -611,6 +709,10 @@ FORMAT_OF: dict[str, str] = {
     "llemma": "llemma",
     "outcome_qwen": "outcome",
     "outcome_llama": "outcome",
+    "token_classification_qwen2": "token_classification",
+    "token_classification_llama": "token_classification",
+    "outcome_qwen3": "outcome",
+    "token_classification_qwen3": "token_classification",
 }
 
 
@@ -635,5 +737,5 @@ def resaved_by_transformers(source: Path, directory: Path) -> Path:
 
 def build(name: str, directory: Path | str) -> Path:
     """Write the tiny checkpoint `name` into `directory` (created if needed) and return its path."""
-    return BUILDERS[name](Path(directory))
+    return {**BUILDERS, **QWEN3_BUILDERS}[name](Path(directory))
 

@@ -12,10 +12,20 @@ from prmserve.formats.outcome import OutcomeFormat
 from prmserve.formats.qwen_prm import QwenPRMFormat
 from prmserve.formats.rlhflow import RLHFlowFormat
 from prmserve.formats.skywork_prm import SkyworkPRMFormat
+from prmserve.formats.token_classification import TokenClassificationFormat
 from prmserve.models.config import BackboneConfig
 
 FORMATS: dict[str, type[PRMFormat]] = {
-    f.name: f for f in (QwenPRMFormat, SkyworkPRMFormat, MathShepherdFormat, RLHFlowFormat, LlemmaFormat, OutcomeFormat)
+    f.name: f
+    for f in (
+        QwenPRMFormat,
+        SkyworkPRMFormat,
+        MathShepherdFormat,
+        RLHFlowFormat,
+        LlemmaFormat,
+        OutcomeFormat,
+        TokenClassificationFormat,
+    )
 }
 
 # Architectures that name their format without doubt.
@@ -33,6 +43,8 @@ def detect_format(config: BackboneConfig, tensor_names: set[str] | None = None) 
             return _BY_ARCHITECTURE[arch]
         if arch.endswith("ForSequenceClassification"):
             return "outcome"
+        if arch.endswith("ForTokenClassification") and (config.num_labels or 2) == 2:
+            return "token_classification"  # TRL's PRMTrainer output: two labels per token
     if tensor_names and "v_head.summary.weight" in tensor_names:
         return "skywork_prm"  # Skywork's value head on a config that calls itself a causal LM
     archs = ", ".join(config.architectures) or "none"

@@ -9,7 +9,9 @@ from typing import Any
 
 from prmserve.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+# Model types whose sliding window is switched on by use_sliding_window from layer max_window_layers on.
+QWEN_WINDOWED = ("qwen2", "qwen3")
 
 # Rope types the backbones implement, with the keys each needs besides rope_type and rope_theta.
 ROPE_KEYS: dict[str, frozenset[str]] = {
@@ -21,11 +23,12 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention")
 # transformers' defaults where a config leaves the key out (RotaryEmbeddingConfigMixin, Qwen2Config).
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_MAX_WINDOW_LAYERS = 28
+DEFAULT_QWEN3_HEAD_DIM = 128  # Qwen3Config's head_dim when config.json leaves it out
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """What the decoder-only backbones (Qwen2, Llama, Mistral) need to be built."""
+    """What the decoder-only backbones (Qwen2, Qwen3, Llama, Mistral) need to be built."""
 
     model_type: str
     vocab_size: int
@@ -44,6 +47,8 @@ class BackboneConfig:
     torch_dtype: str | None
     architectures: tuple[str, ...] = ()
     num_labels: int | None = None
+    # Qwen3: an RMSNorm over each query and key head before the rotary embedding.
+    qk_norm: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -67,18 +72,18 @@ class BackboneConfig:
                 num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                head_dim=_head_dim(cfg, model_type, hidden, heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                # Qwen2 always has q/k/v biases; Llama/Mistral only when the config says so.
-                attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+                attention_bias=_attention_bias(cfg, model_type),
                 sliding_window=_sliding_window(cfg, model_type, layers),
                 # transformers 5 writes `dtype`, 4.x `torch_dtype`; transformers reads `dtype` first.
                 torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
                 architectures=tuple(cfg.get("architectures") or ()),
                 num_labels=_num_labels(cfg),
+                qk_norm=model_type == "qwen3",
                 raw=cfg,
             )
         except KeyError as exc:
@@ -101,6 +106,23 @@ class BackboneConfig:
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
         return self.vocab_size * h + self.num_layers * (attn + 3 * h * i)
+
+
+def _head_dim(cfg: dict[str, Any], model_type: str, hidden: int, heads: int) -> int:
+    """Per-head width: Qwen3's may differ from hidden / heads and defaults to 128, the others' is hidden / heads."""
+    if cfg.get("head_dim"):
+        return int(cfg["head_dim"])
+    return DEFAULT_QWEN3_HEAD_DIM if model_type == "qwen3" else hidden // heads
+
+
+def _attention_bias(cfg: dict[str, Any], model_type: str) -> bool:
+    """Qwen2 always has q/k/v biases; Llama/Mistral only when the config says so; Qwen3 none."""
+    if model_type == "qwen2":
+        return True
+    if model_type == "qwen3" and cfg.get("attention_bias", False):
+        # Qwen3's attention_bias also puts a bias on o_proj, which the backbone's output projection lacks.
+        raise CheckpointError("config.json's attention_bias is true on a qwen3 model; prmserve's Qwen3 backbone has no attention biases")
+    return bool(cfg.get("attention_bias", False))
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -201,8 +223,8 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> list[
 
 
 def _implied_layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> list[str]:
-    """Qwen2 slides layers from max_window_layers on when use_sliding_window; Mistral slides all when windowed."""
-    if model_type == "qwen2":
+    """Qwen2/Qwen3 slide layers from max_window_layers on when use_sliding_window; Mistral slides all when windowed."""
+    if model_type in QWEN_WINDOWED:
         first = int(cfg.get("max_window_layers", DEFAULT_MAX_WINDOW_LAYERS))
         slides = _window_size(cfg, model_type) is not None
         return ["sliding_attention" if slides and i >= first else "full_attention" for i in range(num_layers)]
@@ -211,9 +233,9 @@ def _implied_layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) 
 
 
 def _window_size(cfg: dict[str, Any], model_type: str) -> int | None:
-    """The configured window; Qwen2 configs carry one that is only active with use_sliding_window."""
+    """The configured window; Qwen2/Qwen3 configs carry one that is only active with use_sliding_window."""
     window = cfg.get("sliding_window")
-    if window is None or (model_type == "qwen2" and not cfg.get("use_sliding_window", False)):
+    if window is None or (model_type in QWEN_WINDOWED and not cfg.get("use_sliding_window", False)):
         return None
     return int(window)
 

@@ -130,6 +130,9 @@ def _backbone_sources(cfg: BackboneConfig, prefix: str) -> Iterator[tuple[str, l
         if cfg.attention_bias:
             yield ours + "self_attn.qkv_proj.bias", [theirs + f"self_attn.{p}_proj.bias" for p in "qkv"]
         yield ours + "self_attn.o_proj.weight", [theirs + "self_attn.o_proj.weight"]
+        if cfg.qk_norm:
+            yield ours + "self_attn.q_norm.weight", [theirs + "self_attn.q_norm.weight"]
+            yield ours + "self_attn.k_norm.weight", [theirs + "self_attn.k_norm.weight"]
         yield ours + "mlp.gate_up_proj.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"]
         yield ours + "mlp.down_proj.weight", [theirs + "mlp.down_proj.weight"]
         yield ours + "input_layernorm.weight", [theirs + "input_layernorm.weight"]

@@ -1,4 +1,4 @@
-"""The decoder backbone shared by Qwen2, Llama and Mistral, plus a reward head on top.
+"""The decoder backbone shared by Qwen2, Qwen3, Llama and Mistral, plus a reward head on top.
 
 Each layer is split into three parts: projections + rotary (`project`), attention over the paged
 cache (`attend`), and output projection + MLP (`finish`). The first and last are plain tensor code
@@ -27,6 +27,9 @@ class SelfAttention(nn.Module):
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        # Qwen3 normalises every query and key head (over head_dim) before the rotary embedding.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
         self.use_varlen = False
@@ -70,11 +73,13 @@ class DecoderLayer(nn.Module):
 
 
 def project_qkv(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Norm, fused QKV projection and rotary embedding: queries [T,H,D], keys and values [T,Hkv,D]."""
+    """Norm, fused QKV projection, per-head q/k norm (Qwen3) and rotary embedding: queries [T,H,D], keys and values [T,Hkv,D]."""
     attn = layer.self_attn
     q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q = apply_rotary(q.view(-1, attn.num_heads, attn.head_dim), cos, sin)
-    k = apply_rotary(k.view(-1, attn.num_kv_heads, attn.head_dim), cos, sin)
+    q, k = q.view(-1, attn.num_heads, attn.head_dim), k.view(-1, attn.num_kv_heads, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     return q, k, v.reshape(-1, attn.num_kv_heads, attn.head_dim).contiguous()  # kernels want it dense
 
 
