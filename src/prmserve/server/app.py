@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import email.message
-import hmac
 import json
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
 
 from prmserve.engine import Request as EngineRequest
@@ -36,13 +35,20 @@ from prmserve.errors import (
 from prmserve.formats.base import render_chat
 from prmserve.prm import PRM, ScoringJob
 from prmserve.results import ScoreResult, TokenUsage, aggregate
-from prmserve.server.args import DEFAULT_MAX_BODY_BYTES
-from prmserve.server.docs import add_offline_docs
+from prmserve.server.args import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_ITEMS_PER_REQUEST
+from prmserve.server.docs import ASSETS_PATH as DOCS_ASSETS_PATH, add_offline_docs
 from prmserve.server.encoding import rows_to_base64
 from prmserve.server.metrics import CONTENT_TYPE, ServerMetrics, pending_requests
-from prmserve.server.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestLogMiddleware
+from prmserve.server.middleware import (
+    RETRY_AFTER_S,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RequestLogMiddleware,
+    Shutdown,
+)
 from prmserve.server.rl_routes import add_rl_routes
-from prmserve.server.ui import add_ui
+from prmserve.server.ui import ASSETS_PATH as UI_ASSETS_PATH, add_ui
 from prmserve.server.protocol import (
     ErrorResponse,
     ExtendRequest,
@@ -63,10 +69,13 @@ from prmserve.server.protocol import (
 )
 
 POOLING_TASKS = ("encode", "token_classify", "classify", "reward")
-RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
-_HANDLE_ERRORS = _ERRORS | {404: {"model": ErrorResponse}}
+TOKENIZER_THREADS = 4  # requests tokenised at once; the rest wait their turn, the event loop never does
+# What a body-reading route can answer (a stalled body, too large, invalid, the server stopping), and a scoring one too.
+BODY_STATUSES = (408, 413, 422, 503)
+SCORING_STATUSES = (*BODY_STATUSES, 400, 429, CLIENT_CLOSED, 504)
+OPEN_PATHS = ("/", "/health", "/ping", "/version")  # open even with an API key
+DOCS_PATHS = ("/metrics", "/docs", "/redoc", "/openapi.json")  # open unless --protect-metrics
 SWEEP_INTERVAL_S = 10.0  # how often expired node handles are let go when no call touches them
 # The one map from prmserve's errors to HTTP statuses (a subclass answers as its nearest listed base),
 # registered as the app's exception handlers; the body's "type" is the error's class name.
@@ -136,7 +145,10 @@ def create_app(
     prm: PRM,
     *,
     api_key: str | None = None,
+    protect_metrics: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S,
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
     default_timeout: float | None = None,
     served_model_names: Sequence[str] | None = None,
     max_model_len: int | None = None,
@@ -147,12 +159,16 @@ def create_app(
     """An app serving `prm`; its lifespan starts the engine thread and, on shutdown, lets it finish and stops it.
 
     `served_model_names` (default: the model's name) are the names clients may ask for, the first one in
-    answers and metric labels; `max_model_len` lowers the longest accepted input; `allowed_origins` adds CORS.
+    answers and metric labels; `max_model_len` lowers the longest accepted input; `allowed_origins` adds CORS;
+    `protect_metrics` puts /metrics and the API docs behind `api_key` too. `app.state.shutdown.begin(s)`
+    (serve.py calls it on SIGTERM) refuses new work and answers what still computes after `s` seconds with 503.
     """
     names = list(served_model_names or [prm.model_name])
     limit = effective_max_model_len(prm, max_model_len)
     metrics = ServerMetrics(prm, names[0])
     created = int(time.time())
+    shutdown = Shutdown()
+    tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="prmserve-tokenize")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -163,48 +179,60 @@ def create_app(
             yield
         finally:
             sweeper.cancel()
+            tokenizers.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(prm.close)
             prm.engine.step_observers.remove(metrics.observe_step)
 
     app = FastAPI(title="prmserve", summary="Process reward model scoring", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.shutdown = shutdown
     app.router.route_class = BoundedIntRoute  # before any route is added
     add_offline_docs(app)
     add_ui(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, read_timeout=body_read_timeout, shutdown=shutdown)
+    if api_key is not None:  # outside the body limit: a request without the key is refused before its body is read
+        open_paths = OPEN_PATHS if protect_metrics else OPEN_PATHS + DOCS_PATHS
+        open_prefixes = (UI_ASSETS_PATH + "/",) if protect_metrics else (UI_ASSETS_PATH + "/", DOCS_ASSETS_PATH + "/")
+        app.add_middleware(AuthMiddleware, api_key=api_key, open_paths=open_paths, open_prefixes=open_prefixes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if log_requests:
         app.add_middleware(RequestLogMiddleware)
     if allowed_origins is not None:  # outermost, so preflight requests are answered before any limit applies
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"])
     _add_error_handlers(app)
-    authorized = [Depends(_bearer_check(api_key))]
+    keyed = api_key is not None
+    authorized = _security(keyed)
+    scoring = _responses(*SCORING_STATUSES, keyed=keyed)
 
-    async def run(request: Request, plan: Callable[[], list[ScoringJob]], param: str, timeout: float | None) -> tuple[list[ScoringJob], list[EngineRequest]]:
-        # Tokenising runs in a worker thread so a big request does not stall the event loop.
-        jobs = await asyncio.to_thread(_planned, plan, param, limit)
-        return jobs, await _run(prm, request, jobs, param, timeout, metrics)
+    async def run(
+        request: Request, plan: Callable[[], list[ScoringJob]], count: int, param: str, timeout: float | None
+    ) -> tuple[list[ScoringJob], list[EngineRequest]]:
+        # What costs nothing is checked first; tokenising runs in the bounded pool, never on the event loop.
+        _refuse_early(prm, count, param, max_items_per_request, shutdown)
+        jobs = await asyncio.get_running_loop().run_in_executor(tokenizers, _planned, plan, param, limit)
+        return jobs, await _run(prm, request, jobs, param, timeout, metrics, shutdown)
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, dependencies=authorized)
+    @app.post("/v1/score", response_model=ScoreResponse, responses=scoring, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items (results in item order); lower priority values run first; `keep` returns node handles."""
         items = [item.to_item() for item in body.items]
-        jobs, done = await run(request, lambda: prm.plan_score(items, body.priority, body.keep), "items", _timeout(body.timeout))
+        plan = lambda: prm.plan_score(items, body.priority, body.keep)  # noqa: E731
+        jobs, done = await run(request, plan, len(items), "items", _timeout(body.timeout))
         return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
-    @app.post("/v1/extend", response_model=ScoreResponse, responses=_HANDLE_ERRORS, dependencies=authorized)
+    @app.post("/v1/extend", response_model=ScoreResponse, responses=scoring | _responses(404), dependencies=authorized)
     async def extend(body: ExtendRequest, request: Request) -> ScoreResponse:
         """Score children of a kept node; each result's `step_rewards` are the node's then the child's new steps'."""
         plan = lambda: prm.plan_extend(body.handle, body.children, body.priority, body.keep)  # noqa: E731
-        jobs, done = await run(request, plan, "children", _timeout(body.timeout))
+        jobs, done = await run(request, plan, len(body.children), "children", _timeout(body.timeout))
         return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
     async def score_items(request: Request, items: list[dict[str, Any]], param: str) -> list[ScoreResult]:
-        jobs, done = await run(request, lambda: prm.plan_score(items), param, default_timeout)
+        jobs, done = await run(request, lambda: prm.plan_score(items), len(items), param, default_timeout)
         return await _collected(prm, jobs, done)
 
-    add_rl_routes(app, score_items, authorized, _ERRORS, names, rl_aggregate, APIError)
+    add_rl_routes(app, score_items, authorized, scoring, names, rl_aggregate, APIError)
 
-    @app.post("/v1/release", response_model=ReleaseResponse, responses=_ERRORS, dependencies=authorized)
+    @app.post("/v1/release", response_model=ReleaseResponse, responses=_responses(*BODY_STATUSES, 400, keyed=keyed), dependencies=authorized)
     async def release(body: ReleaseRequest) -> ReleaseResponse:
         """Let kept nodes go: their cached blocks become evictable."""
         return ReleaseResponse(released=prm.release(body.handles))
@@ -212,7 +240,7 @@ def create_app(
     def _timeout(asked: float | None) -> float | None:
         return asked if asked is not None else default_timeout
 
-    @app.post("/pooling", response_model=PoolingResponse, responses=_ERRORS | {404: {"model": ErrorResponse}}, dependencies=authorized)
+    @app.post("/pooling", response_model=PoolingResponse, responses=scoring | _responses(404), dependencies=authorized)
     async def pooling(body: PoolingRequest, request: Request) -> PoolingResponse:
         """vLLM-compatible pooling: one `[1 - reward, reward]` row per step of each input (raw head outputs without activation)."""
         if body.model is not None and body.model not in names:
@@ -221,7 +249,7 @@ def create_app(
             raise FieldError(InvalidInputError(f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}"), "task")
         param = "messages" if body.messages is not None else "input"
         items = _pooling_items(prm, body)
-        jobs, done = await run(request, lambda: prm.plan_score(items, body.priority), param, default_timeout)
+        jobs, done = await run(request, lambda: prm.plan_score(items, body.priority), len(items), param, default_timeout)
         rows = await asyncio.to_thread(_pooling_rows, prm, jobs, done, body.activated)
         prompt_tokens = _total(r.usage for r in done).prompt_tokens
         return PoolingResponse(
@@ -232,7 +260,7 @@ def create_app(
             usage=PoolingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
 
-    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=authorized)
+    @app.get("/v1/models", response_model=ModelList, responses=_responses(keyed=keyed), dependencies=authorized)
     async def models() -> ModelList:
         """The served model, one card per served name (OpenAI-style list)."""
         return ModelList(data=[ModelCard(id=name, created=created, format=prm.format_name, max_model_len=limit) for name in names])
@@ -253,7 +281,10 @@ def create_app(
         """The running prmserve's version."""
         return Version(version=prmserve_version())
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    metrics_keyed = keyed and protect_metrics
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}} | _responses(keyed=metrics_keyed),
+             dependencies=_security(metrics_keyed))
     async def prometheus_metrics() -> Response:
         """Prometheus exposition of this app's registry."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
@@ -282,18 +313,31 @@ def prmserve_version() -> str:
     return version
 
 
-def _bearer_check(api_key: str | None):
-    """A dependency that refuses requests without `Authorization: Bearer <api_key>` when a key is set."""
-    bearer = HTTPBearer(auto_error=False, description="Required when the server runs with an API key")
+def _security(keyed: bool) -> list:
+    """The Bearer scheme in a route's OpenAPI schema when the server has a key (AuthMiddleware checks it); none without."""
+    return [Depends(HTTPBearer(auto_error=False, description="The server's API key"))] if keyed else []
 
-    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if api_key is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "unauthorized")
 
-    return check
+def _responses(*statuses: int, keyed: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses with the error body for `statuses`, and 401 when the route needs the key."""
+    return {status: {"model": ErrorResponse} for status in sorted({*statuses, *((401,) if keyed else ())})}
+
+
+def _refuse_early(prm: PRM, count: int, param: str, max_items: int, shutdown: Shutdown) -> None:
+    """Refusals that cost nothing, before any tokenising: the server stopping (503), more items than a request
+    or the queue may ever hold (400 naming `param`), no room in the queue now (429)."""
+    if shutdown.begun.reached:
+        raise APIError(503, "the server is shutting down; retry on another instance", "shutting_down", retry_after=RETRY_AFTER_S)
+    if count > max_items:
+        raise blamed(InvalidInputError(f"{count} items in one request; this server takes at most {max_items}"), param)
+    room = prm.engine.config.max_queue
+    if room is None:
+        return
+    if count > room:
+        raise blamed(InvalidInputError(f"{count} requests at once can never fit the queue of {room}; split them"), param)
+    pending = prm.num_pending
+    if pending + count > room:
+        raise QueueFullError(f"the engine is busy: {pending} requests are pending; {count} more exceed the limit of {room}; retry later")
 
 
 def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
@@ -350,9 +394,11 @@ async def _expire_handles(prm: PRM) -> None:
 
 
 async def _run(
-    prm: PRM, request: Request, jobs: Sequence[ScoringJob], param: str, timeout: float | None, metrics: ServerMetrics
+    prm: PRM, request: Request, jobs: Sequence[ScoringJob], param: str, timeout: float | None, metrics: ServerMetrics,
+    shutdown: Shutdown,
 ) -> list[EngineRequest]:
-    """Submit every job (all or none), wait for all of them, the timeout, or the client leaving; drop the work unless done.
+    """Submit every job (all or none), wait for all of them, the timeout, the client leaving, or the shutdown's
+    bound; drop the work unless done.
 
     The engine's refusals (a full queue, too long for the KV pool, shutting down) propagate to the
     app's handlers; only a request too big for the queue is blamed on its field.
@@ -367,10 +413,12 @@ async def _run(
         # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         left = asyncio.ensure_future(_client_left(request))
+        expired = asyncio.ensure_future(shutdown.expired.wait())
         try:
-            done, _ = await asyncio.wait({gathered, left}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({gathered, left, expired}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             left.cancel()
+            expired.cancel()
         if gathered in done:
             requests = gathered.result()
             failed = next((r for r in requests if isinstance(r, BaseException)), None)
@@ -380,6 +428,9 @@ async def _run(
             return requests
         if left in done:
             raise APIError(CLIENT_CLOSED, "the client closed the connection; its work was dropped", "client_closed")
+        if expired in done:
+            message = "the server is shutting down and this work did not finish within its bound; it was dropped"
+            raise APIError(503, message, "shutting_down", retry_after=RETRY_AFTER_S)
         raise APIError(504, f"not finished within the timeout of {timeout} s; the work was dropped", "timeout", "timeout")
     finally:
         for f in futures:

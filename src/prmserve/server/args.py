@@ -22,6 +22,9 @@ ENGINE_DEFAULTS = {
 DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32", "float32": "float32"}
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_ITEMS_PER_REQUEST = 4096
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 TRUST_REMOTE_CODE_NOTE = "--trust-remote-code is ignored: prmserve never runs code from a checkpoint"
 
 
@@ -44,7 +47,11 @@ class ServerSettings:
     served_model_names: list[str] | None = None  # None: the model's own name
     max_model_len: int | None = None  # None: the model's (context bounded by the KV pool)
     api_key: str | None = None
+    protect_metrics: bool = False  # /metrics and the API docs behind the key too
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     default_timeout: float | None = None
     log_level: str = "info"
     log_requests: bool = True
@@ -108,7 +115,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
 
     service = parser.add_argument_group("the service")
     service.add_argument("--api-key", help="require this bearer key (default: env PRMSERVE_API_KEY, else none)")
+    service.add_argument("--protect-metrics", action="store_true",
+                         help="with --api-key, /metrics, /docs, /redoc and /openapi.json need the key too")
     service.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
+    service.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT_S,
+                         help="seconds a request's body may take to arrive, then 408 and the connection closed")
+    service.add_argument("--max-items-per-request", type=int, default=DEFAULT_MAX_ITEMS_PER_REQUEST,
+                         help="more items (or children, inputs) in one request get 400 before any is tokenised")
+    service.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                         help="on SIGTERM, seconds for what computes to finish; what is left then gets 503 and the server exits")
     service.add_argument("--request-timeout", type=float, help="default per-request timeout in seconds (then 504)")
     service.add_argument("--uvicorn-log-level", "--log-level", dest="uvicorn_log_level", default="info", choices=LOG_LEVELS,
                          help="uvicorn's log level (prmserve's startup and request lines are always at info)")
@@ -144,13 +159,20 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         raise ValueError("--max-model-len must be >= 1")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    for flag in ("body_read_timeout", "shutdown_timeout", "max_items_per_request"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0")
     return ServerSettings(
         host=args.host,
         port=args.port,
         served_model_names=args.served_model_names,
         max_model_len=args.max_model_len,
         api_key=args.api_key if args.api_key is not None else os.environ.get("PRMSERVE_API_KEY"),
+        protect_metrics=args.protect_metrics,
         max_body_bytes=args.max_body_bytes,
+        body_read_timeout=args.body_read_timeout,
+        max_items_per_request=args.max_items_per_request,
+        shutdown_timeout=args.shutdown_timeout,
         default_timeout=args.request_timeout,
         log_level=args.uvicorn_log_level,
         log_requests=not args.disable_log_requests,

@@ -1,10 +1,12 @@
-"""Run the app with uvicorn: loopback by default; SIGTERM/SIGINT stop accepting, drain in-flight work, exit 0."""
+"""Run the app with uvicorn: loopback by default; SIGTERM/SIGINT stop accepting, let in-flight work finish within
+--shutdown-timeout (what is left then gets 503), exit 0."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ from prmserve.engine.model_runner import ModelRunner
 from prmserve.prm import PRM
 from prmserve.server.app import create_app, effective_max_model_len
 from prmserve.server.args import ServerSettings
+from prmserve.server.middleware import Shutdown
 
 logger = logging.getLogger("prmserve")
+ANSWER_MARGIN_S = 1.0  # the app answers what is left this long before uvicorn's bound cancels it
 
 
 def load_for_serving(model: str | None, options: dict[str, Any], settings: ServerSettings, seed: int | None = None) -> PRM:
@@ -43,25 +47,43 @@ def read_chat_template(given: str) -> str:
     return given
 
 
+class BoundedShutdownServer(uvicorn.Server):
+    """uvicorn's server that tells the app when it stops accepting, so what is still unanswered `answer_within`
+    seconds later gets a 503 before uvicorn's own bound (`timeout_graceful_shutdown`) cancels it."""
+
+    def __init__(self, config: uvicorn.Config, stopping: Shutdown, answer_within: float) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+        self.answer_within = answer_within
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.stopping.begin(self.answer_within)
+        await super().shutdown(sockets)
+
+
 def run_server(prm: PRM, settings: ServerSettings | None = None) -> None:
-    """Serve `prm` until a signal; uvicorn finishes open requests, then the lifespan closes the engine."""
+    """Serve `prm` until a signal; uvicorn finishes open requests within the shutdown bound, then the lifespan
+    closes the engine."""
     settings = settings or ServerSettings()
     app = create_app(
-        prm, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, default_timeout=settings.default_timeout,
-        served_model_names=settings.served_model_names, max_model_len=settings.max_model_len,
-        allowed_origins=settings.allowed_origins, log_requests=settings.log_requests, rl_aggregate=settings.rl_aggregate,
+        prm, api_key=settings.api_key, protect_metrics=settings.protect_metrics, max_body_bytes=settings.max_body_bytes,
+        body_read_timeout=settings.body_read_timeout, max_items_per_request=settings.max_items_per_request,
+        default_timeout=settings.default_timeout, served_model_names=settings.served_model_names,
+        max_model_len=settings.max_model_len, allowed_origins=settings.allowed_origins, log_requests=settings.log_requests,
+        rl_aggregate=settings.rl_aggregate,
     )
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=30,
-        root_path=settings.root_path, ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile,
-        log_config=_logging_config(),
+        timeout_graceful_shutdown=settings.shutdown_timeout, root_path=settings.root_path,
+        ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile, log_config=_logging_config(),
     )  # configures logging, so the startup lines below have their handler
     for line in startup_lines(prm, settings):
         logger.info(line)
     # uvicorn re-raises the stopping signal once it has drained; a drained, graceful stop is a success.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    answer_within = max(settings.shutdown_timeout - ANSWER_MARGIN_S, settings.shutdown_timeout / 2)
+    BoundedShutdownServer(config, app.state.shutdown, answer_within).run()
 
 
 def startup_lines(prm: PRM, settings: ServerSettings) -> list[str]:
