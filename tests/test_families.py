@@ -223,7 +223,7 @@ def test_checkpoint_files_are_consistent(name: str, checkpoint) -> None:
     """Configs name a real architecture; safetensors indexes list exactly the tensors their shards hold."""
     ckpt = checkpoint(name)
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["model_type"] in ("qwen2", "llama", "mistral")
+    assert config["model_type"] in ("qwen2", "qwen3", "llama", "mistral")
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
     index_path = ckpt / "model.safetensors.index.json"
     if index_path.exists():

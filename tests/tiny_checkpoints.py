@@ -689,10 +689,6 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "outcome_llama": build_outcome_llama,
     "token_classification_qwen2": build_token_classification_qwen2,
     "token_classification_llama": build_token_classification_llama,
-}
-
-# Qwen3 layouts, apart from BUILDERS: tests/test_families.py checks BUILDERS' configs against the three older backbones.
-QWEN3_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "outcome_qwen3": build_outcome_qwen3,
     "token_classification_qwen3": build_token_classification_qwen3,
 }
@@ -737,5 +733,5 @@ def resaved_by_transformers(source: Path, directory: Path) -> Path:
 
 def build(name: str, directory: Path | str) -> Path:
     """Write the tiny checkpoint `name` into `directory` (created if needed) and return its path."""
-    return {**BUILDERS, **QWEN3_BUILDERS}[name](Path(directory))
+    return BUILDERS[name](Path(directory))
 

@@ -1,4 +1,4 @@
-"""Native PyTorch backbones (Qwen2, Llama, Mistral), reward heads, and the checkpoint loader."""
+"""Native PyTorch backbones (Qwen2, Qwen3, Llama, Mistral), reward heads, and the checkpoint loader."""
 
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
