@@ -190,9 +190,7 @@ def create_app(
     add_ui(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, read_timeout=body_read_timeout, shutdown=shutdown)
     if api_key is not None:  # outside the body limit: a request without the key is refused before its body is read
-        open_paths = OPEN_PATHS if protect_metrics else OPEN_PATHS + DOCS_PATHS
-        open_prefixes = (UI_ASSETS_PATH + "/",) if protect_metrics else (UI_ASSETS_PATH + "/", DOCS_ASSETS_PATH + "/")
-        app.add_middleware(AuthMiddleware, api_key=api_key, open_paths=open_paths, open_prefixes=open_prefixes)
+        _add_auth(app, api_key, protect_metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if log_requests:
         app.add_middleware(RequestLogMiddleware)
@@ -232,7 +230,9 @@ def create_app(
 
     add_rl_routes(app, score_items, authorized, scoring, names, rl_aggregate, APIError)
 
-    @app.post("/v1/release", response_model=ReleaseResponse, responses=_responses(*BODY_STATUSES, 400, keyed=keyed), dependencies=authorized)
+    releasing = _responses(*BODY_STATUSES, 400, keyed=keyed)
+
+    @app.post("/v1/release", response_model=ReleaseResponse, responses=releasing, dependencies=authorized)
     async def release(body: ReleaseRequest) -> ReleaseResponse:
         """Let kept nodes go: their cached blocks become evictable."""
         return ReleaseResponse(released=prm.release(body.handles))
@@ -311,6 +311,15 @@ def prmserve_version() -> str:
 
         version = distribution_version("prmserve")
     return version
+
+
+def _add_auth(app: FastAPI, api_key: str, protect_metrics: bool) -> None:
+    """The key on every path but the probes, the page and the assets, and unless `protect_metrics` the metrics and docs."""
+    if protect_metrics:
+        open_paths, open_prefixes = OPEN_PATHS, (UI_ASSETS_PATH + "/",)
+    else:
+        open_paths, open_prefixes = OPEN_PATHS + DOCS_PATHS, (UI_ASSETS_PATH + "/", DOCS_ASSETS_PATH + "/")
+    app.add_middleware(AuthMiddleware, api_key=api_key, open_paths=open_paths, open_prefixes=open_prefixes)
 
 
 def _security(keyed: bool) -> list:
