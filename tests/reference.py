@@ -264,6 +264,43 @@ def token_classification_rewards(ckpt_dir: str, problem: str, steps: list[str], 
     return values.float().tolist()
 
 
+UNIVERSAL_PRM_SYSTEM = "You are a helpful assistant."
+
+
+def universal_prm_prefixes(tokenizer: PreTrainedTokenizerBase, problem: str, steps: list[str], reference_answer: str = "") -> list[list[int]]:
+    """The Universal-PRM-7B card's input for every step prefix: system + the question with its reference-answer
+    line (`question + "\\n\\n###\\n\\nThe reference answer is: " + ...`) through the chat template with the
+    generation prompt (tokenize=True), then `tokenizer("\\n\\n".join(steps[:k]) + "\\n\\n")["input_ids"]` and the EOS id."""
+    if reference_answer != "":
+        question_wgt = problem + "\n\n###\n\nThe reference answer is: " + reference_answer
+    else:
+        question_wgt = problem + "\n\n###\n\nThe reference answer is: There is no reference answer for this question."
+    messages = [{"role": "system", "content": UNIVERSAL_PRM_SYSTEM}, {"role": "user", "content": question_wgt}]
+    query_id = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if not isinstance(query_id, list):  # transformers 5 returns a BatchEncoding where 4.x returned the ids
+        query_id = list(query_id["input_ids"])
+    prefixes = []
+    for step_idx in range(1, len(steps) + 1):
+        responses = "\n\n".join(steps[:step_idx]) + "\n\n"
+        answer_tokens = tokenizer(responses)["input_ids"] + [tokenizer.eos_token_id]
+        prefixes.append(query_id + answer_tokens)
+    return prefixes
+
+
+@torch.no_grad()
+def universal_prm_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """Universal-PRM-7B card: one forward pass per step prefix (`universal_prm_prefixes`), sigmoid of the
+    one output; the model is transformers' Qwen2ForSequenceClassification (the score at the last token)."""
+    reference_answer = options.pop("reference_answer", None) or ""
+    _no_options_left(options)
+    model = sequence_classifier(ckpt_dir, dtype)
+    rewards = []
+    for ids in universal_prm_prefixes(tokenizer_of(ckpt_dir), problem, steps, reference_answer):
+        outputs = model(input_ids=torch.tensor([ids]))
+        rewards.append(torch.sigmoid(outputs[0]).float().item())
+    return rewards
+
+
 def _no_options_left(options: dict) -> None:
     """Refuse options a family does not take, so a typo in a test cannot pass silently."""
     if options:
@@ -278,6 +315,7 @@ REFERENCES = {
     "llemma": llemma_rewards,
     "outcome": outcome_rewards,
     "token_classification": token_classification_rewards,
+    "universal_prm": universal_prm_rewards,
 }
 
 

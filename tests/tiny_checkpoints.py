@@ -676,6 +676,17 @@ def build_token_classification_qwen3(directory: Path) -> Path:
     return _save_qwen3(directory, "Qwen3ForTokenClassification", _token_classification_head(HIDDEN), seed=12, num_labels=2)
 
 
+def build_universal_prm(directory: Path) -> Path:
+    """AURORA Universal-PRM-7B as a Qwen2.5 sequence classifier: `score.weight` [1, H], no bias, EOS <|im_end|>."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = write_qwen_tokenizer(directory, [], CHATML_WITH_DEFAULT_SYSTEM)
+    config = qwen2_config("Qwen2ForSequenceClassification", tokenizer, num_labels=1)
+    _write_json(directory / "config.json", config)
+    shapes = backbone_tensor_shapes(config) | {"score.weight": (1, HIDDEN)}
+    save_sharded_safetensors(directory, random_weights(shapes, seed=13, dtype=torch.bfloat16), shards=2)
+    return directory
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "qwen_prm": build_qwen_prm,
     "qwen_prm_jinja": lambda d: build_qwen_prm(d, template_in_jinja_file=True, with_lm_head=True),
@@ -691,6 +702,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "token_classification_llama": build_token_classification_llama,
     "outcome_qwen3": build_outcome_qwen3,
     "token_classification_qwen3": build_token_classification_qwen3,
+    "universal_prm": build_universal_prm,
 }
 
 # The prmserve format each checkpoint is served with.
@@ -709,6 +721,7 @@ FORMAT_OF: dict[str, str] = {
     "token_classification_llama": "token_classification",
     "outcome_qwen3": "outcome",
     "token_classification_qwen3": "token_classification",
+    "universal_prm": "universal_prm",
 }
 
 

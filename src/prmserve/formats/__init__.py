@@ -13,6 +13,7 @@ from prmserve.formats.qwen_prm import QwenPRMFormat
 from prmserve.formats.rlhflow import RLHFlowFormat
 from prmserve.formats.skywork_prm import SkyworkPRMFormat
 from prmserve.formats.token_classification import TokenClassificationFormat
+from prmserve.formats.universal_prm import UniversalPRMFormat
 from prmserve.models.config import BackboneConfig
 
 FORMATS: dict[str, type[PRMFormat]] = {
@@ -25,6 +26,7 @@ FORMATS: dict[str, type[PRMFormat]] = {
         LlemmaFormat,
         OutcomeFormat,
         TokenClassificationFormat,
+        UniversalPRMFormat,
     )
 }
 
