@@ -301,6 +301,86 @@ def universal_prm_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: 
     return rewards
 
 
+def internlm2_tokenizer(ckpt_dir: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer without its remote code (its config.json's auto_map names remote classes)."""
+    return AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
+
+
+def internlm2_to_llama(state: dict[str, torch.Tensor], config: dict, packing: str = "grouped") -> dict[str, torch.Tensor]:
+    """InternLM2ForRewardModel tensors under LlamaForSequenceClassification's names.
+
+    InternLM2Attention (modeling_internlm2.py) splits `wqkv`'s output as
+    `rearrange(qkv, "b q (h gs d) -> b q h gs d", gs=2 + groups)`: for KV head h, slots 0..groups-1 are the
+    queries h*groups + slot, slot -2 the key, slot -1 the value. `packing="concatenated"` reads it as plain
+    [q; k; v] instead (wrong, for the test that the order matters).
+    """
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config["hidden_size"] // heads
+    groups = heads // kv
+    out = {"model.embed_tokens.weight": state["model.tok_embeddings.weight"], "model.norm.weight": state["model.norm.weight"],
+           "score.weight": state["v_head.weight"]}
+    for i in range(config["num_hidden_layers"]):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        wqkv = state[p + "attention.wqkv.weight"]
+        if packing == "grouped":
+            row = lambda h, slot: wqkv[(h * (groups + 2) + slot) * d : (h * (groups + 2) + slot + 1) * d]  # noqa: E731
+            out[a + "q_proj.weight"] = torch.cat([row(qh // groups, qh % groups) for qh in range(heads)])
+            out[a + "k_proj.weight"] = torch.cat([row(h, groups) for h in range(kv)])
+            out[a + "v_proj.weight"] = torch.cat([row(h, groups + 1) for h in range(kv)])
+        else:
+            out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = wqkv.split([heads * d, kv * d, kv * d])
+        out[a + "o_proj.weight"] = state[p + "attention.wo.weight"]
+        out[p + "mlp.gate_proj.weight"] = state[p + "feed_forward.w1.weight"]
+        out[p + "mlp.up_proj.weight"] = state[p + "feed_forward.w3.weight"]
+        out[p + "mlp.down_proj.weight"] = state[p + "feed_forward.w2.weight"]
+        out[p + "input_layernorm.weight"] = state[p + "attention_norm.weight"]
+        out[p + "post_attention_layernorm.weight"] = state[p + "ffn_norm.weight"]
+    return out
+
+
+@functools.cache
+def internlm2_as_llama(ckpt_dir: str, dtype: torch.dtype, packing: str = "grouped") -> PreTrainedModel:
+    """transformers' LlamaForSequenceClassification holding an InternLM2ForRewardModel's weights (transformers has
+    no InternLM2 class): the same RMSNorm / rotary / GQA / SwiGLU decoder, one-label linear head without bias."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    llama = LlamaConfig(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"], rms_norm_eps=config["rms_norm_eps"],
+        max_position_embeddings=config["max_position_embeddings"], attention_bias=config["bias"], mlp_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config["rope_theta"])}, num_labels=1, pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if config.get("rope_scaling"):
+        raise ValueError("the reference implements InternLM2's default rotary embedding only")
+    model = LlamaForSequenceClassification(llama).to(dtype)
+    state = internlm2_to_llama(head_tensors(ckpt_dir, "", dtype), config, packing)
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model.eval()
+
+
+def internlm2_card_input(ckpt_dir: str, problem: str, steps: list[str]) -> list[int]:
+    """InternLM2ForRewardModel.get_score: the chat (user, assistant = steps joined by blank lines) through
+    `apply_chat_template(tokenize=False)`, `tokenizer.encode` (special tokens on), then `reward_token_id`."""
+    tokenizer = internlm2_tokenizer(ckpt_dir)
+    chat = [{"role": "user", "content": problem}, {"role": "assistant", "content": "\n\n".join(steps)}]
+    conversation_str = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+    reward_token_id = json.loads((Path(ckpt_dir) / "config.json").read_text())["reward_token_id"]
+    return list(tokenizer.encode(conversation_str)) + [reward_token_id]
+
+
+@torch.no_grad()
+def internlm2_rewards(ckpt_dir: str, problem: str, steps: list[str], dtype: torch.dtype, **options) -> list[float]:
+    """InternLM2 reward models: `v_head` at the last token (the reward token) of `internlm2_card_input`, raw score."""
+    packing = options.pop("packing", "grouped")
+    _no_options_left(options)
+    input_ids = torch.tensor([internlm2_card_input(ckpt_dir, problem, steps)])
+    return [internlm2_as_llama(ckpt_dir, dtype, packing)(input_ids).logits[0, 0].item()]
+
+
 def _no_options_left(options: dict) -> None:
     """Refuse options a family does not take, so a typo in a test cannot pass silently."""
     if options:

@@ -687,6 +687,110 @@ def build_universal_prm(directory: Path) -> Path:
     return directory
 
 
+# InternLM2 chat template (ChatML after the BOS; not confirmed from the reward checkpoints' own files).
+INTERNLM2_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+INTERNLM2_SPECIALS = ["<|im_start|>", "<|im_end|>", "[UNUSED_TOKEN_130]"]
+INTERNLM2_REWARD_TOKEN = "[UNUSED_TOKEN_130]"  # the reward token the config's reward_token_id names
+
+
+def internlm2_tensors(llama_weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Llama-named decoder + `score.weight` renamed and packed as InternLM2ForRewardModel stores them:
+    `wqkv` rows per KV head are [its q heads, its k head, its v head]; `v_head` the reward head."""
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config["hidden_size"] // heads
+    groups = heads // kv
+    out = {"model.tok_embeddings.weight": llama_weights["model.embed_tokens.weight"], "model.norm.weight": llama_weights["model.norm.weight"]}
+    for i in range(config["num_hidden_layers"]):
+        p, q = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        rows = []
+        for h in range(kv):
+            for j in range(groups):
+                rows.append(llama_weights[q + "q_proj.weight"][(h * groups + j) * d : (h * groups + j + 1) * d])
+            rows.append(llama_weights[q + "k_proj.weight"][h * d : (h + 1) * d])
+            rows.append(llama_weights[q + "v_proj.weight"][h * d : (h + 1) * d])
+        out[p + "attention.wqkv.weight"] = torch.cat(rows).contiguous()
+        out[p + "attention.wo.weight"] = llama_weights[q + "o_proj.weight"]
+        out[p + "feed_forward.w1.weight"] = llama_weights[p + "mlp.gate_proj.weight"]
+        out[p + "feed_forward.w3.weight"] = llama_weights[p + "mlp.up_proj.weight"]
+        out[p + "feed_forward.w2.weight"] = llama_weights[p + "mlp.down_proj.weight"]
+        out[p + "attention_norm.weight"] = llama_weights[p + "input_layernorm.weight"]
+        out[p + "ffn_norm.weight"] = llama_weights[p + "post_attention_layernorm.weight"]
+    out["v_head.weight"] = llama_weights["score.weight"]
+    return out
+
+
+def build_internlm2_reward(directory: Path) -> Path:
+    """internlm2-1_8b/7b/20b-reward layout: InternLM2ForRewardModel (model_type internlm2, bias false,
+    reward_token_id), packed `wqkv`, `v_head.weight` [1, H]; a sentencepiece-style tokenizer adding BOS,
+    ChatML specials and the reward token; sharded safetensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = sentencepiece_style_tokenizer()
+    tokenizer.add_special_tokens([_special(s) for s in INTERNLM2_SPECIALS])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    _write_json(
+        directory / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "added_tokens_decoder": _added_tokens_decoder(tokenizer, ["<unk>", "<s>", "</s>", *INTERNLM2_SPECIALS]),
+            "additional_special_tokens": INTERNLM2_SPECIALS,
+            "bos_token": "<s>",
+            "chat_template": INTERNLM2_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "</s>",
+            "model_max_length": 1000000000000000019884624838656,
+            "pad_token": "</s>",
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": "<unk>",
+        },
+    )
+    _write_json(directory / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
+                                                         "additional_special_tokens": INTERNLM2_SPECIALS})
+    assert tokenizer.get_vocab_size() <= EMBED_ROWS
+    llama_like = llama_config("LlamaForSequenceClassification", "llama", EMBED_ROWS, bos=1, eos=2)
+    config = {
+        "architectures": ["InternLM2ForRewardModel"],
+        "attn_implementation": "eager",
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForRewardModel",
+        },
+        "bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": HIDDEN,
+        "initializer_range": 0.02,
+        "intermediate_size": INTERMEDIATE,
+        "max_position_embeddings": 32768,
+        "model_type": "internlm2",
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": KV_HEADS,
+        "pad_token_id": 2,
+        "reward_token_id": tokenizer.token_to_id(INTERNLM2_REWARD_TOKEN),
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.41.0",
+        "use_cache": True,
+        "vocab_size": EMBED_ROWS,
+    }
+    _write_json(directory / "config.json", config)
+    shapes = backbone_tensor_shapes(llama_like) | {"score.weight": (1, HIDDEN)}
+    llama_weights = random_weights(shapes, seed=14, dtype=torch.float16)
+    save_sharded_safetensors(directory, internlm2_tensors(llama_weights, config), shards=2)
+    return directory
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "qwen_prm": build_qwen_prm,
     "qwen_prm_jinja": lambda d: build_qwen_prm(d, template_in_jinja_file=True, with_lm_head=True),

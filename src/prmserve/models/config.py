@@ -9,7 +9,7 @@ from typing import Any
 
 from prmserve.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "internlm2")
 # Model types whose sliding window is switched on by use_sliding_window from layer max_window_layers on.
 QWEN_WINDOWED = ("qwen2", "qwen3")
 
@@ -116,9 +116,15 @@ def _head_dim(cfg: dict[str, Any], model_type: str, hidden: int, heads: int) -> 
 
 
 def _attention_bias(cfg: dict[str, Any], model_type: str) -> bool:
-    """Qwen2 always has q/k/v biases; Llama/Mistral only when the config says so; Qwen3 none."""
+    """Qwen2 always has q/k/v biases; Llama/Mistral only when the config says so; Qwen3 and InternLM2 none."""
     if model_type == "qwen2":
         return True
+    if model_type == "internlm2":
+        # InternLM2's `bias` puts biases on wqkv and wo alike (its config's default is true; the released
+        # checkpoints set false); the Llama-style backbone's output projection has none.
+        if cfg.get("bias", True):
+            raise CheckpointError("config.json's bias is true (or missing) on an internlm2 model; prmserve's backbone has no attention biases")
+        return False
     if model_type == "qwen3" and cfg.get("attention_bias", False):
         # Qwen3's attention_bias also puts a bias on o_proj, which the backbone's output projection lacks.
         raise CheckpointError("config.json's attention_bias is true on a qwen3 model; prmserve's Qwen3 backbone has no attention biases")

@@ -122,6 +122,9 @@ def _backbone_prefix(names: set[str]) -> str:
 
 def _backbone_sources(cfg: BackboneConfig, prefix: str) -> Iterator[tuple[str, list[str]]]:
     """(our parameter, checkpoint tensors concatenated into it) for every backbone parameter."""
+    if cfg.model_type == "internlm2":
+        yield from _internlm2_sources(cfg, prefix)
+        return
     yield "embed_tokens.weight", [f"{prefix}embed_tokens.weight"]
     yield "norm.weight", [f"{prefix}norm.weight"]
     for i in range(cfg.num_layers):
@@ -137,6 +140,49 @@ def _backbone_sources(cfg: BackboneConfig, prefix: str) -> Iterator[tuple[str, l
         yield ours + "mlp.down_proj.weight", [theirs + "mlp.down_proj.weight"]
         yield ours + "input_layernorm.weight", [theirs + "input_layernorm.weight"]
         yield ours + "post_attention_layernorm.weight", [theirs + "post_attention_layernorm.weight"]
+
+
+def _internlm2_sources(cfg: BackboneConfig, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """InternLM2's names for the same Llama-style decoder; its packed `wqkv` is unpacked by `_read`."""
+    yield "embed_tokens.weight", [f"{prefix}tok_embeddings.weight"]
+    yield "norm.weight", [f"{prefix}norm.weight"]
+    for i in range(cfg.num_layers):
+        ours, theirs = f"layers.{i}.", f"{prefix}layers.{i}."
+        yield ours + "self_attn.qkv_proj.weight", [theirs + "attention.wqkv.weight"]
+        yield ours + "self_attn.o_proj.weight", [theirs + "attention.wo.weight"]
+        yield ours + "mlp.gate_up_proj.weight", [theirs + "feed_forward.w1.weight", theirs + "feed_forward.w3.weight"]
+        yield ours + "mlp.down_proj.weight", [theirs + "feed_forward.w2.weight"]
+        yield ours + "input_layernorm.weight", [theirs + "attention_norm.weight"]
+        yield ours + "post_attention_layernorm.weight", [theirs + "ffn_norm.weight"]
+
+
+def unpack_internlm2_wqkv(wqkv: torch.Tensor, cfg: BackboneConfig) -> torch.Tensor:
+    """InternLM2's `wqkv` rows, grouped per KV head as [the group's q heads..., k, v], reordered to our
+    [all q heads, all k heads, all v heads] (query head h*groups + j is the j-th q of KV group h)."""
+    groups = cfg.num_heads // cfg.num_kv_heads
+    per_group = wqkv.view(cfg.num_kv_heads, groups + 2, cfg.head_dim, wqkv.shape[-1])
+    q = per_group[:, :groups].reshape(-1, wqkv.shape[-1])
+    k = per_group[:, groups].reshape(-1, wqkv.shape[-1])
+    v = per_group[:, groups + 1].reshape(-1, wqkv.shape[-1])
+    return torch.cat([q, k, v], dim=0)
+
+
+def _read(tensors: "CheckpointTensors | StateDictTensors", name: str, cfg: BackboneConfig) -> torch.Tensor:
+    """One checkpoint tensor in our layout (InternLM2's packed wqkv unpacked, its shape checked first)."""
+    value = tensors.get(name)
+    if cfg.model_type == "internlm2" and name.endswith("attention.wqkv.weight"):
+        rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        if value.shape != (rows, cfg.hidden_size):
+            raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)}, but the config implies {(rows, cfg.hidden_size)}")
+        return unpack_internlm2_wqkv(value, cfg)
+    return value
+
+
+def _head_source(cfg: BackboneConfig, name: str) -> str:
+    """InternLM2ForRewardModel keeps its one-output linear head as `v_head` where sequence classifiers have `score`."""
+    if cfg.model_type == "internlm2" and name.startswith("score."):
+        return "v_head." + name[len("score.") :]
+    return name
 
 
 def _lm_head_source(cfg: BackboneConfig, names: set[str], prefix: str) -> str:
@@ -192,7 +238,7 @@ def build_reward_model(
     names = tensors.names()
     prefix = _backbone_prefix(names)
     plan = list(_backbone_sources(cfg, prefix))
-    plan += [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
+    plan += [(f"head.{ours}", [_head_source(cfg, theirs)]) for ours, theirs in head_tensor_names(head).items()]
     lm_source = _lm_head_source(cfg, names, prefix) if head.kind in ("lm_rows", "lm_mean") else None
     needed = {t for _, sources in plan for t in sources} | ({lm_source} if lm_source else set())
 
@@ -208,7 +254,7 @@ def build_reward_model(
 
     with torch.no_grad():
         for ours, sources in plan:
-            parts = [tensors.get(s) for s in sources]
+            parts = [_read(tensors, s, cfg) for s in sources]
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             _copy_checked(params[ours], value, ours, sources)
         if lm_source:
