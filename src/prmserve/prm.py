@@ -7,7 +7,7 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from prmserve.models.attention import varlen_available
 from prmserve.models.loader import CheckpointTensors
 from prmserve.nodes import Node, NodeTable
 from prmserve.recent_encodings import RecentEncodings, prefix_keys
-from prmserve.results import ScoreResult
+from prmserve.results import ScoreResult, TokenUsage
 from prmserve.tokenizer import load_tokenizer
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "small-prm"
@@ -41,6 +41,12 @@ class ScoringJob:
     parent: Node | None = None  # extend: the node whose rewards come first
     node_text: tuple[str, tuple[str, ...]] | None = None  # keep: (problem, steps) of the node it becomes
     step_spans: list[tuple[int, int]] | None = None  # a completion's steps, as characters of it
+    earlier: list[Request] = field(default_factory=list)  # formats scoring each step prefix alone: the shorter ones
+
+    @property
+    def requests(self) -> list[Request]:
+        """Every request of the job, in step order (the job's own request last)."""
+        return [*self.earlier, self.request]
 
 
 class PRM:
@@ -222,7 +228,9 @@ class PRM:
     def plan_score(self, items: Sequence[Mapping[str, Any]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
         """Encode items into engine requests; `keep` pins each item's tokens for `extend`."""
         if keep and not self.format.extendable:
-            raise FormatError(f"format {self.format_name!r} gives one score per solution: keep/extend need per-step rewards")
+            raise FormatError(f"format {self.format_name!r} cannot keep nodes: keep/extend need per-step rewards read from one sequence")
+        if hasattr(self.format, "prefixes"):
+            return self._plan_prefixes(items, priority)
         jobs = []
         for index, (encoded, parts) in enumerate(self._encode_items(items)):
             if keep and (parts is None or encoded.body_len is None):
@@ -231,6 +239,25 @@ class PRM:
                               keep_tokens=encoded.body_len if keep else 0)
             node_text = (parts[0], tuple(parts[1])) if keep else None
             jobs.append(ScoringJob(encoded, request, node_text=node_text, step_spans=parts[2] if parts else None))
+        return jobs
+
+    def _plan_prefixes(self, items: Sequence[Mapping[str, Any]], priority: int) -> list[ScoringJob]:
+        """Jobs of a format that scores every step prefix as its own sequence (Universal-PRM): one request per
+        step, all queued together so the prefix cache computes the shared question and steps once."""
+        if isinstance(items, Mapping) or not isinstance(items, Sequence):
+            raise InvalidInputError("score() takes a list of items")
+        jobs = []
+        for index, item in enumerate(items):
+            try:
+                parts = self.steps_of(item)
+                if parts is None:
+                    prefixes = [self._encode_item(item)[0]]
+                else:
+                    prefixes = [self._checked_length(e) for e in self.format.prefixes(parts[0], parts[1])]
+            except (InvalidInputError, FormatError) as exc:
+                raise type(exc)(f"item {index}: {exc}") from None
+            requests = [Request(uuid.uuid4().hex, e.token_ids, e.read_positions, priority) for e in prefixes]
+            jobs.append(ScoringJob(prefixes[-1], requests[-1], step_spans=parts[2] if parts else None, earlier=requests[:-1]))
         return jobs
 
     def plan_extend(self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
@@ -264,14 +291,17 @@ class PRM:
 
     def submit_jobs(self, jobs: Sequence[ScoringJob]) -> list[Future]:
         """Queue the jobs' requests together: admitted whole or refused whole (QueueFullError)."""
-        return self.loop.submit_requests([job.request for job in jobs])
+        return self.loop.submit_requests([request for job in jobs for request in job.requests])
 
     def collect(self, jobs: Sequence[ScoringJob], finished: Sequence[Request]) -> list[ScoreResult]:
         """Results of finished jobs: every reward in one batched operation; kept ones become nodes."""
         rewards = self.format.rewards(torch.cat([r.outputs for r in finished])) if finished else []
-        results, start = [], 0
-        for job, request in zip(jobs, finished):
-            count = len(request.read_positions)
+        results, start, taken = [], 0, 0
+        for job in jobs:
+            mine = finished[taken : taken + len(job.requests)]
+            taken += len(mine)
+            request = mine[-1]
+            count = sum(len(r.read_positions) for r in mine)
             step_rewards = rewards[start : start + count]
             start += count
             if job.parent is not None:
@@ -281,7 +311,7 @@ class PRM:
                 handle = request.request_id  # the engine pinned the node's blocks under this key
                 problem, steps = job.node_text
                 self.nodes.add(handle, Node(problem, steps, job.encoded, step_rewards, request.block_hashes))
-            results.append(ScoreResult(step_rewards, request.usage, handle, job.step_spans))
+            results.append(ScoreResult(step_rewards, sum((r.usage for r in mine), TokenUsage()), handle, job.step_spans))
         return results
 
     def abandon(self, jobs: Sequence[ScoringJob]) -> None:
