@@ -18,7 +18,7 @@ import torch
 import prmserve.models.loader as loader
 from prmserve import PRM
 from prmserve.engine import Engine, EngineConfig, Request
-from prmserve.errors import CheckpointError, FormatError
+from prmserve.errors import CheckpointError
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
 from prmserve.models.loader import load_reward_model
@@ -26,7 +26,7 @@ from reference import internlm2_card_input, internlm2_rewards
 from tiny_checkpoints import build_internlm2_reward, with_config
 
 FP32_TOLERANCE = 1e-5
-HEAD = HeadSpec("linear", "score", out_features=1, bias=False)  # the outcome format's sequence-classifier head
+HEAD = HeadSpec("linear", "v_head", out_features=1, bias=False)  # the outcome format's head for InternLM2ForRewardModel
 ITEMS = [
     (
         "Janet's ducks lay 16 eggs per day. She eats 3 for breakfast and bakes muffins with 4. How many are left?",
@@ -112,6 +112,15 @@ def test_a_wrongly_shaped_wqkv_is_named(ckpt: Path, tmp_path: Path) -> None:
         load_reward_model(fewer_kv, BackboneConfig.from_file(fewer_kv), HEAD, torch.device("cpu"), torch.float32)
 
 
-def test_the_outcome_format_refuses_it_until_it_appends_the_reward_token(ckpt: Path) -> None:
-    with pytest.raises(FormatError, match="reward_token_id"):
-        PRM(str(ckpt), format="outcome", device="cpu")
+def test_problem_and_steps_score_as_the_card(ckpt: Path) -> None:
+    """The outcome format, detected from InternLM2ForRewardModel, builds the card's input and reads v_head there."""
+    prm = PRM(str(ckpt), device="cpu")
+    try:
+        assert prm.format_name == "outcome"
+        for problem, steps in ITEMS:
+            assert prm.encode({"problem": problem, "steps": steps}).token_ids == internlm2_card_input(str(ckpt), problem, steps)
+        got = [r.step_rewards[0] for r in prm.score([{"problem": p, "steps": s} for p, s in ITEMS])]
+    finally:
+        prm.close()
+    want = [internlm2_rewards(str(ckpt), p, s, torch.float32)[0] for p, s in ITEMS]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= FP32_TOLERANCE

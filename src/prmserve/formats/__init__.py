@@ -35,6 +35,7 @@ _BY_ARCHITECTURE = {
     "Qwen2ForProcessRewardModel": "qwen_prm",
     "Qwen2ForPrmModel": "skywork_prm",
     "Qwen2ForRewardModel": "outcome",
+    "InternLM2ForRewardModel": "outcome",
 }
 
 
@@ -59,13 +60,6 @@ def make_format(name: str, tokenizer: Any, config: BackboneConfig, **options: An
     """Instantiate a format by name, refusing unknown names and options."""
     if name not in FORMATS:
         raise FormatError(f"unknown format {name!r}; formats: {', '.join(FORMATS)}")
-    if name == "outcome" and "InternLM2ForRewardModel" in config.architectures:
-        # Its card encodes the chat with the tokenizer's special tokens and appends config.reward_token_id,
-        # reading the score there; the outcome format does neither yet, so its scores would be wrong.
-        raise FormatError(
-            "InternLM2ForRewardModel needs the outcome format to append its reward_token_id after the chat "
-            "(encoded with special tokens), which it does not do yet; its backbone and v_head load"
-        )
     return FORMATS[name](tokenizer, config, **options)
 
 

@@ -178,13 +178,6 @@ def _read(tensors: "CheckpointTensors | StateDictTensors", name: str, cfg: Backb
     return value
 
 
-def _head_source(cfg: BackboneConfig, name: str) -> str:
-    """InternLM2ForRewardModel keeps its one-output linear head as `v_head` where sequence classifiers have `score`."""
-    if cfg.model_type == "internlm2" and name.startswith("score."):
-        return "v_head." + name[len("score.") :]
-    return name
-
-
 def _lm_head_source(cfg: BackboneConfig, names: set[str], prefix: str) -> str:
     """The LM head tensor, or the embedding when the checkpoint ties them."""
     if "lm_head.weight" in names:
@@ -238,7 +231,7 @@ def build_reward_model(
     names = tensors.names()
     prefix = _backbone_prefix(names)
     plan = list(_backbone_sources(cfg, prefix))
-    plan += [(f"head.{ours}", [_head_source(cfg, theirs)]) for ours, theirs in head_tensor_names(head).items()]
+    plan += [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
     lm_source = _lm_head_source(cfg, names, prefix) if head.kind in ("lm_rows", "lm_mean") else None
     needed = {t for _, sources in plan for t in sources} | ({lm_source} if lm_source else set())
 
