@@ -16,7 +16,7 @@ from prmserve import PRM
 from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
 from prmserve.models.loader import resolve_checkpoint
 from reference import reference_step_rewards, tokenizer_of
-from test_families import CASES, MULTI_STEP, checkpoint, served  # noqa: F401  (shared session fixtures)
+from test_families import CASES, MULTI_STEP, served  # noqa: F401  (a shared session fixture)
 
 
 def score_one(prm: PRM, problem: str, steps: list[str]) -> list[float]:

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from prmserve import PRM
 from prmserve.errors import FormatError
 from reference import reference_step_rewards
-from tiny_checkpoints import BUILDERS, FORMAT_OF, build
+from tiny_checkpoints import BUILDERS, FORMAT_OF
 
 FP32_TOLERANCE = 1e-5
 
@@ -73,20 +73,6 @@ SHARED_PREFIX = [
 ITEMS = [MULTI_STEP, SINGLE_STEP, UNICODE, INNER_NEWLINES, *SHARED_PREFIX]
 # Skywork splits the response on "\n": a step is one line there.
 ONE_LINE_ITEMS = [item for item in ITEMS if not any("\n" in step for step in item[1])]
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Build each tiny checkpoint once per session, on first use."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = build(name, root / name)
-        return built[name]
-
-    return get
 
 
 @pytest.fixture(scope="session")

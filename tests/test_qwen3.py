@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from prmserve import PRM
 from prmserve.errors import CheckpointError
 from prmserve.models.config import BackboneConfig
 from reference import reference_step_rewards
-from tiny_checkpoints import FORMAT_OF, QWEN3_HEAD_DIM, build, with_config
+from tiny_checkpoints import FORMAT_OF, QWEN3_HEAD_DIM, with_config
 
 FP32_TOLERANCE = 1e-5
 PURE = {"step_separator": "\n\n", "reward": "p1_minus_p0"}
@@ -35,19 +34,6 @@ CASES: dict[str, tuple[str, dict, dict]] = {
         {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0, "layer_types": ["sliding_attention"] * 2},
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    root = tmp_path_factory.mktemp("qwen3")
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = build(name, root / name)
-        return built[name]
-
-    return get
 
 
 def rewards(ckpt: Path, name: str, **options: object) -> list[list[float]]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from prmserve import PRM
 from prmserve.errors import FormatError, InvalidInputError
 from reference import reference_step_rewards, tokenizer_of, trl_prm_input
-from tiny_checkpoints import build, with_config
+from tiny_checkpoints import with_config
 
 FP32_TOLERANCE = 1e-5
 PURE = {"step_separator": "\n\n", "reward": "p1_minus_p0"}
@@ -40,19 +39,6 @@ UNICODE = ("Résoudre x² + 2x = 3 pour x ∈ ℝ. 求解。", ["On factorise : 
 EDGES = ("Compute 12 + 30.", ["  First the tens: 10 + 30 = 40 ", " then 40 + 2 = 42."])
 INNER_NEWLINES = ("Compute 12 + 30.", ["First add the tens:\n10 + 30 = 40", "Then the ones:\n40 + 2 = 42"])
 ITEMS = [MULTI_STEP, SINGLE_STEP, UNICODE, EDGES]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    root = tmp_path_factory.mktemp("token_classification")
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = build(name, root / name)
-        return built[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")
