@@ -1,16 +1,24 @@
-"""Property-based requests from the app's own OpenAPI schema: whatever a client sends, no 5xx."""
+"""Property-based requests from the app's own OpenAPI schema, valid and invalid, one at a time and in
+stateful sequences: no 5xx, invalid ones get a 4xx, and every answer conforms to the schema."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance, status_code_conformance
 
 from prmserve.server import create_app
+
+SEED = 20240601
+CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, negative_data_rejection]
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +39,66 @@ def app(small_step_prm):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+def _config() -> schemathesis.Config:
+    """Positive and negative data, a fixed seed and few examples per operation (a CI-sized run)."""
+    config = schemathesis.Config()
+    config.update(seed=SEED, max_failures=None)
+    config.projects.default.generation.update(modes=list(GenerationMode), max_examples=25)
+    return config
+
+
 @pytest.fixture(scope="module")
 def api_schema(app):
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    return schemathesis.openapi.from_asgi("/openapi.json", app, config=_config())
+
+
+def _expected_timeout(case: schemathesis.Case, status: int) -> bool:
+    """A 504 when the body asked for a timeout: the client's own deadline passed, the documented answer."""
+    return status == 504 and isinstance(case.body, dict) and case.body.get("timeout") is not None
 
 
 @schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case: schemathesis.Case) -> None:
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_server_errors_and_answers_conform(case: schemathesis.Case) -> None:
     response = case.call()
-    asked_timeout = isinstance(case.body, dict) and case.body.get("timeout") is not None
-    if response.status_code == 504 and asked_timeout:
-        return  # the client's own deadline passed: a 504 is the documented answer
-    assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text}"
+    if _expected_timeout(case, response.status_code):
+        return
+    case.validate_response(response, checks=CHECKS)
+
+
+def _with_links(raw: dict) -> dict:
+    """The schema with OpenAPI links: a scored item's handle goes to /v1/extend and /v1/release."""
+    handle = "$response.body#/results/0/handle"
+    links = {
+        "Extend": {"operationId": _operation_id(raw, "/v1/extend"), "requestBody": {"handle": handle, "children": [["So 5."]]}},
+        "Release": {"operationId": _operation_id(raw, "/v1/release"), "requestBody": {"handles": [handle]}},
+    }
+    for path in ("/v1/score", "/v1/extend"):
+        raw["paths"][path]["post"]["responses"]["200"]["links"] = links
+    return raw
+
+
+def _operation_id(raw: dict, path: str) -> str:
+    return raw["paths"][path]["post"]["operationId"]
+
+
+def test_stateful_sequences_get_no_server_errors(small_step_prm) -> None:
+    """Score with `keep`, extend and release the handles it gave, in random sequences (on an app of its own:
+    the one above has been shut down)."""
+    app = create_app(small_step_prm, default_timeout=10.0, max_body_bytes=1 << 20)
+    linked = schemathesis.openapi.from_dict(_with_links(copy.deepcopy(app.openapi())), config=_config())
+    linked.app = app
+    state_machine = linked.as_state_machine()
+
+    class Sequences(state_machine):  # type: ignore[misc, valid-type]
+        def validate_response(self, response, case, **kwargs) -> None:  # noqa: ANN001
+            if not _expected_timeout(case, response.status_code):
+                case.validate_response(response, checks=CHECKS)
+
+    started = time.monotonic()
+    Sequences.run(settings=settings(max_examples=15, stateful_step_count=5, deadline=None, derandomize=True,
+                                    suppress_health_check=list(HealthCheck)))
+    assert time.monotonic() - started < 60
 
 
 def test_server_default_timeout_applies_without_a_timeout_in_the_body(small_step_prm) -> None:

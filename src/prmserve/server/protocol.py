@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
 from prmserve.results import AGGREGATIONS
 
@@ -14,6 +14,56 @@ PRIORITY_LIMIT = 2**31  # |priority| below it: room for any scheme, and a 5,000-
 # Strict, like every other field: "5" is not a number of seconds (an integer is).
 Timeout = Annotated[StrictFloat, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
 Priority = Annotated[StrictInt, Field(gt=-PRIORITY_LIMIT, lt=PRIORITY_LIMIT)]
+
+
+# Each item kind's required fields and the fields it may also hold: the schema's oneOf and the validator's rule.
+ITEM_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "steps": (("problem", "steps"), ()),
+    "completion": (("problem", "completion"), ("step_split",)),
+    "messages": (("messages",), ("step_split",)),
+    "text": (("text",), ()),
+    "token_ids": (("token_ids",), ()),
+}
+ONE_ITEM_KIND = "an item needs exactly one of: problem + steps, problem + completion, messages, text, token_ids"
+
+
+def _not_null(schema: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """These fields may be left out but not sent as null: drop `null` from their types and their default."""
+    for name in fields:
+        field = schema["properties"][name]
+        del field["default"]
+        options = [option for option in field.pop("anyOf") if option != {"type": "null"}]
+        field.update(options[0] if len(options) == 1 else {"anyOf": options})
+
+
+def _refuse_null(value: Any) -> Any:
+    """An optional field's explicit null (left out is how to send none)."""
+    if value is None:
+        raise ValueError("must not be null: leave the field out instead")
+    return value
+
+
+def _item_schema(schema: dict[str, Any]) -> None:
+    """ScoreItem's schema: exactly one kind, each with only its own fields."""
+    _not_null(schema, tuple(schema["properties"]))
+    for text in ("problem", "completion", "text"):
+        schema["properties"][text]["minLength"] = 1
+    fields = list(schema["properties"])
+    schema["oneOf"] = [
+        {"required": list(required), "properties": {f: False for f in fields if f not in required + optional}}
+        for required, optional in ITEM_KINDS.values()
+    ]
+
+
+def _pooling_schema(schema: dict[str, Any]) -> None:
+    """PoolingRequest's schema: exactly one of `input` / `messages`, neither empty."""
+    _not_null(schema, ("input", "messages"))
+    for option in schema["properties"]["input"]["anyOf"]:
+        option["minLength" if option["type"] == "string" else "minItems"] = 1
+        if option.get("items", {}).get("type") == "array":
+            option["items"]["minItems"] = 1  # each token id list is one input: an empty one has no step
+    schema["properties"]["messages"]["minItems"] = 1
+    schema["oneOf"] = [{"required": [f], "properties": {other: False}} for f, other in (("input", "messages"), ("messages", "input"))]
 
 
 class StepSplitRegex(BaseModel):
@@ -29,16 +79,41 @@ class ScoreItem(BaseModel):
     `step_split`, default the server's, "\n\n"), a chat in `messages` (the last user turn is the problem,
     the final assistant turn the completion), or pre-formatted `text` or `token_ids`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_item_schema)
 
+    # Fields left out are None; an explicit null is refused (the schema has no null), like a wrong type. Empty
+    # strings are refused by PRM.encode (the schema's minLength): a length check here would come before its
+    # clearer refusal of a lone surrogate.
     problem: StrictStr | None = Field(None, description="The question; goes with `steps` or `completion`")
-    steps: list[StrictStr] | None = Field(None, description="The solution's steps, in order")
-    completion: StrictStr | None = Field(None, description="The solution as one text, split into steps by `step_split`")
-    messages: list["ChatMessage"] | None = Field(None, description="A chat ending with the assistant's answer to score")
+    steps: list[StrictStr] | None = Field(None, min_length=1, description="The solution's steps, in order")
+    completion: StrictStr | None = Field(
+        None, description="The solution as one text, split into steps by `step_split`")
+    messages: list["ChatMessage"] | None = Field(
+        None, min_length=1, description="A chat ending with the assistant's answer to score")
     step_split: StrictStr | StepSplitRegex | None = Field(
         None, description="Separator between steps of a `completion` or chat answer: a string or {\"regex\": pattern}")
-    text: StrictStr | None = Field(None, description="A whole input already in the model's format, separators included")
-    token_ids: list[StrictInt] | None = Field(None, description="A whole input already tokenised, separators included")
+    text: StrictStr | None = Field(
+        None, description="A whole input already in the model's format, separators included")
+    token_ids: list[StrictInt] | None = Field(
+        None, min_length=1, description="A whole input already tokenised, separators included")
+
+    _not_null = field_validator("*")(_refuse_null)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ScoreItem":
+        kinds = [kind for kind in ITEM_KINDS if kind in self.model_fields_set]
+        if len(kinds) != 1:
+            raise ValueError(ONE_ITEM_KIND)
+        required, optional = ITEM_KINDS[kinds[0]]
+        if "step_split" in self.model_fields_set and "step_split" not in optional:
+            raise ValueError("'step_split' applies to 'completion' and 'messages' items only")
+        if "problem" in self.model_fields_set and "problem" not in required:
+            if kinds[0] == "messages":
+                raise ValueError("a 'messages' item takes its problem from the user turn: drop 'problem'")
+            raise ValueError(f"a '{kinds[0]}' item is the whole input: drop 'problem'")
+        if "problem" in required and "problem" not in self.model_fields_set:
+            raise ValueError(f"a '{kinds[0]}' item needs its 'problem'")
+        return self
 
     def to_item(self) -> dict:
         """The item as `PRM.encode` takes it (only the fields that were sent)."""
@@ -143,7 +218,8 @@ class ChatMessage(BaseModel):
 class PoolingRequest(BaseModel):
     """vLLM's `/pooling` request: `input` (text(s) or token id list(s)) or one chat in `messages`."""
 
-    model_config = ConfigDict(extra="ignore")  # vLLM clients send more fields (user, truncate_prompt_tokens, ...)
+    # vLLM clients send more fields (user, truncate_prompt_tokens, ...)
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_pooling_schema)
 
     model: StrictStr | None = None
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
@@ -160,6 +236,8 @@ class PoolingRequest(BaseModel):
     )
     activation: StrictBool | None = Field(None, description="vLLM's older name of `use_activation`")
     softmax: StrictBool | None = Field(None, description="vLLM's older name of `use_activation`")
+
+    _not_null = field_validator("input", "messages")(_refuse_null)
 
     @model_validator(mode="after")
     def _one_source(self) -> "PoolingRequest":
