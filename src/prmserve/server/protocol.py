@@ -4,16 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from prmserve.results import AGGREGATIONS
 
 Aggregation = Literal[AGGREGATIONS]  # type: ignore[valid-type]
 MAX_TIMEOUT_S = 24 * 3600.0
 PRIORITY_LIMIT = 2**31  # |priority| below it: room for any scheme, and a 5,000-digit integer is refused by name
-# Strict, like every other field: "5" is not a number of seconds (an integer is).
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's integers include 5.0: a float without a fraction is the integer it equals."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Strict, like every other field: "5" is not a number of seconds (an integer is), nor "5" an integer (5.0 is).
+Integer = Annotated[StrictInt, BeforeValidator(_whole_number)]
 Timeout = Annotated[StrictFloat, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
-Priority = Annotated[StrictInt, Field(gt=-PRIORITY_LIMIT, lt=PRIORITY_LIMIT)]
+Priority = Annotated[StrictInt, Field(gt=-PRIORITY_LIMIT, lt=PRIORITY_LIMIT), BeforeValidator(_whole_number)]
 
 
 # Each item kind's required fields and the fields it may also hold: the schema's oneOf and the validator's rule.
@@ -94,7 +113,7 @@ class ScoreItem(BaseModel):
         None, description="Separator between steps of a `completion` or chat answer: a string or {\"regex\": pattern}")
     text: StrictStr | None = Field(
         None, description="A whole input already in the model's format, separators included")
-    token_ids: list[StrictInt] | None = Field(
+    token_ids: list[Integer] | None = Field(
         None, min_length=1, description="A whole input already tokenised, separators included")
 
     _not_null = field_validator("*")(_refuse_null)
@@ -222,7 +241,7 @@ class PoolingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", json_schema_extra=_pooling_schema)
 
     model: StrictStr | None = None
-    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] | None = None
+    input: StrictStr | list[StrictStr] | list[Integer] | list[list[Integer]] | None = None
     messages: list[ChatMessage] | None = None
     task: StrictStr | None = None
     priority: Priority = 0
