@@ -67,6 +67,8 @@ def _item_schema(schema: dict[str, Any]) -> None:
     _not_null(schema, tuple(schema["properties"]))
     for text in ("problem", "completion", "text"):
         schema["properties"][text]["minLength"] = 1
+    for listed in ("steps", "messages", "token_ids"):
+        schema["properties"][listed]["minItems"] = 1
     fields = list(schema["properties"])
     schema["oneOf"] = [
         {"required": list(required), "properties": {f: False for f in fields if f not in required + optional}}
@@ -101,20 +103,20 @@ class ScoreItem(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_item_schema)
 
     # Fields left out are None; an explicit null is refused (the schema has no null), like a wrong type. Empty
-    # strings are refused by PRM.encode (the schema's minLength): a length check here would come before its
-    # clearer refusal of a lone surrogate.
+    # strings and lists are refused by PRM.encode (the schema's minLength/minItems), with the same message as
+    # offline scoring gives (`prmserve score --url` writes the same error records as without it).
     problem: StrictStr | None = Field(None, description="The question; goes with `steps` or `completion`")
-    steps: list[StrictStr] | None = Field(None, min_length=1, description="The solution's steps, in order")
+    steps: list[StrictStr] | None = Field(None, description="The solution's steps, in order")
     completion: StrictStr | None = Field(
         None, description="The solution as one text, split into steps by `step_split`")
     messages: list["ChatMessage"] | None = Field(
-        None, min_length=1, description="A chat ending with the assistant's answer to score")
+        None, description="A chat ending with the assistant's answer to score")
     step_split: StrictStr | StepSplitRegex | None = Field(
         None, description="Separator between steps of a `completion` or chat answer: a string or {\"regex\": pattern}")
     text: StrictStr | None = Field(
         None, description="A whole input already in the model's format, separators included")
     token_ids: list[Integer] | None = Field(
-        None, min_length=1, description="A whole input already tokenised, separators included")
+        None, description="A whole input already tokenised, separators included")
 
     _not_null = field_validator("*")(_refuse_null)
 
