@@ -108,7 +108,9 @@ def test_health_stays_fast_while_a_big_request_tokenises(prm: PRM, encodes: list
     response, seconds, latencies = asyncio.run(big_and_health())
     assert response.status_code == 400 and response.json()["error"]["message"].startswith("items: item 4000: ")
     assert len(encodes) == 4001 and seconds > 0.5  # the big request did tokenise everything, for a while
-    assert len(latencies) >= 10 and max(latencies) < 0.1, latencies
+    # The event loop stays free: /health answers in milliseconds; a rare GIL hand-off from the tokenizer threads
+    # may delay one answer (0.12 s seen once on 2 busy cores), far from the 0.5 s a tokenising event loop gave.
+    assert len(latencies) >= 10 and sorted(latencies)[len(latencies) // 2] < 0.02 and max(latencies) < 0.3, latencies
 
 
 # The API key before the body ------------------------------------------------------------------------
