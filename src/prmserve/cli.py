@@ -261,14 +261,16 @@ class _OfflineScorer(_Scorer):
         self.prm = prm
 
     def score(self, items: list[dict[str, Any]]) -> list[ScoreResult | Exception]:
-        encoded: list[Any] = []
+        planned: list[Any] = []
         for item in items:
             try:
-                encoded.append(self.prm.encode(item))
-            except (InvalidInputError, FormatError) as exc:
-                encoded.append(exc)
-        futures = [e if isinstance(e, Exception) else self.prm.submit(e) for e in encoded]  # all queued: shared prefixes
-        return [f if isinstance(f, Exception) else self.prm.result(f.result()) for f in futures]
+                planned.append(self.prm.plan_score([item]))
+            except (InvalidInputError, FormatError) as exc:  # alone in its call: drop the "which item" prefix
+                planned.append(type(exc)(str(exc).removeprefix("item 0: ")))
+        jobs = [job for p in planned if not isinstance(p, Exception) for job in p]
+        futures = self.prm.submit_jobs(jobs)  # all queued together: shared prefixes are computed once
+        results = iter(self.prm.collect(jobs, [f.result() for f in futures]))
+        return [p if isinstance(p, Exception) else next(results) for p in planned]
 
     def __exit__(self, *exc: object) -> None:
         self.prm.close()

@@ -215,14 +215,6 @@ class PRM:
                 raise type(exc)(f"item {index}: {exc}") from None
         return encoded
 
-    def submit(self, encoded: EncodedItem, priority: int = 0) -> Future:
-        """Queue one encoded item; the future resolves to the engine's finished `Request`."""
-        return self.loop.submit(encoded.token_ids, encoded.read_positions, priority)
-
-    def result(self, request: Request) -> ScoreResult:
-        """Step rewards of one finished request from `submit`, by the format's formula."""
-        return ScoreResult(self.format.rewards(request.outputs), request.usage)
-
     # Scoring in three steps (plan, submit, collect), shared by the blocking, async and HTTP fronts.
 
     def plan_score(self, items: Sequence[Mapping[str, Any]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
