@@ -200,10 +200,6 @@ class PRM:
             raise InvalidInputError(f"'token_ids' must be integers in [0, {vocab})")
         return list(token_ids)
 
-    def encode_all(self, items: Sequence[Mapping[str, Any]]) -> list[EncodedItem]:
-        """Encode every item, naming the index of the first bad one."""
-        return [encoded for encoded, _ in self._encode_items(items)]
-
     def _encode_items(self, items: Sequence[Mapping[str, Any]]) -> list[tuple[EncodedItem, tuple | None]]:
         if isinstance(items, Mapping) or not isinstance(items, Sequence):
             raise InvalidInputError("score() takes a list of items")
