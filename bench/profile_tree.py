@@ -57,6 +57,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     prm = PRM(str(args.checkpoint), enforce_eager=args.eager)
     wrap(prm, "plan_extend", "plan")
+    wrap(prm, "plan_score", "plan (stateless)")
+    prm.engine.step_observers.append(lambda st: (stamp("step tokens", st.num_tokens / 1e3), stamp("step seqs", st.num_seqs / 1e3)))
     wrap(prm, "submit_jobs", "submit")
     wrap(prm, "collect", "collect")
     wrap(Engine, "step", "engine.step")
@@ -80,18 +82,21 @@ def main() -> None:
     rows = bench_tree.load_rows(args.assets)
     problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
-    for count in (1, 16):
-        prm.extend(node.handle, bench_tree.children_for(pool, count, 999))
-        STAMPS.clear()
-        totals = []
-        for rep in range(args.reps):
-            began = time.perf_counter()
-            prm.extend(node.handle, bench_tree.children_for(pool, count, rep))
-            totals.append((time.perf_counter() - began) * 1e3)
-        print(f"\n== {count} children, {args.reps} calls: total median {statistics.median(totals):.1f} ms "
-              f"(threads {torch.get_num_threads()}, {'eager' if args.eager else 'compiled'})")
-        for name, values in STAMPS.items():
-            print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / args.reps:.1f} per call")
+    calls = {"extend": lambda kids: prm.extend(node.handle, kids),
+             "stateless score": lambda kids: prm.score([{"problem": problem, "steps": steps + k} for k in kids])}
+    for mode, call in calls.items():
+        for count in (1, 16):
+            call(bench_tree.children_for(pool, count, 999 + count))
+            STAMPS.clear()
+            totals = []
+            for rep in range(args.reps):
+                began = time.perf_counter()
+                call(bench_tree.children_for(pool, count, rep + (0 if mode == "extend" else 300)))
+                totals.append((time.perf_counter() - began) * 1e3)
+            print(f"\n== {mode}: {count} children, {args.reps} calls: total median {statistics.median(totals):.1f} ms "
+                  f"(threads {torch.get_num_threads()}, {'eager' if args.eager else 'compiled'})")
+            for name, values in STAMPS.items():  # "step tokens"/"step seqs" are counts (printed as stamps x1e3)
+                print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / args.reps:.1f} per call")
     if not torch.cuda.is_available():
         return
     prm.model.forward = forward
