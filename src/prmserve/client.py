@@ -203,6 +203,18 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self._send("GET", "/health")
 
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Put the server's engine to sleep (vLLM's `POST /sleep`); what it freed. Scoring meanwhile gets 503, which
+        this client retries with backoff, so a score call waits for `wake_up` within its retries."""
+        return self._send("POST", "/sleep", params={"level": level})
+
+    def wake_up(self) -> None:
+        """Wake the server's engine (vLLM's `POST /wake_up`)."""
+        self._send("POST", "/wake_up")
+
+    def is_sleeping(self) -> bool:
+        return self._send("GET", "/is_sleeping")["is_sleeping"]
+
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         attempt = 0
         while True:
@@ -282,6 +294,16 @@ class AsyncClient:
 
     async def health(self) -> dict[str, Any]:
         return await self._send("GET", "/health")
+
+    async def sleep(self, level: int = 1) -> dict[str, Any]:
+        """As `Client.sleep`."""
+        return await self._send("POST", "/sleep", params={"level": level})
+
+    async def wake_up(self) -> None:
+        await self._send("POST", "/wake_up")
+
+    async def is_sleeping(self) -> bool:
+        return (await self._send("GET", "/is_sleeping"))["is_sleeping"]
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         attempt = 0

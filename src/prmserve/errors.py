@@ -31,3 +31,7 @@ class RequestCancelledError(PRMServeError):
 
 class HandleNotFoundError(PRMServeError, LookupError):
     """A node handle is unknown: never issued, released, expired (`handle_ttl`) or pushed out (`max_handles`)."""
+
+
+class EngineSleepingError(PRMServeError):
+    """The engine is asleep (sleep mode, its memory lent to another program): work is refused until `wake_up`."""

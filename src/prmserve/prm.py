@@ -15,6 +15,7 @@ import torch
 
 from prmserve.completions import DEFAULT_STEP_SPLIT, chat_to_completion, split_completion, split_rule
 from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
+from prmserve.engine.sleep import SleepReport
 from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
 from prmserve.formats import EncodedItem, detect_format, make_format
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
@@ -380,6 +381,23 @@ class PRM:
             self._loop.reset_prefix_cache()
         else:
             self.engine.reset_prefix_cache()
+
+    # Sleep mode (vLLM's names), for sharing the GPU with a generator ------------------------------
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Lend the device's memory out: new work is refused (EngineSleepingError) while what was submitted
+        finishes, then the KV pool goes and the weights move to host memory (level 1) or are dropped (level 2).
+        Node handles stay valid (their prefixes are computed again after waking)."""
+        return self.loop.sleep(level)
+
+    def wake_up(self) -> None:
+        """Take the memory back: weights restored (reloaded from the checkpoint after level 2), a new KV pool."""
+        self.loop.wake_up(lambda: load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype))
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether `sleep` was called and `wake_up` not yet."""
+        return self._loop is not None and self._loop.is_sleeping
 
     def close(self) -> None:
         """Finish queued work and stop the engine thread."""

@@ -13,6 +13,15 @@ from prmserve.engine.config import EngineConfig
 from prmserve.engine.model_runner import ModelRunner
 from prmserve.engine.request import Request
 from prmserve.engine.scheduler import Scheduler
+from prmserve.engine.sleep import (
+    SLEEP_LEVELS,
+    SleepReport,
+    device_memory_in_use,
+    drop_weights,
+    offload_weights,
+    refill_weights,
+    restore_weights,
+)
 from prmserve.errors import InputTooLongError, InvalidInputError
 from prmserve.models.transformer import RewardModel
 
@@ -56,6 +65,8 @@ class Engine:
         self._device = param.device
         self._launched: torch.cuda.Event | None = None  # the GPU work of the last step, once launched
         self._steps = self._prompt = self._computed = self._cached = 0
+        self.sleep_level = 0  # 0 awake; else the level it sleeps at (its runner and pools are gone)
+        self._graph_seqs: int | None = None  # the CUDA graphs' max_seqs, to capture them again on waking
 
     @property
     def max_tokens_per_request(self) -> int:
@@ -95,6 +106,42 @@ class Engine:
     def reset_prefix_cache(self) -> None:
         """Drop all cached prefixes: after new weights, cached KV and rewards are stale."""
         self.blocks.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Give the device back while idle: the KV pool (and its prefix cache, pins included) goes, weights go to host
+        memory (level 1) or are dropped (level 2). Call with nothing unfinished."""
+        if level not in SLEEP_LEVELS:
+            raise InvalidInputError(f"sleep level must be 1 or 2, not {level!r}")
+        assert not self.has_unfinished() and not self.sleep_level, "sleep needs an idle, awake engine"
+        started = time.perf_counter()
+        self.wait_for_gpu()
+        before = device_memory_in_use(self._device)
+        pool_bytes = self.blocks.num_blocks * ModelRunner.bytes_per_block(self.model, self.blocks.block_size, self.runner.dtype)
+        self.blocks.reset_prefix_cache()
+        self._graph_seqs = self.runner.graphs.max_seqs if self.runner.graphs is not None else None
+        del self.runner  # the pools and the graphs that point into them
+        dropped = offload_weights(self.model) if level == 1 else drop_weights(self.model)
+        self.sleep_level = level
+        after = device_memory_in_use(self._device)
+        if before is None or after is None:
+            return SleepReport(level, pool_bytes + dropped, "KV pool bytes" + (" + weight bytes" if dropped else ""),
+                               time.perf_counter() - started)
+        return SleepReport(level, before - after, "torch.cuda.mem_get_info", time.perf_counter() - started)
+
+    def wake_up(self, reload: Callable[[], RewardModel] | None = None) -> None:
+        """Undo `sleep`: weights back on the device (from `reload()`, the checkpoint loaded again, after level 2),
+        a fresh KV pool of the same size, CUDA graphs captured again if there were any."""
+        assert self.sleep_level, "wake_up of an engine that is awake"
+        if self.sleep_level == 2:
+            if reload is None:
+                raise InvalidInputError("waking from sleep level 2 needs the weights loaded again")
+            refill_weights(self.model, reload(), self._device)
+        else:
+            restore_weights(self.model, self._device)
+        self.runner = ModelRunner(self.model, self.blocks)
+        if self._graph_seqs is not None:
+            self.runner.capture_graphs(self._graph_seqs)
+        self.sleep_level = 0
 
     def step(self) -> list[Request]:
         """Run one forward pass; return the requests it finished, with `outputs` set."""

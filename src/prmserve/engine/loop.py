@@ -11,12 +11,14 @@ import gc
 import queue
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 
 from prmserve.engine.engine import Engine
 from prmserve.engine.request import Request
-from prmserve.errors import InvalidInputError, QueueFullError, RequestCancelledError
+from prmserve.engine.sleep import SleepReport
+from prmserve.errors import EngineSleepingError, InvalidInputError, QueueFullError, RequestCancelledError
+from prmserve.models.transformer import RewardModel
 
 
 class EngineLoop:
@@ -33,6 +35,8 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._pending = 0  # submitted, not yet finished: the queue-depth limit applies to it
         self._stopping = False
+        self._sleeping = False  # from a sleep's call until its wake_up: submissions are refused
+        self._sleep_asked: tuple[int, Future] | None = None  # a sleep waiting for the work in flight to finish
         self._thread = threading.Thread(target=self._run, name="prmserve-engine", daemon=True)
         self._thread.start()
 
@@ -70,6 +74,8 @@ class EngineLoop:
         with self._lock:
             if self._stopping:
                 raise RequestCancelledError("the engine is shutting down")
+            if self._sleeping:
+                raise EngineSleepingError("the engine is asleep (sleep mode): call wake_up first, or retry later")
             if limit is not None and self._pending + len(pairs) > limit:
                 raise QueueFullError(f"the engine is busy: {self._pending} requests are pending; {len(pairs)} more exceed the limit of {limit}; retry later")
             self._pending += len(pairs)
@@ -85,6 +91,33 @@ class EngineLoop:
         done: Future = Future()
         self._inbox.put(("reset", done))
         done.result()
+
+    @property
+    def is_sleeping(self) -> bool:
+        """From a `sleep` call (its work in flight still finishing) until its `wake_up`."""
+        return self._sleeping
+
+    def sleep(self, level: int = 1) -> SleepReport:
+        """Refuse new work (EngineSleepingError), let what was submitted finish, then put the engine to sleep;
+        returns once asleep. Asleep already: nothing happens (0 bytes freed)."""
+        with self._lock:
+            if self._sleeping:
+                return SleepReport(level, 0, "already asleep", 0.0)
+            self._sleeping = True
+        done: Future = Future()
+        self._inbox.put(("sleep", (level, done)))
+        try:
+            return done.result()
+        except BaseException:
+            self._sleeping = self.engine.sleep_level > 0
+            raise
+
+    def wake_up(self, reload: Callable[[], RewardModel] | None = None) -> None:
+        """Wake the engine (`reload` gives the weights again after level 2) and take work again; awake: nothing happens."""
+        done: Future = Future()
+        self._inbox.put(("wake", (reload, done)))
+        done.result()
+        self._sleeping = False
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Finish what was submitted, then stop the thread."""
@@ -124,6 +157,10 @@ class EngineLoop:
                 elif kind == "reset":
                     self.engine.reset_prefix_cache()
                     payload.set_result(None)
+                elif kind == "sleep":
+                    self._sleep_asked = payload
+                elif kind == "wake":
+                    self._wake(*payload)
                 elif kind == "stop":
                     stop = True
                 try:
@@ -132,6 +169,18 @@ class EngineLoop:
                     kind = None
             if self.engine.has_unfinished():
                 self._step()
+            if self._sleep_asked is not None and not self.engine.has_unfinished():  # the work in flight is done
+                (level, done), self._sleep_asked = self._sleep_asked, None
+                _call(done, self.engine.sleep, level)
+
+    def _wake(self, reload: Callable[[], RewardModel] | None, done: Future) -> None:
+        if self._sleep_asked is not None:  # woken before it fell asleep
+            _resolve(self._sleep_asked[1], exception=RequestCancelledError("woken up before the engine fell asleep"))
+            self._sleep_asked = None
+        if self.engine.sleep_level:
+            _call(done, self.engine.wake_up, reload)
+        else:
+            _resolve(done)
 
     def _add(self, request: Request, future: Future) -> None:
         with self._lock:
@@ -165,6 +214,16 @@ def freeze_heap() -> None:
     (`prmserve serve`, `score`, `demo`, `evaluate`, once the model is loaded), never the library itself.
     """
     gc.freeze()
+
+
+def _call(future: Future, function: Callable, *args: object) -> None:
+    """Run `function(*args)` on the engine thread and hand its result or error to `future`."""
+    try:
+        result = function(*args)
+    except Exception as exc:
+        _resolve(future, exception=exc)
+    else:
+        _resolve(future, result=result)
 
 
 def _resolve(future: Future | None, result: object = None, exception: BaseException | None = None) -> None:

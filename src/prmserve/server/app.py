@@ -16,7 +16,14 @@ from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 
 from prmserve.engine import Request as EngineRequest
-from prmserve.errors import FormatError, HandleNotFoundError, InputTooLongError, InvalidInputError, QueueFullError
+from prmserve.errors import (
+    EngineSleepingError,
+    FormatError,
+    HandleNotFoundError,
+    InputTooLongError,
+    InvalidInputError,
+    QueueFullError,
+)
 from prmserve.formats.base import render_chat
 from prmserve.prm import PRM, ScoringJob
 from prmserve.results import ScoreResult, TokenUsage, aggregate
@@ -34,6 +41,7 @@ from prmserve.server.middleware import (
 )
 from prmserve.server.error_handlers import APIError, BoundedIntRoute, FieldError, add_error_handlers, blamed
 from prmserve.server.rl_routes import add_rl_routes
+from prmserve.server.sleep_routes import add_sleep_routes
 from prmserve.server.ui import ASSETS_PATH as UI_ASSETS_PATH, add_ui
 from prmserve.server.protocol import (
     ErrorResponse,
@@ -152,6 +160,7 @@ def create_app(
 
     add_rl_routes(app, score_items, authorized, scoring, names, rl_aggregate, APIError)
 
+    add_sleep_routes(app, prm, authorized, _responses(422, 500, 503, keyed=keyed))
     releasing = _responses(*BODY_STATUSES, 400, keyed=keyed)
 
     @app.post("/v1/release", response_model=ReleaseResponse, responses=releasing, dependencies=authorized)
@@ -255,10 +264,12 @@ def _responses(*statuses: int, keyed: bool = False) -> dict[int | str, dict[str,
 
 
 def _refuse_early(prm: PRM, count: int, param: str, max_items: int, shutdown: Shutdown) -> None:
-    """Refusals that cost nothing, before any tokenising: the server stopping (503), more items than a request
+    """Refusals that cost nothing, before any tokenising: the server stopping or asleep (503), more items than a request
     or the queue may ever hold (400 naming `param`), no room in the queue now (429)."""
     if shutdown.begun.reached:
         raise APIError(503, "the server is shutting down; retry on another instance", "shutting_down", retry_after=RETRY_AFTER_S)
+    if prm.is_sleeping:
+        raise EngineSleepingError("the engine is asleep (POST /sleep): it takes work again after POST /wake_up; retry later")
     if count > max_items:
         raise blamed(InvalidInputError(f"{count} items in one request; this server takes at most {max_items}"), param)
     room = prm.engine.config.max_queue

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from prmserve.errors import (
     CheckpointError,
+    EngineSleepingError,
     FormatError,
     HandleNotFoundError,
     InvalidInputError,
@@ -35,9 +36,10 @@ ERROR_STATUS: dict[type[PRMServeError], int] = {
     HandleNotFoundError: 404,
     QueueFullError: 429,
     RequestCancelledError: 503,
+    EngineSleepingError: 503,
     CheckpointError: 500,
 }
-RETRY_LATER = (QueueFullError, RequestCancelledError)  # answered with Retry-After
+RETRY_LATER = (QueueFullError, RequestCancelledError, EngineSleepingError)  # answered with Retry-After
 
 
 class APIError(Exception):

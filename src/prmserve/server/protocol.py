@@ -378,3 +378,19 @@ class ClassifyResponse(BaseModel):
     model: str
     data: list[ClassifyData]
     usage: PoolingUsage
+
+
+class SleepResponse(BaseModel):
+    """What `POST /sleep` gave back (vLLM answers 200 with no body; these fields are extra)."""
+
+    level: int
+    freed_bytes: int = Field(description="memory returned: used device memory before less after (torch.cuda.mem_get_info) "
+                                         "on CUDA; the KV pool's bytes (and the weights' at level 2) on CPU")
+    measured_by: str
+    seconds: float
+
+
+class IsSleepingResponse(BaseModel):
+    """vLLM's `GET /is_sleeping` body."""
+
+    is_sleeping: bool
