@@ -85,7 +85,7 @@ class PRM:
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         engine_options = {k: options.pop(k) for k in list(options) if k in _ENGINE_OPTIONS}
         own = {k: options.pop(k, default) for k, default in _PRM_OPTIONS.items()}
-        self.format_name = format or detect_format(self.config, _tensor_names_if_needed(self.path, self.config))
+        self.format_name = format or detect_format(self.config, _tensor_names_if_needed(self.path, self.config), self.model_name)
         self.format = make_format(self.format_name, self.tokenizer, self.config, **options)
         self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
         self.model.set_attention_kernel(varlen_available(self.device, self.dtype))
@@ -271,7 +271,7 @@ class PRM:
             # unless the tokenizer forced a whole re-encoding that came out different).
             same_start = encoded.token_ids[:body] == node.encoded.token_ids[:body]
             hashes = node.block_hashes[:shared_blocks] if node.block_hashes and same_start else None
-            own = len(node.encoded.read_positions)
+            own = 0 if self.format.rescores_node_on_extend else len(node.encoded.read_positions)  # else the node's rewards are kept
             request = Request(uuid.uuid4().hex, encoded.token_ids, encoded.read_positions[own:], priority,
                               block_hashes=hashes, keep_tokens=encoded.body_len if keep else 0)
             text = (node.problem, node.steps + tuple(steps)) if keep else None
@@ -291,9 +291,9 @@ class PRM:
             taken += len(mine)
             request = mine[-1]
             count = sum(len(r.read_positions) for r in mine)
-            step_rewards = rewards[start : start + count]
+            step_rewards = self.format.step_rewards(rewards[start : start + count], job.encoded)
             start += count
-            if job.parent is not None:
+            if job.parent is not None and not self.format.rescores_node_on_extend:
                 step_rewards = job.parent.step_rewards + step_rewards
             handle = None
             if job.node_text is not None:

@@ -62,14 +62,19 @@ class ModelRunner:
         Index arrays are built on the host with numpy (no torch CPU kernels: their thread pool
         fights the launching thread) and cross to the device in one copy; nothing waits for the GPU.
         """
+        # A head reading each token's predecessor (token log-probs) runs a chunk after cached tokens from one token
+        # earlier; that token's KV is in the pool already, so its recomputed copy goes to a scratch slot.
+        back = 1 if self.model.head_spec.needs_previous_token else 0
+        starts = [max(c.start - back, 0) for c in chunks]
         tokens: list[int] = []
-        for c in chunks:
-            tokens.extend(c.request.token_ids[c.start : c.end])
-        lens_q = [c.end - c.start for c in chunks]
+        for c, start in zip(chunks, starts):
+            tokens.extend(c.request.token_ids[start : c.end])
+        lens_q = [c.end - start for c, start in zip(chunks, starts)]
         lens_k = [c.end for c in chunks]
-        positions = np.concatenate([np.arange(c.start, c.end, dtype=np.int64) for c in chunks])
+        positions = np.concatenate([np.arange(start, c.end, dtype=np.int64) for c, start in zip(chunks, starts)])
         slots: list[int] = []
-        for c in chunks:
+        for c, start in zip(chunks, starts):
+            slots.extend([self.scratch] * (c.start - start))
             self._slots(c, c.start, slots)
         # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather (graphs always gather).
         keys: list[int] = []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prmserve.errors import FormatError
 from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.formats.implicit_prm import ImplicitPRMFormat
 from prmserve.formats.llemma import LlemmaFormat
 from prmserve.formats.math_shepherd import MathShepherdFormat
 from prmserve.formats.outcome import OutcomeFormat
@@ -27,6 +29,7 @@ FORMATS: dict[str, type[PRMFormat]] = {
         OutcomeFormat,
         TokenClassificationFormat,
         UniversalPRMFormat,
+        ImplicitPRMFormat,
     )
 }
 
@@ -39,8 +42,18 @@ _BY_ARCHITECTURE = {
 }
 
 
-def detect_format(config: BackboneConfig, tensor_names: set[str] | None = None) -> str:
-    """The format implied by the checkpoint, or a FormatError asking for `format=`."""
+# Checkpoints whose config is a plain causal LM, known by their name (the hub ID's or the directory's last part).
+_BY_NAME = {re.compile(r"EurusPRM-Stage[12]", re.IGNORECASE): "implicit_prm"}
+
+
+def detect_format(config: BackboneConfig, tensor_names: set[str] | None = None, name: str | None = None) -> str:
+    """The format implied by the checkpoint (its name, the name its config was saved from, its architecture,
+    its tensors), or a FormatError asking for `format=`."""
+    for candidate in (name, config.raw.get("_name_or_path")):
+        last = str(candidate or "").rstrip("/").rsplit("/", 1)[-1]
+        for pattern, format_name in _BY_NAME.items():
+            if pattern.fullmatch(last):
+                return format_name
     for arch in config.architectures:
         if arch in _BY_ARCHITECTURE:
             return _BY_ARCHITECTURE[arch]

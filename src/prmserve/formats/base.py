@@ -21,11 +21,14 @@ class EncodedItem:
     `body_len`: `token_ids[:body_len]` begins the ids of this item with more steps appended, and
     `token_ids[body_len:]` is the closing tail (e.g. `<|im_end|>\n`) that follows the last step;
     None for pre-formatted input, which cannot be extended.
+    `step_ends`: for formats whose step reward sums several read positions (an implicit PRM's tokens),
+    the index in `read_positions` of each step's last one; None when each position is one step.
     """
 
     token_ids: list[int]
     read_positions: list[int]
     body_len: int | None = None
+    step_ends: tuple[int, ...] | None = None
 
     @property
     def tail(self) -> list[int]:
@@ -44,6 +47,10 @@ class PRMFormat(ABC):
     step_forbidden: Sequence[str] = ()
     # Whether a scored item can be extended by more steps (tree search); outcome models give one score.
     extendable: ClassVar[bool] = True
+    # Whether a step's reward depends on the tokens after it (the implicit PRM's last step counts the end of
+    # the turn, a middle one the next step's first token): an extended node's rewards are then read again
+    # from the child's cached head outputs instead of being kept.
+    rescores_node_on_extend: ClassVar[bool] = False
 
     def __init__(self, tokenizer: Any, config: BackboneConfig, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.option_defaults))
@@ -82,6 +89,11 @@ class PRMFormat(ABC):
 
         Row by row, so the rows of many items can be scored in one call.
         """
+
+    def step_rewards(self, row_rewards: list[float], encoded: EncodedItem) -> list[float]:
+        """One item's step rewards from `rewards` of its read positions, in order: those rows themselves,
+        unless the format sums several rows per step (`EncodedItem.step_ends`)."""
+        return row_rewards
 
     def extend(self, node: EncodedItem, problem: str, node_steps: Sequence[str], new_steps: Sequence[str]) -> EncodedItem:
         """The item (problem, node_steps + new_steps), built from the node's ids and the new steps alone.

@@ -209,6 +209,10 @@ def load_reward_model(
     directory: Path, cfg: BackboneConfig, head: HeadSpec, device: torch.device, dtype: torch.dtype
 ) -> RewardModel:
     """Build the model for `head` and fill it from the checkpoint directory."""
+    if head.reference_model is not None:  # an implicit PRM: this checkpoint and its reference, one model to the engine
+        from prmserve.models.log_ratio import load_log_ratio_model
+
+        return load_log_ratio_model(directory, cfg, head, device, dtype)
     with ExitStack() as stack:
         return build_reward_model(cfg, head, CheckpointTensors(directory, stack), device, dtype, str(directory))
 
@@ -232,7 +236,7 @@ def build_reward_model(
     prefix = _backbone_prefix(names)
     plan = list(_backbone_sources(cfg, prefix))
     plan += [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
-    lm_source = _lm_head_source(cfg, names, prefix) if head.kind in ("lm_rows", "lm_mean") else None
+    lm_source = _lm_head_source(cfg, names, prefix) if head.reads_lm_head else None
     needed = {t for _, sources in plan for t in sources} | ({lm_source} if lm_source else set())
 
     missing = sorted(needed - names)
