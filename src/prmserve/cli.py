@@ -93,9 +93,30 @@ def run_serve(args: argparse.Namespace) -> int:
     from prmserve.server.serve import load_for_serving, run_server
 
     settings = server_settings(args)
-    prm = _owned(load_for_serving(args.model, prm_options(args), settings, seed=args.seed))
+    if args.data_parallel_size < 1:
+        raise ValueError("--data-parallel-size must be >= 1")
+    if args.data_parallel_size > 1:  # the engines in Ray actors, this process the router (tokeniser, handles, HTTP)
+        prm = _owned(_load_replicas(args, prm_options(args), settings))
+    else:
+        prm = _owned(load_for_serving(args.model, prm_options(args), settings, seed=args.seed))
     run_server(prm, settings)
     return 0
+
+
+def _load_replicas(args: argparse.Namespace, options: dict[str, Any], settings: Any) -> PRM:
+    """`--data-parallel-size N`: N `PRMActor` replicas behind a `RoutedPRM`, which tokenises here (so the chat template
+    applies here)."""
+    try:
+        from prmserve.ray import RoutedPRM
+    except ImportError as exc:
+        raise ValueError(f"--data-parallel-size needs Ray: pip install 'prmserve[ray]' ({exc})") from None
+    from prmserve.server.serve import read_chat_template
+
+    prm = RoutedPRM(args.model, args.data_parallel_size, **options)
+    if settings.chat_template is not None:
+        prm.tokenizer.chat_template = read_chat_template(settings.chat_template)
+    settings.notes.append(f"data parallel: {args.data_parallel_size} engine replicas on Ray, routed by prefix affinity")
+    return prm
 
 
 # ui -------------------------------------------------------------------------------------------

@@ -112,6 +112,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     engine.add_argument("--enforce-eager", action="store_true", help="do not torch.compile the layers (CUDA)")
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs per model; only 1 works today")
     engine.add_argument("--max-queue", type=int, default=1024, help="requests pending (queued or computing) before 429")
+    engine.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engine replicas on Ray (pip install 'prmserve[ray]'; RAY_ADDRESS joins a cluster, else a local one "
+                             "starts), routed by prefix affinity behind this one HTTP API")
 
     service = parser.add_argument_group("the service")
     service.add_argument("--api-key", help="require this bearer key (default: env PRMSERVE_API_KEY, else none)")
