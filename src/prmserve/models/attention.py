@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from prmserve.models.invariant import blocked_attention
+
 
 @functools.cache
 def _varlen_attn() -> Callable[..., torch.Tensor] | None:
@@ -79,11 +81,15 @@ def causal_attention(
     scale: float,
     sliding_window: int | None,
     use_varlen: bool,
+    blocked: bool = False,
 ) -> torch.Tensor:
-    """Attention of q [T, H, D] over k, v [Tk, Hkv, D], bottom-right causal per sequence."""
+    """Attention of q [T, H, D] over k, v [Tk, Hkv, D], bottom-right causal per sequence.
+
+    `blocked` (CPU): the batch-invariant kernel of `prmserve.models.invariant` instead of SDPA.
+    """
     if use_varlen:
         return _flash_varlen(q, k, v, inputs, scale, sliding_window)
-    return _sdpa_loop(q, k, v, inputs, scale, sliding_window)
+    return _sdpa_loop(q, k, v, inputs, scale, sliding_window, blocked)
 
 
 @functools.cache
@@ -116,7 +122,7 @@ def _flash_varlen(q, k, v, inputs: AttentionInputs, scale: float, sliding_window
     )
 
 
-def _sdpa_loop(q, k, v, inputs: AttentionInputs, scale: float, sliding_window: int | None) -> torch.Tensor:
+def _sdpa_loop(q, k, v, inputs: AttentionInputs, scale: float, sliding_window: int | None, blocked: bool = False) -> torch.Tensor:
     lens_q = inputs.seq_lens_q or torch.diff(inputs.cu_seqlens_q).tolist()
     lens_k = inputs.seq_lens_k or torch.diff(inputs.cu_seqlens_k).tolist()
     group = q.shape[1] // k.shape[1]
@@ -124,6 +130,13 @@ def _sdpa_loop(q, k, v, inputs: AttentionInputs, scale: float, sliding_window: i
     start_q = start_k = 0
     for len_q, len_k in zip(lens_q, lens_k):
         if len_q == 0:  # an empty entry (padded batches): nothing to compute
+            start_k += len_k
+            continue
+        if blocked:
+            ki = k[start_k : start_k + len_k].repeat_interleave(group, dim=1)
+            vi = v[start_k : start_k + len_k].repeat_interleave(group, dim=1)
+            out[start_q : start_q + len_q] = blocked_attention(q[start_q : start_q + len_q], ki, vi, scale, sliding_window)
+            start_q += len_q
             start_k += len_k
             continue
         qi = q[start_q : start_q + len_q].transpose(0, 1)
