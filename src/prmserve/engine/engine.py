@@ -112,6 +112,8 @@ class Engine:
         memory (level 1) or are dropped (level 2). Call with nothing unfinished."""
         if level not in SLEEP_LEVELS:
             raise InvalidInputError(f"sleep level must be 1 or 2, not {level!r}")
+        if getattr(self.runner, "workers", None) is not None:  # the other ranks' weights and pools are not ours to move
+            raise InvalidInputError("sleep mode does not work with tensor_parallel_size > 1 yet")
         assert not self.has_unfinished() and not self.sleep_level, "sleep needs an idle, awake engine"
         started = time.perf_counter()
         self.wait_for_gpu()
