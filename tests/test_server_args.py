@@ -25,11 +25,11 @@ def test_every_vllm_flag_lands_where_it_should(tmp_path: Path) -> None:
         "--dtype", "half", "--served-model-name", "prm", "prm-alias", "--chat-template", "{{ messages }}",
         "--uvicorn-log-level", "debug", "--disable-log-requests", "--root-path", "/api",
         "--allowed-origins", '["http://a.example", "http://b.example"]', "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
-        "--seed", "7", "-tp", "1", "--trust-remote-code", "--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
+        "--seed", "7", "-tp", "2", "--trust-remote-code", "--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
         "--device", "cpu", "--format", "qwen_prm", "--option", "system_prompt=Be brief",
     )
     assert prm_options(args) == {
-        "format": "qwen_prm", "device": "cpu", "dtype": "float16", "enforce_eager": True,
+        "format": "qwen_prm", "device": "cpu", "dtype": "float16", "enforce_eager": True, "tensor_parallel_size": 2,
         "max_num_batched_tokens": 512, "max_num_seqs": 8, "block_size": 8, "gpu_memory_utilization": 0.5,
         "enable_prefix_caching": False, "max_queue": 1024, "system_prompt": "Be brief",
         "revision": None, "download_dir": None, "tokenizer": None,
@@ -98,8 +98,6 @@ def test_config_file_with_an_unknown_key_is_refused(tmp_path: Path, capsys) -> N
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["-tp", "2"], "--tensor-parallel-size 2: several GPUs are not supported yet"),
-    (["--tensor-parallel-size", "4"], "several GPUs are not supported yet"),
     (["--max-model-len", "0"], "--max-model-len must be >= 1"),
     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
 ])

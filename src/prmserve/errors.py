@@ -35,3 +35,7 @@ class HandleNotFoundError(PRMServeError, LookupError):
 
 class EngineSleepingError(PRMServeError):
     """The engine is asleep (sleep mode, its memory lent to another program): work is refused until `wake_up`."""
+
+
+class TensorParallelError(PRMServeError, RuntimeError):
+    """Tensor-parallel ranks could not start, or one died (or a step broke their lockstep): load the PRM again."""

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,9 +22,13 @@ from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoin
 from prmserve.models.attention import varlen_available
 from prmserve.models.loader import CheckpointTensors
 from prmserve.nodes import Node, NodeTable
+from prmserve.parallel.sharding import check_tensor_parallel_size
 from prmserve.recent_encodings import RecentEncodings, prefix_keys
 from prmserve.results import ScoreResult, TokenUsage
 from prmserve.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from prmserve.parallel.workers import TensorParallelWorkers
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "small-prm"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,7 +60,8 @@ class PRM:
     `PRM()` loads the small model bundled with prmserve; otherwise pass a local checkpoint
     directory or a Hugging Face model ID (`revision`, `download_dir`; `tokenizer` loads another
     checkpoint's tokenizer). On CUDA the layers are compiled and small steps replay CUDA graphs,
-    unless `enforce_eager`.
+    unless `enforce_eager`. `tensor_parallel_size=N` splits the model over N GPUs (N processes on the
+    CPU): this process is rank 0 and starts the others; `close()` (or leaving a `with` block) stops them.
     Keyword options are the engine's (`EngineConfig`: `enable_prefix_caching`,
     `max_num_batched_tokens`, ...), the node handles' (`handle_ttl` seconds, `max_handles`), and
     then the format's.
@@ -72,6 +77,7 @@ class PRM:
         revision: str | None = None,
         download_dir: str | Path | None = None,
         tokenizer: str | Path | None = None,
+        tensor_parallel_size: int = 1,
         **options: Any,
     ) -> None:
         self.model_name = str(model) if model is not None else "prmserve/small-prm"
@@ -83,20 +89,35 @@ class PRM:
         self.tokenizer = load_tokenizer(self.path if tokenizer is None else resolve_checkpoint(tokenizer, None, download_dir))
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
+        self.tensor_parallel_size = check_tensor_parallel_size(tensor_parallel_size, self.config)
         engine_options = {k: options.pop(k) for k in list(options) if k in _ENGINE_OPTIONS}
         own = {k: options.pop(k, default) for k, default in _PRM_OPTIONS.items()}
         self.format_name = format or detect_format(self.config, _tensor_names_if_needed(self.path, self.config), self.model_name)
         self.format = make_format(self.format_name, self.tokenizer, self.config, **options)
-        self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
-        self.model.set_attention_kernel(varlen_available(self.device, self.dtype))
+        engine_config = EngineConfig(**engine_options)  # checked before any worker starts
         self.compiled = self.device.type == "cuda" and not enforce_eager
+        self.workers: TensorParallelWorkers | None = None
+        if self.tensor_parallel_size == 1:
+            self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
+        else:  # the other ranks' processes, and this one's part of the model
+            from prmserve.parallel.launch import start_tensor_parallel
+
+            self.workers, self.model = start_tensor_parallel(
+                self.path, self.config, self.format.head, self.device, self.dtype, self.tensor_parallel_size, self.compiled)
+        self.model.set_attention_kernel(varlen_available(self.device, self.dtype))
         if self.compiled:
             self.model.compile_layers()  # fuses norms, rotary, SwiGLU; measured in bench/
-        self.engine = Engine(self.model, EngineConfig(**engine_options))
-        if self.device.type == "cuda":  # compile and size memory now, not in the first big call
-            self.engine.runner.warmup(self.engine.config.max_num_batched_tokens)
-            if not enforce_eager and self.model.uses_varlen:  # small steps replay captured graphs
-                self.engine.runner.capture_graphs(self.engine.config.max_num_seqs)
+        try:
+            self.engine = Engine(self.model, engine_config, self.workers)
+            if self.device.type == "cuda":  # compile and size memory now, not in the first big call
+                self.engine.runner.warmup(self.engine.config.max_num_batched_tokens)
+                # Small steps replay captured graphs (one rank only: a graph cannot hold the workers' steps).
+                if not enforce_eager and self.model.uses_varlen and self.workers is None:
+                    self.engine.runner.capture_graphs(self.engine.config.max_num_seqs)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close()
+            raise
         self._loop: EngineLoop | None = None
         self._loop_lock = threading.Lock()
         self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)
@@ -400,11 +421,19 @@ class PRM:
         return self._loop is not None and self._loop.is_sleeping
 
     def close(self) -> None:
-        """Finish queued work and stop the engine thread."""
+        """Finish queued work and stop the engine thread, then the tensor-parallel workers."""
         self.nodes.clear()
         if self._loop is not None:
             self._loop.shutdown()
             self._loop = None
+        if self.workers is not None:
+            self.workers.close()
+
+    def __enter__(self) -> "PRM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from prmserve.engine.sleep import (
 )
 from prmserve.errors import InputTooLongError, InvalidInputError
 from prmserve.models.transformer import RewardModel
+
+if TYPE_CHECKING:
+    from prmserve.parallel.workers import TensorParallelWorkers
 
 
 @dataclass
@@ -53,14 +57,15 @@ class EngineStats:
 class Engine:
     """Single-threaded core: `add`, `step`, `abort`. The thread-safe front is `EngineLoop`."""
 
-    def __init__(self, model: RewardModel, config: EngineConfig) -> None:
+    def __init__(self, model: RewardModel, config: EngineConfig, workers: TensorParallelWorkers | None = None) -> None:
+        """`workers`: the other tensor-parallel ranks, when `model` is rank 0's part of a split model."""
         self.config = config
         self.model = model
         param = next(model.parameters())
-        num_blocks = config.num_kv_blocks or _pool_blocks(model, config, param.device, param.dtype)
+        num_blocks = config.num_kv_blocks or _pool_blocks(model, config, param.device, param.dtype, workers)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, config.max_pinned_fraction)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(model, self.blocks)
+        self.runner = ModelRunner(model, self.blocks, workers)
         self.step_observers: list[Callable[[StepStats], None]] = []
         self._device = param.device
         self._launched: torch.cuda.Event | None = None  # the GPU work of the last step, once launched
@@ -181,11 +186,15 @@ class Engine:
         )
 
 
-def _pool_blocks(model: RewardModel, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
+def _pool_blocks(
+    model: RewardModel, config: EngineConfig, device: torch.device, dtype: torch.dtype, workers: TensorParallelWorkers | None
+) -> int:
     """Blocks that fit the configured memory: a GPU fraction, or a size in GB on the CPU."""
     per_block = ModelRunner.bytes_per_block(model, config.block_size, dtype)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
+        if workers is not None:  # every rank gets a pool of this size: the GPU with the least free memory decides
+            free = min([free, *workers.free_memory])
         used = total - free
         # Leave room for the largest batch's activations: about 12 bytes per token per MLP unit (gate/up, product, temporaries).
         activations = config.max_num_batched_tokens * model.config.intermediate_size * 2 * 6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -11,27 +13,37 @@ from prmserve.engine.scheduler import ScheduledChunk
 from prmserve.models.attention import AttentionInputs, cumulative_lengths
 from prmserve.models.transformer import RewardModel
 
+if TYPE_CHECKING:
+    from prmserve.parallel.workers import TensorParallelWorkers
+
 
 class ModelRunner:
-    """Owns the KV pool and the head-output pool of one model on one device."""
+    """Owns the KV pool and the head-output pool of one model on one device.
 
-    def __init__(self, model: RewardModel, blocks: BlockManager) -> None:
+    With tensor parallelism this is rank 0's runner: `workers` get every forward's inputs and run it beside it.
+    """
+
+    def __init__(self, model: RewardModel, blocks: BlockManager, workers: TensorParallelWorkers | None = None) -> None:
         self.model = model
         self.blocks = blocks
+        self.workers = workers
         cfg = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.scratch = blocks.num_blocks * blocks.block_size  # slots from here on: CUDA graphs' padding
         slots = self.scratch + SCRATCH_SLOTS
         self.kv_cache = torch.empty(
-            (cfg.num_layers, 2, slots, cfg.num_kv_heads, cfg.head_dim), dtype=self.dtype, device=self.device
+            (cfg.num_layers, 2, slots, model.num_kv_heads, cfg.head_dim), dtype=self.dtype, device=self.device
         )
+        if workers is not None:
+            workers.allocate_cache(slots)  # the same slots, each rank for its own KV heads
         # Head outputs of every cached token, so a cached step's reward is read, not recomputed.
         self.head_cache = torch.zeros((slots, model.head_spec.width), dtype=torch.float32, device=self.device)
         self.graphs: CudaGraphs | None = None
 
     def capture_graphs(self, max_seqs: int) -> None:
         """Capture CUDA graphs of the forward for small steps (call after `warmup`, before serving)."""
+        assert self.workers is None, "CUDA graphs are captured for one rank only"
         graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs)
         graphs.capture_all()
         self.graphs = graphs
@@ -41,7 +53,7 @@ class ModelRunner:
         """Memory one block takes in the KV pool and the head-output pool."""
         cfg = model.config
         itemsize = torch.empty((), dtype=dtype).element_size()
-        kv = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+        kv = cfg.num_layers * 2 * model.num_kv_heads * cfg.head_dim * itemsize
         return block_size * (kv + 4 * model.head_spec.width)
 
     def _slots(self, chunk: ScheduledChunk, start: int, out: list[int]) -> None:
@@ -101,8 +113,14 @@ class ModelRunner:
             seq_lens_q=lens_q,
             seq_lens_k=lens_k,
         )
-        out = self.model(ids, positions_t, inputs)
+        out = self._forward(ids, positions_t, inputs)
         self.head_cache[inputs.slot_mapping] = out.float()
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """The model's forward; with tensor parallelism the workers run the same step beside it."""
+        if self.workers is None:
+            return self.model(ids, positions, inputs)
+        return self.workers.run_step(self.model, ids, positions, inputs)
 
     @torch.inference_mode()
     def warmup(self, max_tokens: int) -> None:
@@ -129,7 +147,7 @@ class ModelRunner:
                 seq_lens_q=[count],
                 seq_lens_k=[prefix + count],
             )
-            self.model(ids.to(**to), positions.to(**to), inputs)
+            self._forward(ids.to(**to), positions.to(**to), inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

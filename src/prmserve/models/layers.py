@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from prmserve.errors import CheckpointError
+from prmserve.parallel.group import TensorParallelGroup
+from prmserve.parallel.layers import column_parallel, row_parallel
 
 
 class RMSNorm(nn.Module):
@@ -77,12 +79,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SwiGLU(nn.Module):
-    """Gated MLP with the gate and up projections fused into one matmul."""
+    """Gated MLP with the gate and up projections fused into one matmul; split across ranks (`tp`) by intermediate size."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = column_parallel(hidden, 2 * intermediate, False, tp)  # a rank's rows: [its gate; its up]
+        self.down_proj = row_parallel(intermediate, hidden, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

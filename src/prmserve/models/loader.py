@@ -22,6 +22,8 @@ from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec, head_tensor_names, lm_head_weight
 from prmserve.models.layers import rope_inverse_frequencies
 from prmserve.models.transformer import RewardModel
+from prmserve.parallel.group import TensorParallelGroup
+from prmserve.parallel.sharding import Shard, shard_of
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -75,6 +77,20 @@ class CheckpointTensors:
         """One tensor, read from disk on demand."""
         source = self._where[name]
         return source if isinstance(source, torch.Tensor) else source.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, without reading it."""
+        source = self._where[name]
+        return tuple(source.shape) if isinstance(source, torch.Tensor) else tuple(source.get_slice(name).get_shape())
+
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Entries [start, stop) of a tensor along dim 0 or 1 (a tensor-parallel rank's part): a safetensors file
+        reads only those bytes, a torch file is memory-mapped (or was read whole, in the legacy format)."""
+        source = self._where[name]
+        if isinstance(source, torch.Tensor):
+            return source.narrow(dim, start, stop - start)
+        part = source.get_slice(name)
+        return part[start:stop] if dim == 0 else part[:, start:stop]
 
 
 def _torch_file_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -160,22 +176,23 @@ def unpack_internlm2_wqkv(wqkv: torch.Tensor, cfg: BackboneConfig) -> torch.Tens
     """InternLM2's `wqkv` rows, grouped per KV head as [the group's q heads..., k, v], reordered to our
     [all q heads, all k heads, all v heads] (query head h*groups + j is the j-th q of KV group h)."""
     groups = cfg.num_heads // cfg.num_kv_heads
-    per_group = wqkv.view(cfg.num_kv_heads, groups + 2, cfg.head_dim, wqkv.shape[-1])
+    per_group = wqkv.view(-1, groups + 2, cfg.head_dim, wqkv.shape[-1])  # -1: all KV heads, or a rank's
     q = per_group[:, :groups].reshape(-1, wqkv.shape[-1])
     k = per_group[:, groups].reshape(-1, wqkv.shape[-1])
     v = per_group[:, groups + 1].reshape(-1, wqkv.shape[-1])
     return torch.cat([q, k, v], dim=0)
 
 
-def _read(tensors: "CheckpointTensors | StateDictTensors", name: str, cfg: BackboneConfig) -> torch.Tensor:
-    """One checkpoint tensor in our layout (InternLM2's packed wqkv unpacked, its shape checked first)."""
-    value = tensors.get(name)
-    if cfg.model_type == "internlm2" and name.endswith("attention.wqkv.weight"):
+def _read(tensors: "CheckpointTensors | StateDictTensors", name: str, cfg: BackboneConfig, shard: Shard | None = None) -> torch.Tensor:
+    """One checkpoint tensor in our layout (InternLM2's packed wqkv unpacked, its shape checked first); with `shard`,
+    only a tensor-parallel rank's part of it (of a packed wqkv: its KV heads' groups, contiguous rows)."""
+    packed = cfg.model_type == "internlm2" and name.endswith("attention.wqkv.weight")
+    if packed:
         rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        if value.shape != (rows, cfg.hidden_size):
-            raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)}, but the config implies {(rows, cfg.hidden_size)}")
-        return unpack_internlm2_wqkv(value, cfg)
-    return value
+        if tensors.shape(name) != (rows, cfg.hidden_size):
+            raise CheckpointError(f"tensor {name} has shape {tensors.shape(name)}, but the config implies {(rows, cfg.hidden_size)}")
+    value = tensors.get(name) if shard is None else shard.read(tensors, name)
+    return unpack_internlm2_wqkv(value, cfg) if packed else value
 
 
 def _lm_head_source(cfg: BackboneConfig, names: set[str], prefix: str) -> str:
@@ -204,17 +221,24 @@ class StateDictTensors:
     def get(self, name: str) -> torch.Tensor:
         return self._state[name]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def get_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return self._state[name].narrow(dim, start, stop - start)
+
 
 def load_reward_model(
-    directory: Path, cfg: BackboneConfig, head: HeadSpec, device: torch.device, dtype: torch.dtype
+    directory: Path, cfg: BackboneConfig, head: HeadSpec, device: torch.device, dtype: torch.dtype,
+    tp: TensorParallelGroup | None = None,
 ) -> RewardModel:
-    """Build the model for `head` and fill it from the checkpoint directory."""
+    """Build the model for `head` and fill it from the checkpoint directory (with `tp`, this rank's part of it)."""
     if head.reference_model is not None:  # an implicit PRM: this checkpoint and its reference, one model to the engine
         from prmserve.models.log_ratio import load_log_ratio_model
 
         return load_log_ratio_model(directory, cfg, head, device, dtype)
     with ExitStack() as stack:
-        return build_reward_model(cfg, head, CheckpointTensors(directory, stack), device, dtype, str(directory))
+        return build_reward_model(cfg, head, CheckpointTensors(directory, stack), device, dtype, str(directory), tp)
 
 
 def build_reward_model(
@@ -224,10 +248,12 @@ def build_reward_model(
     device: torch.device,
     dtype: torch.dtype,
     where: str = "checkpoint",
+    tp: TensorParallelGroup | None = None,
 ) -> RewardModel:
-    """Build the model for `head` from named tensors, refusing missing or unexpected ones."""
+    """Build the model for `head` from named tensors, refusing missing or unexpected ones. With `tp`, each split
+    parameter gets only this rank's part of its tensors, and ranks other than 0 read no head."""
     with torch.device("meta"):
-        model = RewardModel(cfg, head)
+        model = RewardModel(cfg, head, tp)
     model = model.to_empty(device=device).to(dtype)
     model.rotary.inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     params = dict(model.named_parameters())
@@ -235,9 +261,13 @@ def build_reward_model(
     names = tensors.names()
     prefix = _backbone_prefix(names)
     plan = list(_backbone_sources(cfg, prefix))
-    plan += [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
+    head_plan = [(f"head.{ours}", [theirs]) for ours, theirs in head_tensor_names(head).items()]
     lm_source = _lm_head_source(cfg, names, prefix) if head.reads_lm_head else None
-    needed = {t for _, sources in plan for t in sources} | ({lm_source} if lm_source else set())
+    needed = {t for _, sources in plan + head_plan for t in sources} | ({lm_source} if lm_source else set())
+    if model.head is not None:
+        plan += head_plan
+    else:  # a tensor-parallel worker: the head is rank 0's
+        lm_source = None
 
     missing = sorted(needed - names)
     if missing:
@@ -251,7 +281,8 @@ def build_reward_model(
 
     with torch.no_grad():
         for ours, sources in plan:
-            parts = [_read(tensors, s, cfg) for s in sources]
+            shard = None if tp is None else shard_of(model, ours, tp.rank, tp.world_size)
+            parts = [_read(tensors, s, cfg, shard) for s in sources]
             value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             _copy_checked(params[ours], value, ours, sources)
         if lm_source:

@@ -16,17 +16,24 @@ from prmserve.models.attention import AttentionInputs, causal_attention
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec, build_head
 from prmserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from prmserve.parallel.group import TensorParallelGroup
+from prmserve.parallel.layers import column_parallel, row_parallel
 
 
 class SelfAttention(nn.Module):
-    """Grouped-query self-attention with fused QKV that writes to and reads from a paged KV cache."""
+    """Grouped-query self-attention with fused QKV that writes to and reads from a paged KV cache.
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    Split across ranks (`tp`), each rank holds its share of the KV heads and their query heads.
+    """
+
+    def __init__(self, cfg: BackboneConfig, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        ranks = 1 if tp is None else tp.world_size
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads // ranks, cfg.num_kv_heads // ranks, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        full_q, full_kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = column_parallel(cfg.hidden_size, full_q + 2 * full_kv, cfg.attention_bias, tp)
+        self.o_proj = row_parallel(full_q, cfg.hidden_size, tp)
         # Qwen3 normalises every query and key head (over head_dim) before the rotary embedding.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -50,12 +57,12 @@ class SelfAttention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention then pre-norm SwiGLU MLP, each with a residual."""
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp)
 
     def forward(
         self,
@@ -90,17 +97,22 @@ def finish_layer(layer: DecoderLayer, x: torch.Tensor, attn: torch.Tensor) -> to
 
 
 class RewardModel(nn.Module):
-    """Backbone + head: token ids of packed sequences in, one head output row per token out."""
+    """Backbone + head: token ids of packed sequences in, one head output row per token out.
 
-    def __init__(self, cfg: BackboneConfig, head: HeadSpec) -> None:
+    With `tp` it is one rank's part of the model: its share of every layer's heads and MLP; only rank 0 has
+    the head (the other ranks compute `hidden_states` alone).
+    """
+
+    def __init__(self, cfg: BackboneConfig, head: HeadSpec, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.head_spec = head
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.num_kv_heads = cfg.num_kv_heads // (1 if tp is None else tp.world_size)  # this rank's: its KV pool's width
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.head = build_head(head, cfg.hidden_size)
+        self.head = build_head(head, cfg.hidden_size) if tp is None or tp.is_driver else None
         self._project: Callable = project_qkv
         self._finish: Callable = finish_layer
         self.uses_varlen = False
@@ -118,9 +130,13 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """Head outputs [T, head width] for packed tokens [T] at their absolute positions [T]."""
+        return self.head(self.norm(self.hidden_states(input_ids, positions, inputs)))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """The last layer's output [T, hidden] (before the final norm), new keys and values written to the cache."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for index, layer in enumerate(self.layers):
             kv = None if inputs.kv_cache is None else inputs.kv_cache[index]
             x = layer(x, cos, sin, inputs, kv, self._project, self._finish)
-        return self.head(self.norm(x))
+        return x

@@ -110,7 +110,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help="alias of --no-enable-prefix-caching")
     engine.add_argument("--enforce-eager", action="store_true", help="do not torch.compile the layers (CUDA)")
-    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs per model; only 1 works today")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many GPUs (processes on the CPU), as vLLM does")
     engine.add_argument("--max-queue", type=int, default=1024, help="requests pending (queued or computing) before 429")
     engine.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                         help="engine replicas on Ray (pip install 'prmserve[ray]'; RAY_ADDRESS joins a cluster, else a local one "
@@ -136,9 +137,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
 
 
 def prm_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The `PRM(...)` keyword arguments the flags ask for; refuses flags that PRM cannot honour yet (ValueError, one line)."""
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: several GPUs are not supported yet; use 1")
+    """The `PRM(...)` keyword arguments the flags ask for."""
     return dict(args.option) | {
         "revision": args.revision,
         "download_dir": args.download_dir,
@@ -147,6 +146,7 @@ def prm_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": DTYPES[args.dtype],
         "enforce_eager": args.enforce_eager,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
         "block_size": args.block_size,
