@@ -52,7 +52,8 @@ def checkpoints(checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 
 def load(path: Path, **options) -> PRM:
-    return PRM(str(path), format=FORMAT_OF.get(path.name, "outcome"), device="cpu", dtype="float32", **options)
+    options.setdefault("format", FORMAT_OF.get(path.name, "outcome"))
+    return PRM(str(path), device="cpu", dtype="float32", **options)
 
 
 def rewards(results) -> list[list[float]]:
@@ -181,6 +182,13 @@ def test_a_worker_that_fails_to_start_says_why(checkpoints) -> None:
 def test_a_size_that_does_not_split_the_model_is_refused(size, message: str, checkpoints) -> None:
     with pytest.raises(InvalidInputError, match=message):
         load(checkpoints["qwen_prm"], tensor_parallel_size=size)
+
+
+def test_an_implicit_prm_is_not_split_yet(checkpoint) -> None:
+    """Two models in one engine (EurusPRM's policy and reference): refused before any worker starts."""
+    causal = checkpoint("math_shepherd_openr")
+    with pytest.raises(InvalidInputError, match="cannot split an implicit PRM"):
+        load(causal, format="implicit_prm", reference_model=str(causal), tensor_parallel_size=2)
 
 
 def test_serve_refuses_such_a_size_in_one_line(checkpoints, capsys) -> None:

@@ -22,6 +22,8 @@ def start_tensor_parallel(
 ) -> tuple[TensorParallelWorkers, RewardModel]:
     """Spawn the workers, join them as rank 0 (a TCPStore on a free loopback port) and load every rank's part of
     the model at once, each from the checkpoint files; returns once all are loaded."""
+    if head.reference_model is not None:
+        raise InvalidInputError("tensor_parallel_size > 1 cannot split an implicit PRM (a model and its reference in one engine) yet")
     if dist.is_initialized():
         raise TensorParallelError(
             "this process already has a torch.distributed process group, and tensor_parallel_size > 1 starts its "
