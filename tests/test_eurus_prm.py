@@ -153,6 +153,14 @@ def test_chunked_and_cached_runs_give_the_same_rewards(pair, expected, single_to
     assert again[-1].step_rewards == pytest.approx(shared, abs=FP32_TOLERANCE, rel=0)
 
 
+def test_extending_an_encoding_equals_encoding_the_whole_item(prm: PRM) -> None:
+    fmt = prm.format
+    for problem, steps in ITEMS + [("Sum?", DOTTED[0].split("\n\n"))]:
+        for head in range(1, len(steps)):
+            node = fmt.encode(problem, steps[:head])
+            assert fmt.extend(node, problem, steps[:head], steps[head:]) == fmt.encode(problem, steps)
+
+
 def test_extend_equals_scoring_the_whole_item(prm: PRM) -> None:
     problem, steps = ITEMS[0]
     node = prm.score([{"problem": problem, "steps": steps[:1]}], keep=True)[0]

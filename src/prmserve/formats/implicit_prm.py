@@ -63,13 +63,27 @@ class ImplicitPRMFormat(PRMFormat):
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
         self.check_item(problem, steps)
-        steps = list(steps)
+        return self._encoded(problem, list(steps), None, [])
+
+    def extend(self, node: EncodedItem, problem: str, node_steps: Sequence[str], new_steps: Sequence[str]) -> EncodedItem:
+        """As `encode` of all the steps, tokenising only the prefixes that change: the node's last step and the new ones
+        (a step prefix's text is the same in node and child unless it ends at the node's last step)."""
+        if node.step_ends is None or node.body_len is None:
+            raise FormatError(f"format {self.name!r} cannot extend this item with more steps")
+        self.check_steps(new_steps, first_index=len(node_steps))
+        first = node.read_positions[0]
+        return self._encoded(problem, list(node_steps) + list(new_steps), first, [first + e for e in node.step_ends[:-1]])
+
+    def _encoded(self, problem: str, steps: list[str], first: int | None, ends: list[int]) -> EncodedItem:
+        """The item's ids and reads; `first` and the `ends` of the leading steps when already known."""
         ids = list(self.tokenizer.encode(self.conversation(problem, steps), add_special_tokens=False))
-        # The card's step_last_tokens: every step prefix's conversation tokenised on its own (one batched call).
-        prefixes = [self.conversation(problem, steps[:k]).strip() + (STEP_JOINER if 0 < k < len(steps) else "")
-                    for k in range(len(steps) + 1)]
+        # The card's step_last_tokens: each step prefix's conversation tokenised on its own (one batched call).
+        todo = ([0] if first is None else []) + list(range(len(ends) + 1, len(steps) + 1))
+        prefixes = [self.conversation(problem, steps[:k]).strip() + (STEP_JOINER if 0 < k < len(steps) else "") for k in todo]
         last_tokens = [len(p) - 2 for p in self.tokenizer(prefixes, add_special_tokens=False)["input_ids"]]
-        first, ends = last_tokens[0], [t + 1 for t in last_tokens[1:]]
+        if first is None:
+            first, last_tokens = last_tokens[0], last_tokens[1:]
+        ends = ends + [t + 1 for t in last_tokens]
         if first < 1 or any(not first <= end < len(ids) for end in ends):
             raise InvalidInputError(
                 f"{self.name}: the step prefixes' token counts do not fall inside the whole input's {len(ids)} tokens "

@@ -39,6 +39,7 @@ class TokenLogProbs(nn.Module):
             picked = logits.gather(1, following[start:end, None])[:, 0]
             out[start:end] = picked - torch.logsumexp(logits, dim=-1)
         shifted = torch.cat([out.new_zeros(1), out[:-1]])
-        first = torch.zeros(rows + 1, dtype=torch.bool, device=hidden.device)
-        first[cu_seqlens[:-1].long()] = True  # an index of T (an empty trailing entry) lands in the spare slot
+        # A scalar fill, not an assignment from a host tensor: this runs inside CUDA graph capture. An index of T
+        # (an empty trailing entry) lands in the spare slot.
+        first = torch.zeros(rows + 1, dtype=torch.bool, device=hidden.device).index_fill_(0, cu_seqlens[:-1].long(), True)
         return shifted.masked_fill(first[:rows], 0.0)
