@@ -26,13 +26,13 @@ def test_every_vllm_flag_lands_where_it_should(tmp_path: Path) -> None:
         "--uvicorn-log-level", "debug", "--disable-log-requests", "--root-path", "/api",
         "--allowed-origins", '["http://a.example", "http://b.example"]', "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
         "--seed", "7", "-tp", "2", "--trust-remote-code", "--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
-        "--device", "cpu", "--format", "qwen_prm", "--option", "system_prompt=Be brief",
+        "--device", "cpu", "--format", "qwen_prm", "--option", "system_prompt=Be brief", "--no-deterministic",
     )
     assert prm_options(args) == {
         "format": "qwen_prm", "device": "cpu", "dtype": "float16", "enforce_eager": True, "tensor_parallel_size": 2,
         "max_num_batched_tokens": 512, "max_num_seqs": 8, "block_size": 8, "gpu_memory_utilization": 0.5,
         "enable_prefix_caching": False, "max_queue": 1024, "system_prompt": "Be brief",
-        "revision": None, "download_dir": None, "tokenizer": None,
+        "revision": None, "download_dir": None, "tokenizer": None, "deterministic": False,
     }
     settings = server_settings(args)
     assert (settings.host, settings.port, settings.root_path) == ("0.0.0.0", 9000, "/api")

@@ -20,6 +20,7 @@ from prmserve.errors import CheckpointError, FormatError, InputTooLongError, Inv
 from prmserve.formats import EncodedItem, detect_format, make_format
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
 from prmserve.models.attention import varlen_available
+from prmserve.models.invariant import request_cublas_invariance, rows_invariant
 from prmserve.models.loader import CheckpointTensors
 from prmserve.nodes import Node, NodeTable
 from prmserve.parallel.sharding import check_tensor_parallel_size
@@ -59,7 +60,8 @@ class PRM:
 
     `PRM()` loads the small model bundled with prmserve; otherwise pass a local checkpoint
     directory or a Hugging Face model ID (`revision`, `download_dir`; `tokenizer` loads another
-    checkpoint's tokenizer). On CUDA the layers are compiled and small steps replay CUDA graphs,
+    checkpoint's tokenizer). `deterministic` (default): an item's rewards are bit-identical whatever it
+    is batched with or how much of it was cached (`prmserve.models.invariant`). On CUDA the layers are compiled and small steps replay CUDA graphs,
     unless `enforce_eager`. `tensor_parallel_size=N` splits the model over N GPUs (N processes on the
     CPU): this process is rank 0 and starts the others; `close()` (or leaving a `with` block) stops them.
     Keyword options are the engine's (`EngineConfig`: `enable_prefix_caching`,
@@ -78,6 +80,7 @@ class PRM:
         download_dir: str | Path | None = None,
         tokenizer: str | Path | None = None,
         tensor_parallel_size: int = 1,
+        deterministic: bool = True,
         **options: Any,
     ) -> None:
         self.model_name = str(model) if model is not None else "prmserve/small-prm"
@@ -97,6 +100,8 @@ class PRM:
         engine_config = EngineConfig(**engine_options)  # checked before any worker starts
         self.compiled = self.device.type == "cuda" and not enforce_eager
         self.workers: TensorParallelWorkers | None = None
+        if deterministic and self.device.type == "cuda":
+            request_cublas_invariance()  # before this process's first matmul, or it has no effect
         if self.tensor_parallel_size == 1:
             self.model = load_reward_model(self.path, self.config, self.format.head, self.device, self.dtype)
         else:  # the other ranks' processes, and this one's part of the model
@@ -105,6 +110,10 @@ class PRM:
             self.workers, self.model = start_tensor_parallel(
                 self.path, self.config, self.format.head, self.device, self.dtype, self.tensor_parallel_size, self.compiled)
         self.model.set_attention_kernel(varlen_available(self.device, self.dtype))
+        if deterministic and self.device.type != "cuda":
+            self.model.use_blocked_kernels()
+        # Measured, not assumed: False (and a warning) where this process's matmuls still vary with batching.
+        self.deterministic = deterministic and rows_invariant(self.model, self.device, self.dtype)
         if self.compiled:
             self.model.compile_layers()  # fuses norms, rotary, SwiGLU; measured in bench/
         try:

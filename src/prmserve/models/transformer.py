@@ -15,6 +15,7 @@ from torch import nn
 from prmserve.models.attention import AttentionInputs, causal_attention
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec, build_head
+from prmserve.models.invariant import make_linears_blocked
 from prmserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 from prmserve.parallel.group import TensorParallelGroup
 from prmserve.parallel.layers import column_parallel, row_parallel
@@ -40,6 +41,7 @@ class SelfAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
         self.use_varlen = False
+        self.blocked = False  # the batch-invariant CPU kernel (RewardModel.use_blocked_kernels)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, kv: torch.Tensor | None
@@ -50,7 +52,7 @@ class SelfAttention(nn.Module):
             kv[1][inputs.slot_mapping] = v
             if inputs.key_slots is not None:  # some sequence follows a cached prefix
                 k, v = kv[0][inputs.key_slots], kv[1][inputs.key_slots]
-        out = causal_attention(q, k, v, inputs, self.scale, self.sliding_window, self.use_varlen)
+        out = causal_attention(q, k, v, inputs, self.scale, self.sliding_window, self.use_varlen, self.blocked)
         return out.reshape(-1, self.q_size)
 
 
@@ -122,6 +124,12 @@ class RewardModel(nn.Module):
         self.uses_varlen = use_varlen
         for layer in self.layers:
             layer.self_attn.use_varlen = use_varlen
+
+    def use_blocked_kernels(self) -> None:
+        """CPU batch invariance: every linear on fixed blocks of rows, attention on fixed key blocks."""
+        make_linears_blocked(self)
+        for layer in self.layers:
+            layer.self_attn.blocked = True
 
     def compile_layers(self, mode: str | None = None) -> None:
         """Compile the per-layer tensor code once for all layers, for any token count."""

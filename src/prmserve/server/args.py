@@ -110,6 +110,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help="alias of --no-enable-prefix-caching")
     engine.add_argument("--enforce-eager", action="store_true", help="do not torch.compile the layers (CUDA)")
+    engine.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                        help="bit-identical rewards for an item whatever it is batched with or how much of it was cached "
+                             "(batch-invariant matmuls); --no-deterministic for the last few percent of speed")
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="split the model over this many GPUs (processes on the CPU), as vLLM does")
     engine.add_argument("--max-queue", type=int, default=1024, help="requests pending (queued or computing) before 429")
@@ -146,6 +149,7 @@ def prm_options(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": DTYPES[args.dtype],
         "enforce_eager": args.enforce_eager,
+        "deterministic": args.deterministic,
         "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
