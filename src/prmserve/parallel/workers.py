@@ -150,7 +150,7 @@ class TensorParallelWorkers:
         """How worker i ended (it has), with the error it reported if any."""
         process = self.processes[i]
         code = process.exitcode
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         report = self._read_report(i)
         said = f": {report[1]}" if report is not None and report[0] == "error" else ""
         return f"worker rank {i + 1} (pid {process.pid}) died, {how}{said}"
