@@ -33,16 +33,16 @@ ITEMS = [
 ]
 
 
-def build_eurus_pair(root: Path) -> tuple[Path, Path]:
+def build_eurus_pair(root: Path, **shape: int) -> tuple[Path, Path]:
     """EurusPRM-Stage2 and its reference Qwen2.5-Math-7B-Instruct at toy size: plain Qwen2ForCausalLM checkpoints
     (config.json, sharded safetensors with lm_head.weight), one shared Qwen2.5 tokenizer; the PRM's weights are the
-    reference's plus a small change, as a fine-tune's are."""
+    reference's plus a small change, as a fine-tune's are. `shape` overrides config.json's sizes."""
     policy, reference = root / "EurusPRM-Stage2", root / "Qwen2.5-Math-7B-Instruct"
     for directory in (policy, reference):
         directory.mkdir(parents=True)
     tokenizer = tc.write_qwen_tokenizer(reference, [], QWEN_MATH_TEMPLATE, extra_corpus=DOTTED)
-    config = tc.qwen2_config("Qwen2ForCausalLM", tokenizer)
-    shapes = tc.backbone_tensor_shapes(config) | {"lm_head.weight": (tc.EMBED_ROWS, tc.HIDDEN)}
+    config = tc.qwen2_config("Qwen2ForCausalLM", tokenizer) | shape
+    shapes = tc.backbone_tensor_shapes(config) | {"lm_head.weight": (tc.EMBED_ROWS, config["hidden_size"])}
     base = tc.random_weights(shapes, seed=21, dtype=torch.float32)
     tuned = {name: w + 0.3 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(i))
              for i, (name, w) in enumerate(base.items())}
@@ -216,3 +216,20 @@ def test_a_plain_causal_lm_needs_the_format_and_a_matching_reference(pair, tmp_p
     save_file(tc.random_weights(shapes, seed=3, dtype=torch.float32), str(other / "model.safetensors"))
     with pytest.raises(CheckpointError, match="cannot share one KV pool"):
         PRM(str(anonymous), format="implicit_prm", device="cpu", reference_model=str(other))
+
+
+def test_rewards_are_bit_identical_however_an_item_is_batched(tmp_path: Path, single_torch_thread) -> None:
+    """Deterministic scoring (the default) covers both models and their LM heads: alone, among other items, in chunks
+    of 24 tokens and from the prefix cache, an item gets the same bits (on a width where plain CPU matmuls differ)."""
+    policy, reference = build_eurus_pair(tmp_path, hidden_size=256, intermediate_size=1024, num_attention_heads=8)
+    items = [{"problem": p, "steps": s} for p, s in ITEMS]
+    runs = []
+    for options in ({}, {"max_num_batched_tokens": 24}):
+        prm = PRM(str(policy), device="cpu", dtype="float32", reference_model=str(reference), **options)
+        try:
+            assert prm.deterministic
+            runs.append([prm.score([item])[0].step_rewards for item in items])  # alone
+            runs.append([r.step_rewards for r in prm.score(items[::-1])][::-1])  # together, other order, cached prefixes
+        finally:
+            prm.close()
+    assert all(run == runs[0] for run in runs[1:])

@@ -54,9 +54,10 @@ class LogRatioModel(nn.Module):
         self.reference.compile_layers(mode)
 
     def use_blocked_kernels(self) -> None:
-        """CPU batch invariance (`RewardModel.use_blocked_kernels`) for both models."""
-        self.policy.use_blocked_kernels()
-        self.reference.use_blocked_kernels()
+        """CPU batch invariance (`RewardModel.use_blocked_kernels`) for both models, their LM heads included."""
+        for model in (self.policy, self.reference):
+            model.use_blocked_kernels()
+            model.head.blocked = True
 
     # The per-layer functions CUDA graph capture swaps for their eager versions, on both models.
     @property

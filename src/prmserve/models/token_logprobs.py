@@ -5,13 +5,16 @@ value a token keeps in the head-output cache depends on its own prefix alone (wh
 keys on). The first row of each chunk has no row before it in the chunk: it gets 0, and the engine runs
 a chunk that follows cached tokens from one token earlier (`HeadSpec.needs_previous_token`), so that
 row is the extra one. Logits are taken a slice of rows at a time (a [rows, vocabulary] float32 block),
-so the whole [tokens, vocabulary] matrix never exists at once.
+so the whole [tokens, vocabulary] matrix never exists at once; with `blocked` (deterministic CPU scoring)
+they go through `blocked_linear`, so a row's logits do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from prmserve.models.invariant import blocked_linear
 
 ROWS_PER_SLICE = 1024
 
@@ -22,6 +25,7 @@ class TokenLogProbs(nn.Module):
     def __init__(self, hidden: int, vocab_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden))
+        self.blocked = False  # set by `LogRatioModel.use_blocked_kernels`
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final hidden states, unchanged: the log-probabilities need the tokens too (`log_probs`)."""
@@ -35,7 +39,8 @@ class TokenLogProbs(nn.Module):
         out = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, ROWS_PER_SLICE):
             end = min(start + ROWS_PER_SLICE, rows)
-            logits = (hidden[start:end] @ self.weight.t()).float()
+            rows_in = hidden[start:end]
+            logits = (blocked_linear(rows_in, self.weight, None) if self.blocked else rows_in @ self.weight.t()).float()
             picked = logits.gather(1, following[start:end, None])[:, 0]
             out[start:end] = picked - torch.logsumexp(logits, dim=-1)
         shifted = torch.cat([out.new_zeros(1), out[:-1]])
