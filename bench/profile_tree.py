@@ -65,20 +65,6 @@ def main() -> None:
     wrap(prm.engine.scheduler, "schedule", "schedule")
     wrap(prm.engine.runner, "run", "runner.run", gpu=False)
     wrap(ModelRunner, "read_outputs", "read_outputs")
-    model_forward = prm.model.forward
-
-    def forward(*a, **k):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        began = time.perf_counter()
-        out = model_forward(*a, **k)
-        stamp("model host launch", time.perf_counter() - began)
-        end.record()
-        end.synchronize()
-        stamp("model GPU", start.elapsed_time(end) / 1e3)
-        stamp("model host+GPU", time.perf_counter() - began)
-        return out
-
     rows = bench_tree.load_rows(args.assets)
     problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
@@ -99,17 +85,11 @@ def main() -> None:
                 print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / args.reps:.1f} per call")
     if not torch.cuda.is_available():
         return
-    prm.model.forward = forward
-    STAMPS.clear()
-    for rep in range(args.reps):
-        prm.extend(node.handle, bench_tree.children_for(pool, 16, 500 + rep))
-    print("\n== 16 children with the forward synchronised (its GPU time alone)")
-    for name in ("model host launch", "model GPU", "model host+GPU", "engine.step"):
-        print(f"  {name:24s} median {statistics.median(STAMPS[name]):7.2f} ms")
-    prm.model.forward = model_forward
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        prm.extend(node.handle, bench_tree.children_for(pool, 16, 777))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+        prm.score([{"problem": problem, "steps": steps + k} for k in bench_tree.children_for(pool, 16, 777)])
+        torch.cuda.synchronize()
+    print("\n== 16 children, stateless score: GPU kernels (a step too big for a CUDA graph shows every kernel)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
     prm.close()
 
 
