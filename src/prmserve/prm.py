@@ -122,7 +122,8 @@ class PRM:
                 self.engine.runner.warmup(self.engine.config.max_num_batched_tokens)
                 # Small steps replay captured graphs (one rank only: a graph cannot hold the workers' steps).
                 if not enforce_eager and self.model.uses_varlen and self.workers is None:
-                    self.engine.runner.capture_graphs(self.engine.config.max_num_seqs)
+                    same_layers = self.engine.runner.capture_graphs(self.engine.config.max_num_seqs, compiled_layers=self.deterministic)
+                    self.deterministic = self.deterministic and same_layers
         except BaseException:
             if self.workers is not None:
                 self.workers.close()

@@ -6,11 +6,14 @@ fixed shape: `tokens` new tokens and `keys` gathered keys, up to `max_seqs` sequ
 up to the nearest shape: extra tokens form one padding sequence whose KV and head outputs go to
 scratch slots past the pool, unused sequence entries have length 0, and unused keys are never read.
 The padded inputs are filled into the graph's static buffer with one host-to-device copy, then the
-graph is replayed. Layers run eager inside graphs (their launches cost nothing on replay).
+graph is replayed. Layers run eager inside graphs (their launches cost nothing on replay), except in
+deterministic mode: there the graphs hold the same compiled layers as every other step, because eager and
+fused elementwise code round differently and an item's rewards must not depend on which path its step took.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,9 +96,11 @@ def padded_forward(model: RewardModel, kv_cache: torch.Tensor, head_cache: torch
 class CudaGraphs:
     """Captured forwards for every small (tokens, keys) shape, replayed for the steps that fit one."""
 
-    def __init__(self, model: RewardModel, kv_cache: torch.Tensor, head_cache: torch.Tensor, scratch: int, max_seqs: int) -> None:
+    def __init__(self, model: RewardModel, kv_cache: torch.Tensor, head_cache: torch.Tensor, scratch: int, max_seqs: int,
+                 compiled_layers: bool = False) -> None:
         self.model, self.kv_cache, self.head_cache = model, kv_cache, head_cache
         self.scratch, self.max_seqs = scratch, max_seqs
+        self.compiled_layers = compiled_layers  # capture the model's current (compiled) layer functions
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
 
@@ -112,7 +117,7 @@ class CudaGraphs:
         host = pad(empty, tokens, keys, self.max_seqs, self.scratch)  # all padding: a valid step
         packed = torch.from_numpy(host).to(self.kv_cache.device)
         step = lambda: padded_forward(self.model, self.kv_cache, self.head_cache, packed, tokens, keys, self.max_seqs)  # noqa: E731
-        with _eager_layers(self.model):
+        with contextlib.nullcontext() if self.compiled_layers else _eager_layers(self.model):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

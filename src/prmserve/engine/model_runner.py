@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,6 +17,8 @@ from prmserve.models.transformer import RewardModel
 
 if TYPE_CHECKING:
     from prmserve.parallel.workers import TensorParallelWorkers
+
+logger = logging.getLogger("prmserve")
 
 
 class ModelRunner:
@@ -41,12 +45,25 @@ class ModelRunner:
         self.head_cache = torch.zeros((slots, model.head_spec.width), dtype=torch.float32, device=self.device)
         self.graphs: CudaGraphs | None = None
 
-    def capture_graphs(self, max_seqs: int) -> None:
-        """Capture CUDA graphs of the forward for small steps (call after `warmup`, before serving)."""
+    def capture_graphs(self, max_seqs: int, compiled_layers: bool = False) -> bool:
+        """Capture CUDA graphs of the forward for small steps (call after `warmup`, before serving).
+
+        `compiled_layers`: the graphs hold the compiled layers, as the other steps run them (deterministic
+        mode); if that capture fails, eager layers are captured instead. Returns whether compiled ones were.
+        """
         assert self.workers is None, "CUDA graphs are captured for one rank only"
-        graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs)
-        graphs.capture_all()
+        graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs, compiled_layers)
+        try:
+            graphs.capture_all()
+        except RuntimeError as exc:
+            if not compiled_layers:
+                raise
+            logger.warning("CUDA graphs of the compiled layers failed (%s); capturing eager ones: small steps now round "
+                           "differently from large ones", exc)
+            graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs, False)
+            graphs.capture_all()
         self.graphs = graphs
+        return graphs.compiled_layers
 
     @staticmethod
     def bytes_per_block(model: RewardModel, block_size: int, dtype: torch.dtype) -> int:
