@@ -210,3 +210,18 @@ def test_eviction_takes_the_least_recently_used_entry():
     assert bm.match_prefix(req([9, 9]), 4).block_ids == []
     assert len(bm.match_prefix(req([3, 4]), 4).block_ids) == 1
     check_invariants(bm)
+
+
+def test_a_steady_load_reuses_the_blocks_it_freed_instead_of_walking_the_pool():
+    """Uncached blocks are handed out most recently freed first: on the CPU a block never written costs no resident
+    memory, so a server's RSS stays flat under load instead of creeping up until it has touched the whole pool."""
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    used: set[int] = set()
+    for step in range(1, 200):
+        r = req([7, 7, 7, 7, step, step])  # a full block (a cache hit after the first) and a partial one (never cached)
+        admit(bm, r, step)
+        compute_all(bm, r, step)
+        used.add(r.block_table[1])
+        bm.free_request(r)
+    check_invariants(bm)
+    assert used == {1}, f"partial blocks came from {len(used)} different slots of the pool"

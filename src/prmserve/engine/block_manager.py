@@ -45,7 +45,10 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.free: deque[int] = deque(range(num_blocks))  # hold nothing reusable
+        # Hold nothing reusable; the most recently freed first, so a steady load keeps reusing the same few
+        # blocks (on the CPU an untouched block costs no resident memory, so RSS stays flat instead of
+        # creeping towards the whole pool as a FIFO walk through it would make it).
+        self.free: deque[int] = deque(range(num_blocks))
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # unused but cached, oldest first
         self.by_hash: dict[int, int] = {}
         self.pins: OrderedDict[str, list[int]] = OrderedDict()  # pin key -> blocks it holds, oldest first
@@ -169,7 +172,7 @@ class BlockManager:
             else:
                 self._forget(block)
                 block.ready = False
-                self.free.append(block_id)
+                self.free.appendleft(block_id)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. after a weight update); blocks in use keep serving their owners."""
@@ -177,7 +180,7 @@ class BlockManager:
             self.unpin(key)
         for block in self.blocks:
             self._forget(block)
-        self.free.extend(self.cached_free)
+        self.free.extendleft(self.cached_free)
         self.cached_free.clear()
 
     # Pins -----------------------------------------------------------------------------------------
