@@ -75,7 +75,7 @@ class RoutedPRM(PRM):
         spawn = PRMActor.options(**(dict(actor_options) if actor_options is not None else _default_actor_options(options)))
         actors = [spawn.remote(model, **options) for _ in range(data_parallel_size)]  # they load at the same time
         format_options = {k: v for k, v in options.items() if k not in _ENGINE_OPTIONS and k not in _PRM_OPTIONS and k not in _LOADING}
-        self.format_name = options.get("format") or detect_format(self.config, _tensor_names_if_needed(self.path, self.config))
+        self.format_name = options.get("format") or detect_format(self.config, _tensor_names_if_needed(self.path, self.config), self.model_name)
         self.format = make_format(self.format_name, self.tokenizer, self.config, **format_options)
         infos = ray.get([a.info.remote() for a in actors])
         self.device, self.dtype = torch.device(infos[0].device), getattr(torch, infos[0].dtype)
