@@ -74,7 +74,8 @@ def test_numbers_stay_in_range_and_held_out_bands_only_reach_the_test_split(trai
         assert all(2 <= g <= numbers.MAX_GIVEN for g in givens)
         assert not any(numbers.held_out(g) for g in givens if g > numbers.MAX_FACTOR), p.text
         assert all(1 <= v <= numbers.MAX_VALUE for v in p.values())
-    assert all(numbers.held_out(p.start) for p, _ in test_split)
+    assert all(any(numbers.held_out(g) for g in [p.start] + [op.arg for op in p.ops]) for p, _ in test_split)
+    assert 0.3 < sum(numbers.held_out(p.start) for p, _ in test_split) / len(test_split) < 0.7
     assert max(v for p, _ in train for v in p.values()) > 5000  # the range is used, not only allowed
 
 

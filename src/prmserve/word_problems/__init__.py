@@ -9,8 +9,8 @@ wrong carried value, or a wrong final answer after correct steps; later steps co
 wrong value, so (every operation being injective) a solution is correct iff its final answer is.
 
 Splits: ``train`` and ``validation`` share templates and numbers; ``test`` is written only with held-out
-templates, names and items (``phrasing``) and draws its starting numbers, and half its operands, from
-number bands training never uses (``numbers.HELD_OUT_BANDS``).
+templates, names and items (``phrasing``), and every test problem has given numbers from bands that
+training never uses (``numbers.HELD_OUT_BANDS``: its start or an operand, each with probability 1/2).
 
 Labels follow ProcessBench / PRM800K: a step is correct (1) only if it and every step before it are.
 """

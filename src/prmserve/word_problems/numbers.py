@@ -41,9 +41,9 @@ def given(rng: random.Random, lo: int, hi: int, test: bool = False) -> int | Non
 def _draw(rng: random.Random, lo: int, hi: int) -> int:
     """Log-uniform, uniform or round, in [lo, hi]."""
     r = rng.random()
-    if r < 0.45:
+    if r < 0.6:
         return min(hi, max(lo, int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))))
-    if r < 0.75:
+    if r < 0.8:
         return rng.randint(lo, hi)
     step = rng.choice([5, 10, 10, 25, 50, 100])
     multiples = range(step * math.ceil(lo / step), hi + 1, step)

@@ -8,6 +8,7 @@ or only its result when the step skips it), ``{v}`` (a value stated without comp
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 OBJECTS = (
@@ -62,41 +63,41 @@ STORIES = {
         _one("Finding {n} more makes {calc} {item}.", "The {n} found {item} bring the count to {calc}."), money=False),
     "get": Story(
         "add", ("gets {n} {item} from {friend}", "gets {n} more from {friend}"),
-        ("receives {n} {item} as a gift from {friend}", "is given {n} {item} by {friend}"),
+        ("gets another {n} {item} from {friend} as a gift", "gets {n} of {friend}'s {item}"),
         _one("{friend} gives {obj} {n}, so {pron} has {calc} {item}.", "After getting {n} from {friend}, {pron} has {calc} {item}.",
              "Adding the {n} from {friend}: {calc} {item}."),
         _one("{friend}'s {n} {item} bring the total to {calc}.", "With {friend}'s gift of {n}, that is {calc} {item}."), money=None),
     "earn": Story(
         "add", ("earns {n} {item}", "earns {n} more {item} doing chores"),
-        ("is paid {n} {item} for washing cars", "makes {n} {item} at a yard sale"),
+        ("earns {n} {item} for washing cars", "earns another {n} {item} at a yard sale"),
         _one("After earning {n} {item}, {pron} has {calc} {item}.", "{Pron} earns {n}, so {pron} has {calc} {item}.",
              "{Name} now has {calc} {item}."),
         _one("Being paid {n} {item} brings {obj} to {calc} {item}.", "The {n} {item} earned make {calc} {item} in total."), money=True),
     "give": Story(
         "sub", ("gives {n} {item} to {friend}", "gives {friend} {n} {item}", "gives away {n}"),
-        ("hands {n} {item} over to {friend}", "passes {n} {item} on to {friend}"),
+        ("gives {n} of the {item} to {friend} as a present", "gives away {n} {item} at school"),
         _one("After giving {n} to {friend}, {pron} has {calc} {item}.", "{Pron} gives away {n}, so {pron} has {calc} {item} left.",
              "Giving {n} {item} to {friend} leaves {calc} {item}.", "{Name} has {calc} {item} left."),
         _one("Once {friend} takes {n}, {calc} {item} remain.", "Without the {n} given to {friend}, {pron} keeps {calc} {item}."), money=False),
     "lose": Story(
         "sub", ("loses {n} {item}", "loses {n} of them"),
-        ("drops {n} {item} on the way home", "misplaces {n} of the {item}"),
+        ("loses {n} {item} on the way home", "loses another {n} of the {item}"),
         _one("{Pron} loses {n}, so {pron} has {calc} {item} left.", "After losing {n} {item}, {pron} has {calc}.",
              "That leaves {calc} {item}."),
         _one("Losing {n} leaves {name} with {calc} {item}.", "With {n} lost, only {calc} {item} are left."), money=None),
     "sell": Story(
         "sub", ("sells {n} {item}", "sells {n} of them"),
-        ("sells {n} {item} at the market", "trades {n} of them away"),
+        ("sells {n} {item} at the market", "sells {n} of the {item} to {friend}"),
         _one("After selling {n}, {pron} has {calc} {item} left.", "{Pron} sells {n}, which leaves {calc} {item}."),
         _one("Selling {n} {item} means {calc} are left.", "After the sale of {n}, there are {calc} {item}."), money=False),
     "spend": Story(
         "sub", ("spends {n}", "spends {n} {item} on a book", "spends {n} {item}"),
-        ("pays {n} {item} for lunch", "uses {n} {item} to buy a game"),
+        ("spends {n} {item} on lunch", "spends {n} of the {item} on a game"),
         _one("After spending {n}, {pron} has {calc} {item} left.", "{Pron} spends {n}, so {pron} has {calc} {item}.",
              "{Name} has {calc} {item} left."),
         _one("Paying {n} leaves {calc} {item}.", "The purchase of {n} leaves {obj} with {calc} {item}."), money=True),
     "double": Story(
-        "mul", ("doubles the number of {item}", "doubles {poss} {item}"), ("manages to double {poss} {item}", "ends the week with twice as many {item}"),
+        "mul", ("doubles the number of {item}", "doubles {poss} {item}"), ("manages to double {poss} {item}", "sees {poss} {item} double"),
         _one("Doubling the {item} gives {calc} {item}.", "The number doubles, so {pron} has {calc} {item}."),
         _one("Twice as many is {calc} {item}.", "Two times the {item} is {calc}."), args=(2,)),
     "triple": Story(
@@ -105,7 +106,7 @@ STORIES = {
         _one("Three times as many is {calc} {item}.", "Three times the {item} is {calc}."), args=(3,)),
     "times": Story(
         "mul", ("ends up with {n} times as many {item}", "gets {n} times as many {item}"),
-        ("multiplies {poss} {item} by {n}", "grows {poss} {item} to {n} times the number"),
+        ("ends the month with {n} times as many {item}", "grows {poss} {item} to {n} times the number"),
         _one("{n} times as many is {calc} {item}.", "Now {pron} has {calc} {item}.", "{Pron} has {calc} {item} now."),
         _one("Multiplying by {n} gives {calc} {item}.", "{n} times the {item} is {calc}."), money=None),
     "share": Story(
@@ -154,6 +155,9 @@ RESTATES_HELD_OUT = ("So far there are {v} {item}.", "{Pron} holds {v} {item} at
 # A step with only the computation.
 TERSE = ("{calc}.", "{calc} {item}.", "{calc}")
 TERSE_HELD_OUT = ("So {calc}.", "We get {calc}.")
+# Words a step may start with ("So after buying 7 more, ...").
+LEADS = ("So ", "Then ", "Now ", "Next, ", "After that, ")
+LEADS_HELD_OUT = ("Thus ", "This means ")
 
 FINALS = (
     "The answer is {v}.", "The answer is {v} {item}.", "So {v}.", "So {v} {item}.", "\\boxed{{{v}}}",
@@ -161,6 +165,30 @@ FINALS = (
     "Therefore, the final answer is \\boxed{{{v}}}.", "In the end {name} has \\boxed{{{v}}} {item}.", "{v}",
 )
 FINALS_HELD_OUT = ("The final answer is {v}.", "Answer: {v} {item}", "#### {v} {item}", "So {name} ends up with \\boxed{{{v}}}.")
+
+
+SYLLABLES = ("ba", "ko", "ri", "mu", "te", "la", "zo", "ni", "pe", "da", "vu", "si", "ga", "fo", "le", "ju")
+
+
+def pseudo_word(rng: random.Random, syllables: int) -> str:
+    """A made-up word: training meets unknown names and items, so it learns to judge numbers, not names."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(syllables))
+
+
+# Words of made-up frames around a computation or a value: training sees steps worded any way at all, so
+# it judges their numbers, not their wording (the held-out templates' words are not among them).
+FRAME_WORDS = ("so", "then", "now", "the", "that", "is", "has", "makes", "gives", "total", "and", "we", "this",
+               "of", "with", "all", "in", "at", "more", "number", "left", "count", "here", "which", "it", "are")
+
+
+def random_frame(rng: random.Random, slot: str) -> str:
+    """A step template of random words (real and made-up) around ``{slot}``."""
+    def word() -> str:
+        return rng.choice(FRAME_WORDS) if rng.random() < 0.6 else pseudo_word(rng, rng.choice([1, 2]))
+
+    words = [word() for _ in range(rng.randint(0, 4))] + ["{" + slot + "}"] + [word() for _ in range(rng.randint(0, 2))]
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + rng.choice([".", ".", ":", ""])
 
 
 def templates(train: tuple, held_out: tuple, test: bool) -> tuple:

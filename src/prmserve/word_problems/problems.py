@@ -121,8 +121,11 @@ def make_problem(rng: random.Random, test: bool = False, n_ops: int | None = Non
     money = rng.random() < 0.2
     item = rng.choice(phrasing.MONEY) if money else rng.choice(templates(phrasing.OBJECTS, phrasing.OBJECTS_HELD_OUT, test))
     friends = templates(phrasing.FRIENDS, phrasing.FRIENDS_HELD_OUT, test)
-    while True:
-        start = numbers.given(rng, 2, scale, test)
+    if not test and rng.random() < 0.3:  # made-up names and items, so unknown ones are nothing new
+        name, friends = phrasing.pseudo_word(rng, 2).capitalize(), (phrasing.pseudo_word(rng, 2).capitalize(),)
+        item = item if money else phrasing.pseudo_word(rng, rng.choice([2, 3])) + "s"
+    while True:  # a test problem has at least one given number from a held-out band
+        start = numbers.given(rng, 2, scale, test and rng.random() < 0.5)
         ops, x = [], start
         while len(ops) < n_ops:
             op = _draw_op(rng, x, money, friends, test and rng.random() < 0.5, scale)
@@ -132,7 +135,7 @@ def make_problem(rng: random.Random, test: bool = False, n_ops: int | None = Non
                 continue
             ops.append(op)
             x = apply(op.kind, x, op.arg)
-        if len(ops) == n_ops:
+        if len(ops) == n_ops and (not test or any(numbers.held_out(g) for g in [start] + [op.arg for op in ops])):
             break
     problem = Problem("", name, pronoun, item, start, ops, x, test)
     problem.text = _problem_text(rng, problem)
@@ -147,7 +150,9 @@ def _problem_text(rng: random.Random, p: Problem) -> str:
         story = STORIES[op.story]
         clause = rng.choice(templates(story.clauses, story.clauses_held_out, test))
         clauses.append(clause.format(n=op.arg, friend=op.friend, **fields))
-    opening = rng.choice(templates(phrasing.OPENINGS, phrasing.OPENINGS_HELD_OUT, test)).format(v=p.start, **fields)
+    openings = templates(phrasing.OPENINGS, phrasing.OPENINGS_HELD_OUT, test)
+    opening = (phrasing.random_frame(rng, "v") + " {item}." if not test and rng.random() < 0.1 else rng.choice(openings))
+    opening = opening.replace(":.", ".").format(v=p.start, **fields)
     sentences = []
     if not test and rng.random() < 0.4 and opening.startswith(p.name + " has "):  # "Ava has 12 apples and finds 7 more."
         opening = opening[:-1] + " and " + clauses.pop(0) + "."

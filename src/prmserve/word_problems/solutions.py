@@ -55,6 +55,7 @@ class PlannedStep:
     op_index: int = -1
     part: int = 0  # which claim of its operation (less_quarter makes two)
     show: bool = True  # a claim step writes its computation (else only the result)
+    lead: str = ""  # a word it starts with ("So "), the template's first letter then lower case
 
 
 @dataclass
@@ -69,8 +70,13 @@ class Plan:
 def plan_solution(rng: random.Random, p: Problem) -> Plan:
     """Choose the steps of a solution to ``p`` and how each is worded (the split's templates)."""
     test, steps = p.test, []
+
+    def worded(train: tuple, held_out: tuple, slot: str) -> str:
+        """A template of the split; in training, now and then a frame of random words."""
+        return phrasing.random_frame(rng, slot) if not test and rng.random() < 0.15 else rng.choice(templates(train, held_out, test))
+
     if rng.random() < 0.25:
-        steps.append(PlannedStep("start", rng.choice(templates(phrasing.STARTS, phrasing.STARTS_HELD_OUT, test))))
+        steps.append(PlannedStep("start", worded(phrasing.STARTS, phrasing.STARTS_HELD_OUT, "v")))
     fraction = {}
     for i, op in enumerate(p.ops):
         story = STORIES[op.story]
@@ -80,13 +86,19 @@ def plan_solution(rng: random.Random, p: Problem) -> Plan:
             r = rng.random()
             if r < 0.25:
                 steps.append(PlannedStep("claim", rng.choice(terse), i, part))
-            else:
-                steps.append(PlannedStep("claim", wording, i, part, show=r < 0.8))
+                continue
+            lead = ""
+            if rng.random() < 0.25 and not wording.startswith("{Name}") and not wording.startswith("{friend}"):
+                lead = rng.choice(templates(phrasing.LEADS, phrasing.LEADS_HELD_OUT, test))
+                wording = wording[0].lower() + wording[1:] if wording[0] != "{" else "{" + wording[1].lower() + wording[2:]
+            if not test and rng.random() < 0.15:
+                wording, lead = phrasing.random_frame(rng, "calc"), ""
+            steps.append(PlannedStep("claim", wording, i, part, show=r < 0.8, lead=lead))
         if story.args and story.kind == "div" and rng.random() < 0.3:
             fraction[i] = rng.choice(["1/{b} × {a} = {y}", "{a} × 1/{b} = {y}"])
         if rng.random() < 0.1 and i < len(p.ops) - 1:
-            steps.append(PlannedStep("restate", rng.choice(templates(phrasing.RESTATES, phrasing.RESTATES_HELD_OUT, test))))
-    steps.append(PlannedStep("final", rng.choice(templates(phrasing.FINALS, phrasing.FINALS_HELD_OUT, test))))
+            steps.append(PlannedStep("restate", worded(phrasing.RESTATES, phrasing.RESTATES_HELD_OUT, "v")))
+    steps.append(PlannedStep("final", worded(phrasing.FINALS, phrasing.FINALS_HELD_OUT, "v")))
     symbols = {kind: rng.choice(options) for kind, options in SYMBOLS.items()}
     return Plan(p, steps, symbols, spaced=rng.random() < 0.9, fraction=fraction)
 
@@ -128,7 +140,7 @@ def write_solution(plan: Plan, rng: random.Random, error_kind: str = "", error_s
         if claim is None:
             return None
         calc_right, calc = (right.text(), claim.text()) if step.show else (str(right.y), str(claim.y))
-        text, at = _fill(step.template, fields | {"n": str(op.arg), "friend": op.friend}, "calc", calc)
+        text, at = _fill(step.lead + step.template, fields | {"n": str(op.arg), "friend": op.friend}, "calc", calc)
         if wrong:
             offset = at + _first_difference(calc, calc_right)
         steps.append(text)
