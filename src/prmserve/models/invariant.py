@@ -23,8 +23,8 @@ from torch import nn
 
 logger = logging.getLogger("prmserve")
 
-ROWS = 64  # CPU matmul block: every linear runs on blocks of exactly this many rows
-KEYS = 64  # CPU attention: queries and keys in blocks of this size
+ROWS = 128  # CPU matmul block: every linear runs on blocks of exactly this many rows
+KEYS = 128  # CPU attention: queries and keys in blocks of this size
 CUBLAS_SETTING = ":0:0"
 
 
