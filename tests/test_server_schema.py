@@ -1,5 +1,6 @@
-"""Property-based requests from the app's own OpenAPI schema, valid and invalid, one at a time and in
-stateful sequences: no 5xx, invalid ones get a 4xx, valid ones never a 422, every answer conforms to the schema."""
+"""Property-based requests from the app's own OpenAPI schema: valid and invalid ones one at a time, and valid
+sequences that follow the schema's links with real node handles (score -> extend -> release). No 5xx, invalid
+requests get a 4xx, valid ones never a 422, every answer conforms to the schema."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import httpx
 import pytest
 import schemathesis
+from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -29,6 +31,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 # What data the schema allows may still get: the engine's 400 (no separator in a text, too long for the model),
 # 404 (an unknown handle), 413 (over the body limit), 503 (the queue is full), 504 (its timeout passed); never 422.
 ACCEPTED = ["2xx", "400", "404", "413", "503", "504"]
+STATEFUL_EXAMPLES = 15
 
 
 @pytest.fixture(scope="module")
@@ -77,39 +80,82 @@ def test_no_server_errors_and_answers_conform(case: schemathesis.Case) -> None:
     case.validate_response(response, checks=CHECKS)
 
 
-def _with_links(raw: dict) -> dict:
-    """The schema with OpenAPI links: a scored item's handle goes to /v1/extend and /v1/release."""
-    handle = "$response.body#/results/0/handle"
-    links = {
-        "Extend": {"operationId": _operation_id(raw, "/v1/extend"), "requestBody": {"handle": handle, "children": [["So 5."]]}},
-        "Release": {"operationId": _operation_id(raw, "/v1/release"), "requestBody": {"handles": [handle]}},
-    }
-    for path in ("/v1/score", "/v1/extend"):
-        raw["paths"][path]["post"]["responses"]["200"]["links"] = links
+NON_BLANK = {"type": "string", "pattern": r"\S"}
+
+
+def _walkable(raw: dict) -> dict:
+    """The app's schema narrowed for walking node handles through its links: /v1/score takes kept problem + steps
+    items of non-blank text, so every 200 carries handles for /v1/extend and /v1/release; /v1/extend takes children
+    of non-blank steps (blank ones get 400 before the handle matters); no `timeout` (a random one would make the walk
+    depend on timing); /v1/extend's own links dropped, as schemathesis starts sequences at every operation with
+    links, and a /v1/extend begun with a random handle only meets 404."""
+    schemas = raw["components"]["schemas"]
+    schemas["KeptItem"] = {"type": "object", "required": ["problem", "steps"], "additionalProperties": False,
+                           "properties": {"problem": NON_BLANK, "steps": {"type": "array", "minItems": 1, "items": NON_BLANK}}}
+    request = schemas["ScoreRequest"]
+    request["properties"]["items"]["items"] = {"$ref": "#/components/schemas/KeptItem"}
+    request["properties"]["keep"] = {"const": True}
+    request["required"].append("keep")
+    schemas["ExtendRequest"]["properties"]["children"]["items"] = {"type": "array", "minItems": 1, "items": NON_BLANK}
+    for name in ("ScoreRequest", "ExtendRequest"):
+        del schemas[name]["properties"]["timeout"]
+    del raw["paths"]["/v1/extend"]["post"]["responses"]["200"]["links"]
     return raw
 
 
-def _operation_id(raw: dict, path: str) -> str:
-    return raw["paths"][path]["post"]["operationId"]
+class HandleWalks:
+    """Counts sequences that scored a node, extended it (200) and then released it: score -> extend -> release."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.scored: set[str] = set()
+        self.extended: set[str] = set()
+
+    def begin(self) -> None:
+        self.scored, self.extended = set(), set()
+
+    def note(self, case: schemathesis.Case, response: schemathesis.Response) -> None:
+        if response.status_code != 200 or not isinstance(case.body, dict):
+            return
+        path, answer = case.operation.path, response.json()
+        if path == "/v1/score":
+            self.scored |= {result["handle"] for result in answer["results"]}
+        elif path == "/v1/extend" and case.body["handle"] in self.scored:
+            self.extended.add(case.body["handle"])
+        elif path == "/v1/release" and answer["released"] and self.extended & set(case.body["handles"]):
+            self.extended -= set(case.body["handles"])
+            self.count += 1
 
 
-def test_stateful_sequences_get_no_server_errors(small_step_prm) -> None:
-    """Score with `keep`, extend and release the handles it gave, in random sequences (on an app of its own:
-    the one above has been shut down)."""
-    app = create_app(small_step_prm, default_timeout=10.0, max_body_bytes=1 << 20)
-    linked = schemathesis.openapi.from_dict(_with_links(copy.deepcopy(app.openapi())), config=_config())
+def test_stateful_sequences_walk_score_extend_release_and_get_no_server_errors(qwen_prm_dir) -> None:
+    """Score with `keep`, extend the node and release it, following the schema's links with real handles, in
+    random sequences of valid calls (on an app and PRM of its own, with default steps: no timeout to outlast)."""
+    from prmserve import PRM
+
+    with PRM(str(qwen_prm_dir), device="cpu", dtype="float32") as prm:
+        _walk(create_app(prm, max_body_bytes=1 << 20))
+
+
+def _walk(app: FastAPI) -> None:
+    config = _config()
+    config.projects.default.generation.update(modes=[GenerationMode.POSITIVE])  # the narrowing's complement is valid
+    linked = schemathesis.openapi.from_dict(_walkable(copy.deepcopy(app.openapi())), config=config)
     linked.app = app
-    state_machine = linked.as_state_machine()
+    walks = HandleWalks()
 
-    class Sequences(state_machine):  # type: ignore[misc, valid-type]
+    class Sequences(linked.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            walks.begin()
+
         def validate_response(self, response, case, **kwargs) -> None:  # noqa: ANN001
-            if not _expected_timeout(case, response.status_code):
-                case.validate_response(response, checks=CHECKS)
+            case.validate_response(response, checks=CHECKS)
+            walks.note(case, response)
 
     started = time.monotonic()
-    Sequences.run(settings=settings(max_examples=15, stateful_step_count=5, deadline=None, derandomize=True,
+    Sequences.run(settings=settings(max_examples=STATEFUL_EXAMPLES, stateful_step_count=6, deadline=None, derandomize=True,
                                     suppress_health_check=list(HealthCheck)))
     assert time.monotonic() - started < 60
+    assert walks.count >= 4, f"{walks.count} sequences scored a node, extended it and released it (8 measured)"
 
 
 def test_server_default_timeout_applies_without_a_timeout_in_the_body(small_step_prm) -> None:

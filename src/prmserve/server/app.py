@@ -71,6 +71,16 @@ SCORING_STATUSES = (*BODY_STATUSES, 400, 429, CLIENT_CLOSED, 504)
 OPEN_PATHS = ("/", "/health", "/ping", "/version")  # open even with an API key
 DOCS_PATHS = ("/metrics", "/docs", "/redoc", "/openapi.json")  # open unless --protect-metrics
 SWEEP_INTERVAL_S = 10.0  # how often expired node handles are let go when no call touches them
+# OpenAPI links: a kept result's handle goes on to /v1/extend and /v1/release (tools such as schemathesis walk them).
+_FIRST_HANDLE = "$response.body#/results/0/handle"
+HANDLE_LINKS = {
+    "Extend": {"operationRef": "#/paths/~1v1~1extend/post", "requestBody": {"handle": _FIRST_HANDLE},
+               "description": "Score children of the first result's node (scored with `keep`)"},
+    "Release": {"operationRef": "#/paths/~1v1~1release/post", "requestBody": {"handles": [_FIRST_HANDLE]},
+                "description": "Let the first result's node go"},
+}
+
+
 def create_app(
     prm: PRM,
     *,
@@ -130,6 +140,7 @@ def create_app(
     keyed = api_key is not None
     authorized = _security(keyed)
     scoring = _responses(*SCORING_STATUSES, keyed=keyed)
+    keeping = scoring | {200: {"links": HANDLE_LINKS}}
 
     async def run(
         request: Request, plan: Callable[[], list[ScoringJob]], count: int, param: str, timeout: float | None
@@ -139,7 +150,7 @@ def create_app(
         jobs = await asyncio.get_running_loop().run_in_executor(tokenizers, _planned, plan, param, limit)
         return jobs, await _run(prm, request, jobs, param, timeout, metrics, shutdown)
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=scoring, dependencies=authorized)
+    @app.post("/v1/score", response_model=ScoreResponse, responses=keeping, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items (results in item order); lower priority values run first; `keep` returns node handles."""
         items = [item.to_item() for item in body.items]
@@ -147,7 +158,7 @@ def create_app(
         jobs, done = await run(request, plan, len(items), "items", _timeout(body.timeout))
         return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
-    @app.post("/v1/extend", response_model=ScoreResponse, responses=scoring | _responses(404), dependencies=authorized)
+    @app.post("/v1/extend", response_model=ScoreResponse, responses=keeping | _responses(404), dependencies=authorized)
     async def extend(body: ExtendRequest, request: Request) -> ScoreResponse:
         """Score children of a kept node; each result's `step_rewards` are the node's then the child's new steps'."""
         plan = lambda: prm.plan_extend(body.handle, body.children, body.priority, body.keep)  # noqa: E731
