@@ -45,7 +45,7 @@ def test_the_readme_commands_work_on_a_fresh_clone(tmp_path: Path) -> None:
     assert "judged" in demo.stdout and "Best-of-4 pick: solution" in demo.stdout
     assert re.search(r"^    \d\.\d{3}  ", demo.stdout, re.MULTILINE), "no step rewards in the demo's output"
 
-    tests = run_in(venv, clone, install_and_test.removesuffix(TEST_COMMAND_TAIL) + " && python -m pytest -q -x tests/test_cli.py",
+    tests = run_in(venv, clone, install_and_test.removesuffix(TEST_COMMAND_TAIL) + " && python -m pytest -q -x tests/test_server_args.py",
                    timeout=900)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
     assert " passed" in tests.stdout and " failed" not in tests.stdout
