@@ -171,3 +171,16 @@ def test_pooling_without_activation_gives_the_heads_raw_logits(server: ServerPro
 def test_pooling_refuses_what_it_cannot_honour(server: ServerProcess, field: dict) -> None:
     response = httpx.post(server.url + "/pooling", json={"input": "2 + 3 = 5<extra_0>", **field})
     assert response.status_code == 422 and response.json()["error"]["param"] == next(iter(field))
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/classify", {"input": []}), ("/classify", {"input": ""}),
+    ("/pooling", {"input": []}), ("/pooling", {"input": ""}), ("/pooling", {"messages": []}),
+])
+def test_an_empty_input_is_refused_naming_its_field(server: ServerProcess, path: str, body: dict) -> None:
+    """Nothing to score is an error, not an empty answer (vLLM's /classify refuses it too, with a 400: vLLM answers
+    every invalid body 400, prmserve a body against its schema 422, as for /v1/score's empty `items`)."""
+    response = httpx.post(server.url + path, json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == next(iter(body)) and "must not be empty" in error["message"]

@@ -62,6 +62,19 @@ def _refuse_null(value: Any) -> Any:
     return value
 
 
+def _refuse_empty(value: Any) -> Any:
+    """An empty text or list of inputs: nothing to score (the schema's minLength / minItems)."""
+    if value == "" or value == []:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _non_empty_input(schema: dict[str, Any]) -> None:
+    """`input` of text(s) or token id list(s): neither a text nor a list may be empty."""
+    for option in schema["properties"]["input"]["anyOf"]:
+        option["minLength" if option["type"] == "string" else "minItems"] = 1
+
+
 def _item_schema(schema: dict[str, Any]) -> None:
     """ScoreItem's schema: exactly one kind, each with only its own fields."""
     _not_null(schema, tuple(schema["properties"]))
@@ -79,8 +92,8 @@ def _item_schema(schema: dict[str, Any]) -> None:
 def _pooling_schema(schema: dict[str, Any]) -> None:
     """PoolingRequest's schema: exactly one of `input` / `messages`, neither empty."""
     _not_null(schema, ("input", "messages"))
+    _non_empty_input(schema)
     for option in schema["properties"]["input"]["anyOf"]:
-        option["minLength" if option["type"] == "string" else "minItems"] = 1
         if option.get("items", {}).get("type") == "array":
             option["items"]["minItems"] = 1  # each token id list is one input: an empty one has no step
     schema["properties"]["messages"]["minItems"] = 1
@@ -259,15 +272,12 @@ class PoolingRequest(BaseModel):
     softmax: StrictBool | None = Field(None, description="vLLM's older name of `use_activation`")
 
     _not_null = field_validator("input", "messages")(_refuse_null)
+    _not_empty = field_validator("input", "messages")(_refuse_empty)
 
     @model_validator(mode="after")
     def _one_source(self) -> "PoolingRequest":
         if (self.input is None) == (self.messages is None):
             raise ValueError("give exactly one of 'input' or 'messages'")
-        if self.input is not None and (self.input == [] or self.input == ""):
-            raise ValueError("'input' must not be empty")
-        if self.messages is not None and not self.messages:
-            raise ValueError("'messages' must not be empty")
         return self
 
     @property
@@ -357,11 +367,13 @@ class GetRewardRequest(BaseModel):
 class ClassifyRequest(BaseModel):
     """vLLM's `/classify` request; each input is a chat-formatted prompt + response."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_non_empty_input)
 
     model: StrictStr | None = None
     input: StrictStr | list[StrictStr] = Field(description="Chat-formatted text(s) ending with the response to score")
     activation: StrictBool = True
+
+    _not_empty = field_validator("input")(_refuse_empty)
 
 
 class ClassifyData(BaseModel):
