@@ -41,8 +41,8 @@ PRIORITIES = (-5, 0, 0, 3)
 WAVE_LIMIT_S = 30.0
 SHUTDOWN_TIMEOUT_S = 10
 RSS_SLOPE_LIMIT = 2048  # bytes per request: under a third of the leak this test found
-# The stalled body must outlast the waves; plain kernels: batch-invariant attention costs 0.8 of the server's 2.4 ms
-# of CPU per request here, and rewards are compared at 1e-5.
+# The stalled body must outlast the waves; plain kernels: batch-invariant ones take the server's CPU per request here
+# from 1.1 to 2.2 ms, and rewards are compared at 1e-5.
 SERVER_ARGS = ("--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--body-read-timeout", "600", "--no-deterministic")
 
 
