@@ -175,9 +175,16 @@ def phase_prmserve(args) -> dict:
 
     problems, levels = beam_levels(rows)
     prm.reset_prefix_cache()
+    before = prm.engine.stats()
     report["beam_extend_s"], beam_rewards = timed(asyncio.run, beam_with_extend(prm, problems, levels))
+    # Tokens the GPU had to compute (the rest were cached): 2 x params x these is the replay's FLOP floor.
+    report["beam_extend_computed_tokens"] = prm.engine.stats().computed_tokens - before.computed_tokens
+    report["beam_extend_steps"] = prm.engine.stats().num_steps - before.num_steps
     prm.reset_prefix_cache()
+    before = prm.engine.stats()
     report["beam_score_s"], score_rewards = timed(beam_with_score, prm, problems, levels)
+    report["beam_score_computed_tokens"] = prm.engine.stats().computed_tokens - before.computed_tokens
+    report["beam_score_steps"] = prm.engine.stats().num_steps - before.num_steps
     report["beam_prompt_tokens"] = sum(
         len(prm.encode({"problem": problems[i], "steps": b + [s]}).token_ids) for level in levels for i, b, s in level)
     # bf16: the same paths scored in other batches and chunks differ by rounding (see the README's bf16 notes).
@@ -346,7 +353,15 @@ def summarize(report: dict) -> None:
         print(line)
         if peak:
             flops = 2 * report["matmul_params"] * p["beam_prompt_tokens"]
-            print(f"beam replay through extend: {flops / p['beam_extend_s'] / peak:.2f} of the FLOP limit")
+            print(f"beam replay through extend: {flops / p['beam_extend_s'] / peak:.2f} of the FLOP limit (all prompt tokens)")
+            for how in ("extend", "score"):
+                computed = p.get(f"beam_{how}_computed_tokens")
+                if computed:  # the tokens the cache could not spare: no engine can beat 2 x params x these at peak
+                    floor = 2 * report["matmul_params"] * computed / peak
+                    best = "".join(f", {name} / floor {other / floor:.1f}x" for name, other in
+                                   (("cache off", nc.get("beam_score_s")), ("transformers", hf.get("beam_later_s"))) if other)
+                    print(f"  via {how}: {computed:,} tokens computed, floor {floor:.2f} s at peak, "
+                          f"{floor / p[f'beam_{how}_s']:.2f} of it reached{best}")
 
 
 def main() -> None:

@@ -6,9 +6,12 @@ fixed shape: `tokens` new tokens and `keys` gathered keys, up to `max_seqs` sequ
 up to the nearest shape: extra tokens form one padding sequence whose KV and head outputs go to
 scratch slots past the pool, unused sequence entries have length 0, and unused keys are never read.
 The padded inputs are filled into the graph's static buffer with one host-to-device copy, then the
-graph is replayed. Layers run eager inside graphs (their launches cost nothing on replay), except in
-deterministic mode: there the graphs hold the same compiled layers as every other step, because eager and
-fused elementwise code round differently and an item's rewards must not depend on which path its step took.
+graph is replayed. The graphs hold the same compiled layers as every other step: eager and fused
+elementwise code round differently, and an item's rewards must not depend on which path its step took
+(eager layers are captured only where capturing compiled ones fails).
+
+Token buckets are fine-grained (at most 25% padding above 64 tokens, 17% above 512): a padded token costs
+as much GPU time as a real one, and tree-search steps come in every size between 16 and 2,048 tokens.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 from prmserve.models.attention import AttentionInputs
 from prmserve.models.transformer import RewardModel, finish_layer, project_qkv
 
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
-KEY_BUCKETS = (1024, 4096, 16384, 65536)
+TOKEN_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896,
+                 960, 1024, 1152, 1280, 1408, 1536, 1792, 2048)
+KEY_BUCKETS = (1024, 4096, 16384, 65536)  # padded keys are filler reads of one scratch slot: cheap, so coarse
 SCRATCH_SLOTS = TOKEN_BUCKETS[-1]  # slots past the pool for padding tokens' KV and head outputs
 
 
@@ -97,10 +101,10 @@ class CudaGraphs:
     """Captured forwards for every small (tokens, keys) shape, replayed for the steps that fit one."""
 
     def __init__(self, model: RewardModel, kv_cache: torch.Tensor, head_cache: torch.Tensor, scratch: int, max_seqs: int,
-                 compiled_layers: bool = False) -> None:
+                 compiled_layers: bool = True) -> None:
         self.model, self.kv_cache, self.head_cache = model, kv_cache, head_cache
         self.scratch, self.max_seqs = scratch, max_seqs
-        self.compiled_layers = compiled_layers  # capture the model's current (compiled) layer functions
+        self.compiled_layers = compiled_layers  # capture the model's current (compiled) layer functions, else eager ones
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
 

@@ -45,22 +45,20 @@ class ModelRunner:
         self.head_cache = torch.zeros((slots, model.head_spec.width), dtype=torch.float32, device=self.device)
         self.graphs: CudaGraphs | None = None
 
-    def capture_graphs(self, max_seqs: int, compiled_layers: bool = False) -> bool:
+    def capture_graphs(self, max_seqs: int) -> bool:
         """Capture CUDA graphs of the forward for small steps (call after `warmup`, before serving).
 
-        `compiled_layers`: the graphs hold the compiled layers, as the other steps run them (deterministic
-        mode); if that capture fails, eager layers are captured instead. Returns whether compiled ones were.
+        The graphs hold the compiled layers, as the other steps run them; if that capture fails, eager layers are
+        captured instead (small steps then round differently from large ones). Returns whether compiled ones were.
         """
         assert self.workers is None, "CUDA graphs are captured for one rank only"
-        graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs, compiled_layers)
+        graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs)
         try:
             graphs.capture_all()
         except RuntimeError as exc:
-            if not compiled_layers:
-                raise
             logger.warning("CUDA graphs of the compiled layers failed (%s); capturing eager ones: small steps now round "
                            "differently from large ones", exc)
-            graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs, False)
+            graphs = CudaGraphs(self.model, self.kv_cache, self.head_cache, self.scratch, max_seqs, compiled_layers=False)
             graphs.capture_all()
         self.graphs = graphs
         return graphs.compiled_layers
@@ -141,32 +139,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warmup(self, max_tokens: int) -> None:
-        """Run the forward at the batch sizes that compile or grow memory differently (1 token, a small
-        step, the full token budget) and once after a cached prefix, so the first real call is no slower
-        than later ones. Writes only KV slots of blocks that hold nothing yet (call before serving)."""
-        slots = self.kv_cache.shape[2]
-        largest = min(max_tokens, slots)
+        """Run the forward at the batch shapes that compile, pick kernels or grow memory differently (1 token,
+        a small step, the full token budget as one sequence and as many, after cached prefixes too), so the first
+        real call is no slower than later ones. Writes only KV slots of blocks that hold nothing yet (call before
+        serving)."""
+        largest = min(max_tokens, self.kv_cache.shape[2])
+        many = max(1, min(64, largest // 16))
+        steps = [[(1, 0)], [(16, 0)], [(largest, 0)], [(min(16, largest), largest - min(16, largest))],
+                 [(largest // many, 0)] * many, [(largest // (2 * many), largest // (2 * many))] * many]
         gen = torch.Generator().manual_seed(0)
-        for count, prefix in ((1, 0), (16, 0), (largest, 0), (min(16, largest), largest - min(16, largest))):
-            if count < 1 or prefix < 0:
-                continue
-            ids = torch.randint(0, self.model.config.vocab_size, (count,), generator=gen)
-            positions = torch.arange(prefix, prefix + count)
-            to = {"device": self.device}
-            inputs = AttentionInputs(
-                cu_seqlens_q=cumulative_lengths([count]).to(**to),
-                cu_seqlens_k=cumulative_lengths([prefix + count]).to(**to),
-                max_seqlen_q=count,
-                max_seqlen_k=prefix + count,
-                kv_cache=self.kv_cache,
-                slot_mapping=positions.to(**to),
-                key_slots=torch.arange(prefix + count).to(**to) if prefix else None,
-                seq_lens_q=[count],
-                seq_lens_k=[prefix + count],
-            )
-            self._forward(ids.to(**to), positions.to(**to), inputs)
+        for sequences in steps:
+            sequences = [(count, prefix) for count, prefix in sequences if count >= 1 and prefix >= 0]
+            if sequences:
+                self._warmup_step(sequences, gen)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _warmup_step(self, sequences: list[tuple[int, int]], gen: torch.Generator) -> None:
+        """One forward of random tokens: (new tokens, cached prefix) per sequence, each on its own run of slots."""
+        lens_q = [count for count, _ in sequences]
+        lens_k = [count + prefix for count, prefix in sequences]
+        bases = np.cumsum([0] + lens_k[:-1])
+        positions = np.concatenate([np.arange(prefix, prefix + count) for count, prefix in sequences])
+        slots = np.concatenate([base + np.arange(prefix, prefix + count) for base, (count, prefix) in zip(bases, sequences)])
+        keys = np.arange(sum(lens_k)) if any(prefix for _, prefix in sequences) else None
+        to = {"device": self.device}
+        ids = torch.randint(0, self.model.config.vocab_size, (sum(lens_q),), generator=gen)
+        inputs = AttentionInputs(
+            cu_seqlens_q=cumulative_lengths(lens_q).to(**to),
+            cu_seqlens_k=cumulative_lengths(lens_k).to(**to),
+            max_seqlen_q=max(lens_q),
+            max_seqlen_k=max(lens_k),
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.from_numpy(slots).to(**to),
+            key_slots=None if keys is None else torch.from_numpy(keys).to(**to),
+            seq_lens_q=lens_q,
+            seq_lens_k=lens_k,
+        )
+        out = self._forward(ids.to(**to), torch.from_numpy(positions).to(**to), inputs)
+        self.head_cache[inputs.slot_mapping] = out.float()
 
     def read_outputs(self, requests: list) -> list[torch.Tensor]:
         """Head outputs [reads, width] at each request's read positions, in the model's dtype (one gather).
