@@ -1,27 +1,34 @@
 """Train the small PRM bundled with prmserve, in the Qwen2.5-Math-PRM checkpoint layout.
 
-The model judges steps of synthetic arithmetic word problems (see ``prmserve.synthetic``).
-It is a tiny Qwen2 decoder plus the Qwen2.5-Math-PRM head (Linear(H,H), ReLU, Linear(H,2));
-step k's reward is softmax(head logits at the k-th ``<extra_0>``)[1]. Training uses
-cross-entropy on those logits plus two auxiliaries: a next-token loss on the correct steps
-(its LM head is dropped at save time) and the score head at every assistant token ("the
-text so far is still correct"). Each step also trains on 64 arithmetic drills
-(``synthetic.make_chain``: a problem's bare claims, some slipped or wrongly carried), which
-teach the checks far more cheaply than whole solutions do.
+The model judges steps of synthetic arithmetic word problems (``prmserve.word_problems``: the train split;
+the test split's templates, names, items and number bands are never generated here). It is a tiny Qwen2
+decoder plus the Qwen2.5-Math-PRM head (Linear(H,H), ReLU, Linear(H,2)); step k's reward is
+softmax(head logits at the k-th ``<extra_0>``)[1]. Training uses cross-entropy on those logits plus two
+auxiliaries: a next-token loss on the digits and operators of the correct text (its LM head is dropped at
+save time) and the score head at every assistant token ("the text so far is still correct"). Each step
+also trains on arithmetic drills (``word_problems.make_drill``: a problem's bare claims, some slipped or
+wrongly carried), which teach the checks far more cheaply than whole solutions do. A curriculum grows
+the given numbers from ``--start-scale`` to 1,000 over the first ``--curriculum-share`` of the steps.
 
-Reproducible: fixed seeds, CPU, 2 threads. Usage::
+Worker processes make the batches ahead, each chunk of ``GROUP`` steps from its own seed, so the data
+are the same whatever the number of workers. Fixed seeds; GPU and CPU numerics differ, so a CPU run is
+another sample of the same recipe, not a bit-copy. Usage::
 
-    python scripts/train_small_prm.py            # writes src/prmserve/bundled/small-prm/
+    python scripts/train_small_prm.py                # the shipped run, on one GPU (bf16 autocast)
+    python scripts/train_small_prm.py --device cpu   # the same recipe on the CPU, in float32 (hours)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
+import multiprocessing
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +41,9 @@ from transformers import Qwen2Config, Qwen2Model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from prmserve import quality, synthetic  # noqa: E402
+from prmserve import quality, word_problems  # noqa: E402
 from prmserve.evaluation import accuracy_by_kind, held_out_quality  # noqa: E402
+from prmserve.word_problems import numbers  # noqa: E402
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 STEP_TOKEN = "<extra_0>"
@@ -49,6 +57,7 @@ SPECIAL_TOKENS = [
     "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
     "<|repo_name|>", "<|file_sep|>", STEP_TOKEN,
 ]
+GROUP = 32  # steps whose batches are cut from one length-sorted pool (less padding); one worker's chunk
 CHAT_TEMPLATE = (
     "{%- if tools %}\n"
     "    {{- '<|im_start|>system\\n' }}\n"
@@ -122,7 +131,7 @@ def render(problem: str, steps: list[str]) -> str:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with Qwen2's pre-tokenizer, trained on synthetic text; specials appended in Qwen order."""
+    """Byte-level BPE with Qwen2's pre-tokenizer (digits one by one), trained on synthetic text; specials appended in Qwen order."""
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -182,14 +191,14 @@ def encode(tok: Tokenizer, pairs: list[tuple], step_id: int, im_start_id: int) -
     return out
 
 
-def encode_chains(tok: Tokenizer, chains: list[tuple[str, int]]) -> list[dict]:
-    """Arithmetic drills (``synthetic.make_chain``) in ``encode``'s item layout, with no steps.
+def encode_drills(tok: Tokenizer, drills: list[tuple[str, int]]) -> list[dict]:
+    """Arithmetic drills (``word_problems.make_drill``) in ``encode``'s item layout, with no steps.
 
-    Each chain is one short sequence led by a space, tokenised as it is inside a step; every
+    Each drill is one short sequence led by a space, tokenised as it is inside a step; every
     token is an auxiliary target, up to the first wrong one for the next-token loss.
     """
     out = []
-    for (text, wrong_char), enc in zip(chains, tok.encode_batch([" " + t for t, _ in chains])):
+    for (text, wrong_char), enc in zip(drills, tok.encode_batch([" " + t for t, _ in drills])):
         ids = enc.ids
         wrong = len(ids) if wrong_char < 0 else token_at(enc.offsets, wrong_char + 1)  # +1: the leading space
         out.append({"ids": ids, "seps": [], "labels": [], "span": (0, len(ids) - 1), "wrong": wrong})
@@ -204,20 +213,31 @@ def length_grouped(items: list[dict], batch: int, rng: random.Random) -> list[li
     return batches
 
 
-def collate(items: list[dict], pad_id: int) -> tuple[torch.Tensor, ...]:
+def numeric_tokens(tok: Tokenizer) -> np.ndarray:
+    """Which token ids are a digit or an operator (a leading space allowed): what the next-token loss predicts."""
+    numeric = np.zeros(tok.get_vocab_size(), dtype=bool)
+    for i in range(tok.get_vocab_size()):
+        text = tok.decode([i]).strip()
+        numeric[i] = text != "" and all(c in "0123456789+-=×÷*/−" for c in text)
+    return numeric
+
+
+def collate(items: list[dict], pad_id: int, numeric: np.ndarray) -> dict[str, np.ndarray]:
     """Right-padded batch: ids, flat (row, pos, label) step targets, and per-token auxiliary targets.
 
-    ``lm_mask`` marks tokens to predict (the assistant's text up to the first wrong token);
-    ``tok_mask``/``tok_labels`` mark assistant tokens and whether the text so far is still correct.
+    ``lm_target`` marks the tokens the next-token loss predicts (digits and operators of the assistant's
+    text up to the first wrong token: the arithmetic and the values carried, not the wording, much of
+    which is random by design); ``tok_mask``/``tok_labels`` mark assistant tokens and whether the text
+    so far is still correct.
     """
     n = max(len(it["ids"]) for it in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    lm_mask = torch.zeros((len(items), n), dtype=torch.bool)
-    tok_mask = torch.zeros((len(items), n), dtype=torch.bool)
-    tok_labels = torch.zeros((len(items), n), dtype=torch.long)
+    ids = np.full((len(items), n), pad_id, dtype=np.int64)
+    lm_mask = np.zeros((len(items), n), dtype=bool)
+    tok_mask = np.zeros((len(items), n), dtype=bool)
+    tok_labels = np.zeros((len(items), n), dtype=np.int64)
     rows, pos, labels = [], [], []
     for b, it in enumerate(items):
-        ids[b, : len(it["ids"])] = torch.tensor(it["ids"])
+        ids[b, : len(it["ids"])] = it["ids"]
         lo, hi = it["span"]
         lm_mask[b, lo : min(hi, it["wrong"] - 1) + 1] = True
         tok_mask[b, lo : hi + 1] = True
@@ -225,36 +245,41 @@ def collate(items: list[dict], pad_id: int) -> tuple[torch.Tensor, ...]:
         rows += [b] * len(it["seps"])
         pos += it["seps"]
         labels += it["labels"]
-    return ids, torch.tensor(rows), torch.tensor(pos), torch.tensor(labels), lm_mask, tok_mask, tok_labels
+    lm_target = lm_mask[:, 1:] & numeric[ids[:, 1:]]
+    return {"ids": ids, "rows": np.array(rows, dtype=np.int64), "pos": np.array(pos, dtype=np.int64),
+            "labels": np.array(labels, dtype=np.int64), "lm_target": lm_target, "tok_mask": tok_mask, "tok_labels": tok_labels}
 
 
-def losses(model: SmallPRM, items: list[dict], pad_id: int, device: str) -> tuple[torch.Tensor, ...]:
+def losses(model: SmallPRM, batch: dict[str, np.ndarray], device: str) -> tuple[torch.Tensor, ...]:
     """Step-label cross-entropy (zero for drills, which have no steps), next-token loss and per-token loss."""
-    ids, rows, pos, labels, lm_mask, tok_mask, tok_labels = (t.to(device) for t in collate(items, pad_id))
-    hidden = model(ids)
-    prm = F.cross_entropy(model.score(hidden[rows, pos]), labels) if len(rows) else hidden.new_zeros(())
-    lm = F.cross_entropy(model.lm_head(hidden[:, :-1][lm_mask[:, 1:]]), ids[:, 1:][lm_mask[:, 1:]])
-    tok = F.cross_entropy(model.score(hidden[tok_mask]), tok_labels[tok_mask])
+    t = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+    hidden = model(t["ids"])
+    prm = F.cross_entropy(model.score(hidden[t["rows"], t["pos"]]).float(), t["labels"]) if len(t["rows"]) else hidden.new_zeros((), dtype=torch.float32)
+    lm = F.cross_entropy(model.lm_head(hidden[:, :-1][t["lm_target"]]).float(), t["ids"][:, 1:][t["lm_target"]])
+    tok = F.cross_entropy(model.score(hidden[t["tok_mask"]]).float(), t["tok_labels"][t["tok_mask"]])
     return prm, lm, tok
 
 
 @torch.no_grad()
-def step_rewards(model: SmallPRM, data: list[dict], pad_id: int, batch: int = 64) -> list[list[float]]:
+def step_rewards(model: SmallPRM, data: list[dict], pad_id: int, numeric: np.ndarray, autocast: bool = False,
+                 batch: int = 128) -> list[list[float]]:
     """Reward (P(step correct)) of every step of every solution."""
     model.eval()
+    device = model.score[0].weight.device
     out = []
     for i in range(0, len(data), batch):
         chunk = data[i : i + batch]
-        ids, rows, pos, *_ = (t.to(model.score[0].weight.device) for t in collate(chunk, pad_id))
-        probs = model.score(model(ids)[rows, pos]).softmax(-1)[:, 1].tolist()
+        b = collate(chunk, pad_id, numeric)
+        ids, rows, pos = (torch.from_numpy(b[k]).to(device) for k in ("ids", "rows", "pos"))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model.score(model(ids)[rows, pos])
+        probs = logits.float().softmax(-1)[:, 1].tolist()
         k = 0
         for it in chunk:
             out.append(probs[k : k + len(it["seps"])])
             k += len(it["seps"])
     model.train()
     return out
-
-
 def qwen_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int]) -> dict:
     """config.json in the Qwen2.5-Math-PRM-7B layout."""
     return {
@@ -332,19 +357,102 @@ def check_chat_template(out: Path, pairs: list[tuple]) -> None:
         assert hf.encode(text) == fast.encode(text).ids
 
 
-def evaluate(model: SmallPRM, tok: Tokenizer, pad_id: int, step_id: int, im_start_id: int, seed: int) -> dict:
-    """Held-out quality on the splits ``prmserve evaluate`` uses (``prmserve.evaluation``)."""
-    return held_out_quality(lambda pairs: step_rewards(model, encode(tok, pairs, step_id, im_start_id), pad_id), seed)
+def evaluate(model: SmallPRM, tok: Tokenizer, ids: dict[str, int], numeric: np.ndarray, seed: int) -> dict:
+    """Held-out quality on the splits ``prmserve evaluate`` uses (``prmserve.evaluation``), in float32."""
+    pad_id, step_id, im_start_id = ids["<|endoftext|>"], ids[STEP_TOKEN], ids["<|im_start|>"]
+    return held_out_quality(lambda pairs: step_rewards(model, encode(tok, pairs, step_id, im_start_id), pad_id, numeric), seed)
 
 
-def write_demo_problems(path: Path, seed: int, n: int = 6) -> None:
-    """Bundle ``n`` held-out problems with 4 candidates each, mixing correct and wrong ones, for the demo."""
-    rows = []
-    for p, sols in synthetic.generate_candidates(10 * n, seed):
-        n_ok = sum(s.first_error < 0 for s in sols)
-        if 1 <= n_ok <= 2 and len(rows) < n:
-            rows.append({"problem": p.text, "solutions": [s.steps for s in sols], "answer": p.answer})
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+class Clock:
+    """Training progress in [0, 1]: the share of ``--steps`` done, or of ``--max-minutes`` spent if that is
+    larger (a time-bound run still warms up, grows its numbers and anneals its learning rate)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.steps, self.seconds, self.start = args.steps, 60 * args.max_minutes, time.time()
+
+    def at(self, step: int) -> float:
+        done = step / self.steps
+        if self.seconds:
+            done = max(done, (time.time() - self.start) / self.seconds)
+        return min(1.0, done)
+
+
+def scale_at(progress: float, args: argparse.Namespace) -> int:
+    """The curriculum: the largest given number at this point of training, growing geometrically to 1,000."""
+    if progress >= args.curriculum_share:
+        return numbers.MAX_GIVEN
+    return round(args.start_scale * (numbers.MAX_GIVEN / args.start_scale) ** (progress / args.curriculum_share))
+
+
+def lr_factor(progress: float) -> float:
+    """Linear warm-up over the first 5% of training, then cosine decay to zero."""
+    return min(1.0, progress / 0.05) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def training_pairs(rng: random.Random, n: int, scale: int) -> list[tuple]:
+    """``n`` (problem, solution) pairs of the train split, half of them with one error."""
+    out = []
+    for _ in range(n):
+        p = word_problems.make_problem(rng, scale=scale)
+        out.append((p, word_problems.make_solution(rng, p) if rng.random() < 0.5 else word_problems.corrupt(rng, p)))
+    return out
+
+
+_WORKER: dict = {}  # each data worker's tokenizer, special ids and numeric-token table
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    tok = Tokenizer.from_str(tokenizer_json)
+    _WORKER.update(tok=tok, ids={t: tok.token_to_id(t) for t in SPECIAL_TOKENS}, numeric=numeric_tokens(tok))
+
+
+def make_chunk(spec: tuple) -> list[tuple[dict, dict | None]]:
+    """``GROUP`` steps' batches (solutions, drills), collated, drawn from the chunk's own seed."""
+    seed, index, scale, batch, drill_batch, p_slip = spec
+    tok, ids, numeric = _WORKER["tok"], _WORKER["ids"], _WORKER["numeric"]
+    pad_id = ids["<|endoftext|>"]
+    rng = random.Random(f"chunk-{seed}-{index}")
+    pairs = training_pairs(rng, GROUP * batch, scale)
+    solutions = length_grouped(encode(tok, pairs, ids[STEP_TOKEN], ids["<|im_start|>"]), batch, rng)
+    drills: list = [None] * GROUP
+    if drill_batch:
+        made = [word_problems.make_drill(rng, p_slip=p_slip, scale=scale) for _ in range(GROUP * drill_batch)]
+        drills = [collate(d, pad_id, numeric) for d in length_grouped(encode_drills(tok, made), drill_batch, rng)]
+    return [(collate(s, pad_id, numeric), d) for s, d in zip(solutions, drills)]
+
+
+def batches(args: argparse.Namespace, tokenizer_json: str, clock: Clock) -> Iterator[tuple[dict, dict | None]]:
+    """Every step's batches in order; ``--workers`` processes make chunks ahead (0: made here, in turn).
+
+    A chunk's numbers follow the curriculum at its first step (or, in a time-bound run, at the time it is asked for).
+    """
+    specs = ((args.seed, i, scale_at(clock.at(i * GROUP), args), args.batch, args.drill_batch, args.drill_slip_share)
+             for i in range(math.ceil(args.steps / GROUP)))
+    if args.workers == 0:
+        _init_worker(tokenizer_json)
+        for spec in specs:
+            yield from make_chunk(spec)
+        return
+    with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (tokenizer_json,)) as pool:
+        pending = collections.deque(pool.apply_async(make_chunk, (s,)) for s, _ in zip(specs, range(2 * args.workers)))
+        while pending:
+            chunk = pending.popleft().get()
+            spec = next(specs, None)
+            if spec is not None:
+                pending.append(pool.apply_async(make_chunk, (spec,)))
+            yield from chunk
+
+
+def monitor(model: SmallPRM, sets: dict[str, tuple[list[dict], list]], pad_id: int, numeric: np.ndarray, autocast: bool) -> str:
+    """F1 at the threshold chosen on validation, and first errors named by kind, on each monitored set."""
+    rewards = {name: step_rewards(model, data, pad_id, numeric, autocast) for name, (data, _) in sets.items()}
+    threshold = quality.best_threshold(rewards["validation"], [s.first_error for _, s in sets["validation"][1]])
+    line = [f"threshold {threshold:.2f}"]
+    for name, (_, pairs) in sets.items():
+        errors = [s.first_error for _, s in pairs]
+        pb = {**quality.processbench_scores(rewards[name], errors, threshold), **accuracy_by_kind(rewards[name], pairs, threshold)}
+        line.append(f"{name}: " + " ".join(f"{k.removeprefix('acc_')} {v:.2f}" for k, v in pb.items()))
+    return " | ".join(line)
 
 
 def parse_args() -> argparse.Namespace:
@@ -352,25 +460,29 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "src/prmserve/bundled/small-prm")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--train-size", type=int, default=40000)
-    ap.add_argument("--steps", type=int, default=1850)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=128, help="whole solutions per step")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--lm-weight", type=float, default=0.5)
     ap.add_argument("--token-weight", type=float, default=0.5, help="weight of the per-token 'still correct' loss")
-    ap.add_argument("--drill-batch", type=int, default=64, help="arithmetic drills per step (synthetic.make_chain)")
-    ap.add_argument("--drill-slip-share", type=float, default=0.5, help="share of slips among the drills' errors")
+    ap.add_argument("--drill-batch", type=int, default=256, help="arithmetic drills per step (word_problems.make_drill)")
+    ap.add_argument("--drill-slip-share", type=float, default=0.7, help="share of slips among the drills' errors")
     ap.add_argument("--drill-weight", type=float, default=1.0, help="weight of the drills' next-token and per-token losses")
-    ap.add_argument("--vocab", type=int, default=600)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--intermediate", type=int, default=384)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--start-scale", type=int, default=20, help="largest given number when the curriculum starts")
+    ap.add_argument("--curriculum-share", type=float, default=0.4, help="share of the steps over which given numbers grow to 1,000")
+    ap.add_argument("--vocab", type=int, default=900)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--kv-heads", type=int, default=6)
     ap.add_argument("--max-positions", type=int, default=1024)
-    ap.add_argument("--eval-every", type=int, default=0, help="print validation F1 every N steps (0: never)")
-    ap.add_argument("--device", default="cpu", help="cpu for the shipped run; cuda only to explore settings")
+    ap.add_argument("--device", default="cuda", help="cuda (bf16 autocast) for the shipped run; cpu (float32) reproduces it slowly")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
+    ap.add_argument("--workers", type=int, default=3, help="processes making batches ahead (0: in the training process)")
+    ap.add_argument("--eval-every", type=int, default=0, help="print validation and held-out dev F1 every N steps (0: never)")
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop training early after this long (0: never); quality.json says so")
     return ap.parse_args()
 
 
@@ -378,19 +490,22 @@ def main() -> None:
     """Generate data, train tokenizer and model, evaluate, save checkpoint and quality.json."""
     args = parse_args()
     t0 = time.time()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    autocast = args.device.startswith("cuda")
 
-    train = synthetic.generate(args.train_size, args.seed)
-    tok = train_tokenizer([render(p.text, s.steps) for p, s in train[:5000]], args.vocab)
+    text_rng = random.Random(args.seed + 7)
+    sample = training_pairs(text_rng, 4000, numbers.MAX_GIVEN)
+    drill_texts = [word_problems.make_drill(text_rng)[0] for _ in range(4000)]
+    tok = train_tokenizer([render(p.text, s.steps) for p, s in sample] + drill_texts, args.vocab)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab_size = 64 * math.ceil(tok.get_vocab_size() / 64)
     pad_id, step_id, im_start_id = ids["<|endoftext|>"], ids[STEP_TOKEN], ids["<|im_start|>"]
-    data = encode(tok, train, step_id, im_start_id)
-    lengths = [len(d["ids"]) for d in data]
-    print(f"tokenizer: {tok.get_vocab_size()} tokens; train seq len mean {np.mean(lengths):.0f} max {max(lengths)}")
+    numeric = numeric_tokens(tok)
+    lengths = [len(d["ids"]) for d in encode(tok, sample, step_id, im_start_id)]
+    print(f"tokenizer: {tok.get_vocab_size()} tokens; train seq len mean {np.mean(lengths):.0f} max {max(lengths)}", flush=True)
 
     config = qwen_config(args, vocab_size, ids)
     hf_config = Qwen2Config(
@@ -401,60 +516,55 @@ def main() -> None:
     )
     model = SmallPRM(hf_config).to(args.device)
     n_params = sum(v.numel() for k, v in model.state_dict().items() if not k.startswith("lm_head."))
-    print(f"model: {n_params:,} params ({4 * n_params / 1e6:.2f} MB float32)")
+    print(f"model: {n_params:,} params ({4 * n_params / 1e6:.2f} MB float32)", flush=True)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-    )
-    monitor = synthetic.generate(600, args.seed + 1)
-    monitor_data, monitor_errors = encode(tok, monitor, step_id, im_start_id), [s.first_error for _, s in monitor]
-    drill_rng, group_rng = random.Random(args.seed + 5), random.Random(args.seed + 6)
-    order = np.random.default_rng(args.seed).permutation(len(data) * (1 + args.steps * args.batch // len(data)))
-    group = 32  # steps whose batches are cut from one length-sorted pool
-    batches: list[list[dict]] = []
-    drills: list[list[dict]] = []
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay,
+                            fused=autocast)
+    # Monitored while training: validation (training's wording) and a dev set worded like the test split
+    # (another seed than the test split's, so the reported test numbers stay unseen).
+    watched = {"validation": word_problems.generate(400, args.seed + 1, "validation"),
+               "held-out dev": word_problems.generate(400, args.seed + 1, "test")}
+    watched_data = {name: (encode(tok, pairs, step_id, im_start_id), pairs) for name, pairs in watched.items()}
     model.train()
-    t_train = time.time()
-    for step in range(args.steps):
-        if not batches:
-            batches = length_grouped([data[i % len(data)] for i in order[step * args.batch : (step + group) * args.batch]],
-                                     args.batch, group_rng)
-        if args.drill_batch and not drills:
-            chains = [synthetic.make_chain(drill_rng, p_slip=args.drill_slip_share) for _ in range(group * args.drill_batch)]
-            drills = length_grouped(encode_chains(tok, chains), args.drill_batch, group_rng)
-        prm_loss, lm_loss, tok_loss = losses(model, batches.pop(), pad_id, args.device)
-        loss = prm_loss + args.lm_weight * lm_loss + args.token_weight * tok_loss
-        drill_loss = torch.zeros(())
-        if args.drill_batch:
-            drill_loss = sum(losses(model, drills.pop(), pad_id, args.device)[1:])
-            loss = loss + args.drill_weight * drill_loss
+    clock, trained = Clock(args), 0
+    for step, (solutions, drills) in enumerate(batches(args, tok.to_str(), clock)):
+        if step == 0:
+            clock.start = time.time()  # time spent training, not starting the workers
+        progress = clock.at(step)
+        if progress >= 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(progress + 0.5 / args.steps)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            prm_loss, lm_loss, tok_loss = losses(model, solutions, args.device)
+            loss = prm_loss + args.lm_weight * lm_loss + args.token_weight * tok_loss
+            drill_loss = torch.zeros((), device=args.device)
+            if drills is not None:
+                drill_loss = sum(losses(model, drills, args.device)[1:])
+                loss = loss + args.drill_weight * drill_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            elapsed = time.time() - t0
-            eta = (time.time() - t_train) / (step + 1) * (args.steps - step - 1)
-            print(f"step {step:5d}  prm {prm_loss.item():.4f}  lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  "
-                  f"drill {drill_loss.item():.4f}  {elapsed:.0f}s, about {eta:.0f}s of training left", flush=True)
+        trained = step + 1
+        if step % 100 == 0:
+            print(f"step {step:5d}  progress {progress:.3f}  scale {scale_at(progress, args):4d}  prm {prm_loss.item():.4f}  "
+                  f"lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  drill {drill_loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            r = step_rewards(model, monitor_data, pad_id)
-            threshold = quality.best_threshold(r, monitor_errors)
-            pb = {**quality.processbench_scores(r, monitor_errors, threshold), **accuracy_by_kind(r, monitor, threshold)}
-            print(f"step {step + 1:5d}  validation " + " ".join(f"{k} {v:.3f}" for k, v in pb.items()), flush=True)
+            print(f"step {step + 1:5d}  {monitor(model, watched_data, pad_id, numeric, autocast)}  {time.time() - t0:.0f}s", flush=True)
 
-    model.cpu()
-    save_checkpoint(args.out, model, tok, config, ids)
-    check_chat_template(args.out, train[:20])
-    metrics = evaluate(model, tok, pad_id, step_id, im_start_id, args.seed)
+    train_seconds = time.time() - clock.start
+    save_checkpoint(args.out, model.cpu(), tok, config, ids)
+    metrics = evaluate(model.to(args.device), tok, ids, numeric, args.seed)
     metrics["model"] = {"params": n_params, "safetensors_bytes": (args.out / "model.safetensors").stat().st_size}
-    metrics["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
-    write_demo_problems(args.out.parent / "demo_problems.jsonl", args.seed + 4)
+    metrics["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workers", "eval_every")}
+    metrics["training"].update(
+        steps_trained=trained, train_seconds=round(train_seconds), total_seconds=round(time.time() - t0),
+        device_name=torch.cuda.get_device_name() if autocast else "cpu", torch=torch.__version__,
+    )
     (args.out / "quality.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
+    check_chat_template(args.out, sample[:20])
     print(f"total {time.time() - t0:.0f}s")
 
 
