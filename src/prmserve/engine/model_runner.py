@@ -71,62 +71,58 @@ class ModelRunner:
         kv = cfg.num_layers * 2 * model.num_kv_heads * cfg.head_dim * itemsize
         return block_size * (kv + 4 * model.head_spec.width)
 
-    def _slots(self, chunk: ScheduledChunk, start: int, out: list[int]) -> None:
-        """Append the pool slots of the chunk's positions [start, end) to out, a block run at a time."""
-        size, table = self.blocks.block_size, chunk.request.block_table
-        position = start
-        while position < chunk.end:
-            block, offset = divmod(position, size)
-            run = min(size - offset, chunk.end - position)
-            base = table[block] * size + offset
-            out.extend(range(base, base + run))
-            position += run
+    def step_arrays(self, chunks: list[ScheduledChunk]) -> StepArrays:
+        """The step's host-side index arrays, built with numpy (no torch CPU kernels: their thread pool fights
+        the launching thread, and per-token Python loops cost milliseconds at tree-search sizes).
+
+        A head reading each token's predecessor (token log-probs) runs a chunk after cached tokens from one token
+        earlier; that token's KV is in the pool already, so its recomputed copy goes to a scratch slot.
+        Keys (every sequence's slots from position 0) are gathered only when some chunk follows a cached prefix
+        or graphs may replay the step (graphs always gather).
+        """
+        back = 1 if self.model.head_spec.needs_previous_token else 0
+        size = self.blocks.block_size
+        gather = self.graphs is not None or any(c.start > 0 for c in chunks)
+        tokens, positions, slots, keys, lens_q, lens_k = [], [], [], [], [], []
+        for c in chunks:
+            start = max(c.start - back, 0)
+            table = np.asarray(c.request.block_table, dtype=np.int64)
+            span = np.arange(0 if gather else c.start, c.end, dtype=np.int64)
+            span_slots = table[span // size] * size + span % size
+            own = span_slots[c.start:] if gather else span_slots  # this chunk's new tokens
+            tokens.append(np.asarray(c.request.token_ids[start : c.end], dtype=np.int64))
+            positions.append(np.arange(start, c.end, dtype=np.int64))
+            slots.append(np.concatenate([np.full(c.start - start, self.scratch, np.int64), own]) if start < c.start else own)
+            if gather:
+                keys.append(span_slots)
+            lens_q.append(c.end - start)
+            lens_k.append(c.end)
+        empty = np.zeros(0, np.int64)
+        return StepArrays(np.concatenate(tokens), np.concatenate(positions), np.concatenate(slots),
+                          np.concatenate(keys) if keys else empty, lens_q, lens_k)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> None:
         """Compute the chunks' tokens; their KV and head outputs land in the pools.
 
-        Index arrays are built on the host with numpy (no torch CPU kernels: their thread pool
-        fights the launching thread) and cross to the device in one copy; nothing waits for the GPU.
+        Index arrays cross to the device in one copy (or fill a CUDA graph's inputs); nothing waits for the GPU.
         """
-        # A head reading each token's predecessor (token log-probs) runs a chunk after cached tokens from one token
-        # earlier; that token's KV is in the pool already, so its recomputed copy goes to a scratch slot.
-        back = 1 if self.model.head_spec.needs_previous_token else 0
-        starts = [max(c.start - back, 0) for c in chunks]
-        tokens: list[int] = []
-        for c, start in zip(chunks, starts):
-            tokens.extend(c.request.token_ids[start : c.end])
-        lens_q = [c.end - start for c, start in zip(chunks, starts)]
-        lens_k = [c.end for c in chunks]
-        positions = np.concatenate([np.arange(start, c.end, dtype=np.int64) for c, start in zip(chunks, starts)])
-        slots: list[int] = []
-        for c, start in zip(chunks, starts):
-            slots.extend([self.scratch] * (c.start - start))
-            self._slots(c, c.start, slots)
-        # When no chunk follows a cached prefix, the new keys are all the keys: skip the gather (graphs always gather).
-        keys: list[int] = []
-        if any(c.start > 0 for c in chunks) or self.graphs is not None:
-            for c in chunks:
-                self._slots(c, 0, keys)
-        if self.graphs is not None:
-            step = StepArrays(np.fromiter(tokens, np.int64, len(tokens)), positions, np.fromiter(slots, np.int64, len(slots)),
-                              np.fromiter(keys, np.int64, len(keys)), lens_q, lens_k)
-            if self.graphs.run(step):
-                return
-        parts = [np.fromiter(tokens, np.int64, len(tokens)), positions, np.fromiter(slots, np.int64, len(slots)),
-                 np.fromiter(keys, np.int64, len(keys)), _cumulative(lens_q), _cumulative(lens_k)]
+        step = self.step_arrays(chunks)
+        if self.graphs is not None and self.graphs.run(step):
+            return
+        parts = [step.tokens, step.positions, step.slots, step.keys, _cumulative(step.lens_q), _cumulative(step.lens_k)]
         packed = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
         ids, positions_t, slot_mapping, key_slots, cu_q, cu_k = packed.split([len(p) for p in parts])
         inputs = AttentionInputs(
             cu_seqlens_q=cu_q.to(torch.int32),
             cu_seqlens_k=cu_k.to(torch.int32),
-            max_seqlen_q=max(lens_q),
-            max_seqlen_k=max(lens_k),
+            max_seqlen_q=max(step.lens_q),
+            max_seqlen_k=max(step.lens_k),
             kv_cache=self.kv_cache,
             slot_mapping=slot_mapping,
-            key_slots=key_slots if keys else None,
-            seq_lens_q=lens_q,
-            seq_lens_k=lens_k,
+            key_slots=key_slots if len(step.keys) else None,
+            seq_lens_q=step.lens_q,
+            seq_lens_k=step.lens_k,
         )
         out = self._forward(ids, positions_t, inputs)
         self.head_cache[inputs.slot_mapping] = out.float()
