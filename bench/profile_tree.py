@@ -97,6 +97,19 @@ def main() -> None:
     print(f"\n== one beam level, stateless ({len(level)} items; past CUDA graphs' sizes): {took * 1e3:.1f} ms under the profiler")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    cold = [{"problem": r["problem"], "steps": r["solutions"][k % 4]} for k, r in enumerate(rows[:256])]
+    prm.score(cold)
+    prm.reset_prefix_cache()
+    prm.recent.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        began = time.perf_counter()
+        prm.score(cold)
+        torch.cuda.synchronize()
+        took = time.perf_counter() - began
+    gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    print(f"\n== {len(cold)} cold items (cache cleared), one call: {took * 1e3:.0f} ms under the profiler, GPU kernels {gpu * 1e3:.0f} ms "
+          f"({gpu / took:.2f} of the wall time)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16))
     prm.close()
 
 
