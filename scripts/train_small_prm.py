@@ -223,12 +223,12 @@ def numeric_tokens(tok: Tokenizer) -> np.ndarray:
 
 
 def collate(items: list[dict], pad_id: int, numeric: np.ndarray) -> dict[str, np.ndarray]:
-    """Right-padded batch: ids, flat (row, pos, label) step targets, and per-token auxiliary targets.
+    """Right-padded ids and every target as flat (row, position) indices, so the GPU never waits on a mask.
 
-    ``lm_target`` marks the tokens the next-token loss predicts (digits and operators of the assistant's
-    text up to the first wrong token: the arithmetic and the values carried, not the wording, much of
-    which is random by design); ``tok_mask``/``tok_labels`` mark assistant tokens and whether the text
-    so far is still correct.
+    Step targets: each ``<extra_0>`` and its label. Next-token targets: the digits and operators of the
+    assistant's text up to the first wrong token (the arithmetic and the values carried, not the wording,
+    much of which is random by design), read at the token before. Per-token targets: every assistant token
+    and whether the text so far is still correct.
     """
     n = max(len(it["ids"]) for it in items)
     ids = np.full((len(items), n), pad_id, dtype=np.int64)
@@ -245,18 +245,22 @@ def collate(items: list[dict], pad_id: int, numeric: np.ndarray) -> dict[str, np
         rows += [b] * len(it["seps"])
         pos += it["seps"]
         labels += it["labels"]
-    lm_target = lm_mask[:, 1:] & numeric[ids[:, 1:]]
+    lm_rows, lm_pos = np.nonzero(lm_mask[:, 1:] & numeric[ids[:, 1:]])
+    tok_rows, tok_pos = np.nonzero(tok_mask)
     return {"ids": ids, "rows": np.array(rows, dtype=np.int64), "pos": np.array(pos, dtype=np.int64),
-            "labels": np.array(labels, dtype=np.int64), "lm_target": lm_target, "tok_mask": tok_mask, "tok_labels": tok_labels}
+            "labels": np.array(labels, dtype=np.int64), "lm_rows": lm_rows, "lm_pos": lm_pos, "lm_next": ids[lm_rows, lm_pos + 1],
+            "tok_rows": tok_rows, "tok_pos": tok_pos, "tok_labels": tok_labels[tok_rows, tok_pos]}
 
 
 def losses(model: SmallPRM, batch: dict[str, np.ndarray], device: str) -> tuple[torch.Tensor, ...]:
     """Step-label cross-entropy (zero for drills, which have no steps), next-token loss and per-token loss."""
-    t = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+    pin = device.startswith("cuda")
+    t = {k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=True) for k, v in batch.items()}
     hidden = model(t["ids"])
-    prm = F.cross_entropy(model.score(hidden[t["rows"], t["pos"]]).float(), t["labels"]) if len(t["rows"]) else hidden.new_zeros((), dtype=torch.float32)
-    lm = F.cross_entropy(model.lm_head(hidden[:, :-1][t["lm_target"]]).float(), t["ids"][:, 1:][t["lm_target"]])
-    tok = F.cross_entropy(model.score(hidden[t["tok_mask"]]).float(), t["tok_labels"][t["tok_mask"]])
+    prm = (F.cross_entropy(model.score(hidden[t["rows"], t["pos"]]).float(), t["labels"]) if batch["rows"].size
+           else hidden.new_zeros((), dtype=torch.float32))
+    lm = F.cross_entropy(model.lm_head(hidden[t["lm_rows"], t["lm_pos"]]).float(), t["lm_next"])
+    tok = F.cross_entropy(model.score(hidden[t["tok_rows"], t["tok_pos"]]).float(), t["tok_labels"])
     return prm, lm, tok
 
 
@@ -460,7 +464,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "src/prmserve/bundled/small-prm")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128, help="whole solutions per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -472,15 +476,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--start-scale", type=int, default=20, help="largest given number when the curriculum starts")
     ap.add_argument("--curriculum-share", type=float, default=0.4, help="share of the steps over which given numbers grow to 1,000")
     ap.add_argument("--vocab", type=int, default=900)
-    ap.add_argument("--hidden", type=int, default=192)
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--kv-heads", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=448)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--max-positions", type=int, default=1024)
     ap.add_argument("--device", default="cuda", help="cuda (bf16 autocast) for the shipped run; cpu (float32) reproduces it slowly")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
-    ap.add_argument("--workers", type=int, default=3, help="processes making batches ahead (0: in the training process)")
+    ap.add_argument("--workers", type=int, default=7, help="processes making batches ahead (0: in the training process)")
     ap.add_argument("--eval-every", type=int, default=0, help="print validation and held-out dev F1 every N steps (0: never)")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training early after this long (0: never); quality.json says so")
     return ap.parse_args()
@@ -526,10 +530,12 @@ def main() -> None:
                "held-out dev": word_problems.generate(400, args.seed + 1, "test")}
     watched_data = {name: (encode(tok, pairs, step_id, im_start_id), pairs) for name, pairs in watched.items()}
     model.train()
-    clock, trained = Clock(args), 0
+    clock, trained, waited, ready = Clock(args), 0, 0.0, time.time()
     for step, (solutions, drills) in enumerate(batches(args, tok.to_str(), clock)):
         if step == 0:
             clock.start = time.time()  # time spent training, not starting the workers
+        else:
+            waited += time.time() - ready  # for the batches (the workers fell behind)
         progress = clock.at(step)
         if progress >= 1:
             break
@@ -549,9 +555,11 @@ def main() -> None:
         trained = step + 1
         if step % 100 == 0:
             print(f"step {step:5d}  progress {progress:.3f}  scale {scale_at(progress, args):4d}  prm {prm_loss.item():.4f}  "
-                  f"lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  drill {drill_loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+                  f"lm {lm_loss.item():.4f}  tok {tok_loss.item():.4f}  drill {drill_loss.item():.4f}  {time.time() - t0:.0f}s "
+                  f"(waited {waited:.0f}s for batches)", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             print(f"step {step + 1:5d}  {monitor(model, watched_data, pad_id, numeric, autocast)}  {time.time() - t0:.0f}s", flush=True)
+        ready = time.time()
 
     train_seconds = time.time() - clock.start
     save_checkpoint(args.out, model.cpu(), tok, config, ids)
@@ -559,7 +567,7 @@ def main() -> None:
     metrics["model"] = {"params": n_params, "safetensors_bytes": (args.out / "model.safetensors").stat().st_size}
     metrics["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workers", "eval_every")}
     metrics["training"].update(
-        steps_trained=trained, train_seconds=round(train_seconds), total_seconds=round(time.time() - t0),
+        steps_trained=trained, train_seconds=round(train_seconds), seconds_waiting_for_batches=round(waited), total_seconds=round(time.time() - t0),
         device_name=torch.cuda.get_device_name() if autocast else "cpu", torch=torch.__version__,
     )
     (args.out / "quality.json").write_text(json.dumps(metrics, indent=2) + "\n")

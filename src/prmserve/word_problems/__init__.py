@@ -25,7 +25,7 @@ from prmserve.word_problems.problems import Op, Problem, apply, make_problem
 from prmserve.word_problems.solutions import ERROR_KINDS, Plan, Solution, eligible_steps, plan_solution, write_solution
 
 SPLITS = ("train", "validation", "test")
-ERROR_WEIGHTS = {"bad_operation": 0.25, "slip": 0.3, "wrong_carry": 0.25, "wrong_final": 0.2}
+ERROR_WEIGHTS = {"bad_operation": 0.25, "slip": 0.35, "wrong_carry": 0.2, "wrong_final": 0.2}
 
 __all__ = [
     "ERROR_KINDS", "SPLITS", "Op", "Problem", "Solution", "apply", "corrupt", "generate", "generate_candidates",

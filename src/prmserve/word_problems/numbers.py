@@ -41,13 +41,18 @@ def given(rng: random.Random, lo: int, hi: int, test: bool = False) -> int | Non
 def _draw(rng: random.Random, lo: int, hi: int) -> int:
     """Log-uniform, uniform or round, in [lo, hi]."""
     r = rng.random()
-    if r < 0.6:
+    if r < 0.7:
         return min(hi, max(lo, int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))))
     if r < 0.8:
         return rng.randint(lo, hi)
     step = rng.choice([5, 10, 10, 25, 50, 100])
     multiples = range(step * math.ceil(lo / step), hi + 1, step)
     return rng.choice(multiples) if len(multiples) else rng.randint(lo, hi)
+
+
+def factor(rng: random.Random, most: int) -> int:
+    """A multiplier in 2..most, small ones more often (as word problems have them)."""
+    return min(most, int(math.exp(rng.uniform(math.log(2), math.log(most + 1)))))
 
 
 def slipped(rng: random.Random, value: int) -> int:

@@ -135,12 +135,21 @@ STORIES = {
          ("One fourth of them is {calc}.", "What remains is {calc} {item}.")), money=False, args=(4,)),
 }
 
-OPENINGS = ("{Name} has {v} {item}.", "{Name} has {v} {item} in a box.", "{Name} owns {v} {item}.")
+OPENINGS = ("{Name} has {v} {item}.", "{Name} has {v} {item} in a box.", "{Name} owns {v} {item}.",
+            "{Name} starts the day with {v} {item}.", "At first, {name} has {v} {item}.", "{Name} keeps {v} {item} on a shelf.",
+            "{Name} has a jar of {v} {item}.")
 OPENINGS_HELD_OUT = ("There are {v} {item} in {name}'s bag.", "{Name} collects {v} {item}.")
 # A sentence per clause, or two clauses in one sentence; the first clause may join the opening sentence.
 PAIRS = ("{Pron} {c}, then {d}.", "{Pron} {c} and then {d}.")
 PAIRS_HELD_OUT = ("{Pron} {c}, and after that {d}.",)
-JOINS = ("{Pron} {c}.", "Then {pron} {c}.", "Next, {pron} {c}.", "After that {pron} {c}.")
+JOINS = ("{Pron} {c}.", "Then {pron} {c}.", "Next, {pron} {c}.", "After that {pron} {c}.", "On Monday, {pron} {c}.",
+         "The next day, {pron} {c}.", "In the evening, {pron} {c}.", "After a while, {pron} {c}.", "Afterwards, {pron} {c}.",
+         "Then {name} {c}.")
+# Phrases training may hang on a clause ("buys 7 more at the fair"): where or when it happens changes nothing.
+CLAUSE_TAILS = ("at the park", "at the fair", "in the morning", "on Sunday", "after dinner", "at the library", "in the kitchen",
+                "with a smile", "during the break", "for a party", "before lunch", "in the garage")
+# Words that name an operation wherever they stand in a clause: a clause that keeps one may lose its verb.
+CUE_WORDS = ("more", "another", "times", "half", "quarter", "equal")
 JOINS_HELD_OUT = ("Later on, {pron} {c}.", "Soon after, {pron} {c}.")
 QUESTIONS = ("How many {item} does {name} have now?", "How many {item} does {pron} have?", "How many?",
              "How many {item} does {pron} have at the end?")
@@ -167,12 +176,13 @@ FINALS = (
 FINALS_HELD_OUT = ("The final answer is {v}.", "Answer: {v} {item}", "#### {v} {item}", "So {name} ends up with \\boxed{{{v}}}.")
 
 
-SYLLABLES = ("ba", "ko", "ri", "mu", "te", "la", "zo", "ni", "pe", "da", "vu", "si", "ga", "fo", "le", "ju")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def pseudo_word(rng: random.Random, syllables: int) -> str:
-    """A made-up word: training meets unknown names and items, so it learns to judge numbers, not names."""
-    return "".join(rng.choice(SYLLABLES) for _ in range(syllables))
+def pseudo_word(rng: random.Random) -> str:
+    """A made-up word of random letters: training meets unknown names, items and words (every letter, in any
+    order), so a word it never read is nothing new and it judges the numbers instead."""
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 8)))
 
 
 # Words of made-up frames around a computation or a value: training sees steps worded any way at all, so
@@ -181,14 +191,44 @@ FRAME_WORDS = ("so", "then", "now", "the", "that", "is", "has", "makes", "gives"
                "of", "with", "all", "in", "at", "more", "number", "left", "count", "here", "which", "it", "are")
 
 
-def random_frame(rng: random.Random, slot: str) -> str:
-    """A step template of random words (real and made-up) around ``{slot}``."""
-    def word() -> str:
-        return rng.choice(FRAME_WORDS) if rng.random() < 0.6 else pseudo_word(rng, rng.choice([1, 2]))
+def random_frame(rng: random.Random, slot: str, mentions: tuple[str, ...] = ()) -> str:
+    """A step template of random words (real and made-up) around ``{slot}``, mentioning some of ``mentions``
+    (other fields, such as the operation's ``{n}``) before it, in random order."""
+    def words(most: int) -> list[str]:
+        return [rng.choice(FRAME_WORDS) if rng.random() < 0.5 else pseudo_word(rng) for _ in range(rng.randint(0, most))]
 
-    words = [word() for _ in range(rng.randint(0, 4))] + ["{" + slot + "}"] + [word() for _ in range(rng.randint(0, 2))]
-    text = " ".join(words)
+    parts = words(3)
+    for field in rng.sample(mentions, rng.randint(0, len(mentions))):
+        parts += ["{" + field + "}"] + words(2)
+    parts += ["{" + slot + "}"] + words(2)
+    text = " ".join(parts)
     return text[0].upper() + text[1:] + rng.choice([".", ".", ":", ""])
+
+
+def noisy(rng: random.Random, template: str) -> str:
+    """``template`` with 1-3 random words slipped in after its first word: a wording near the known ones,
+    as held-out templates are."""
+    words = template.split(" ")
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randint(1, len(words))
+        words.insert(at, rng.choice(FRAME_WORDS) if rng.random() < 0.5 else pseudo_word(rng))
+    return " ".join(words)
+
+
+def random_lead(rng: random.Random) -> str:
+    """1-3 random words (real and made-up) and a comma, to open a sentence: "Glorp the, "."""
+    words = [rng.choice(FRAME_WORDS) if rng.random() < 0.5 else pseudo_word(rng) for _ in range(rng.randint(1, 3))]
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + ", "
+
+
+def disguised(rng: random.Random, clause: str) -> str:
+    """``clause`` with its verb made up when a cue word (``CUE_WORDS``) still says what happens: training then
+    judges the operation by its cues, not by one verb it knows."""
+    words = clause.split(" ")
+    if len(words) > 1 and any(w in CUE_WORDS for w in words[1:]):
+        words[0] = pseudo_word(rng) + "s"
+    return " ".join(words)
 
 
 def templates(train: tuple, held_out: tuple, test: bool) -> tuple:

@@ -103,7 +103,7 @@ def _draw_op(rng: random.Random, x: int, money: bool, friends: tuple[str, ...], 
         arg = numbers.given(rng, 2, min(scale, x - 2), test)
     elif kind == "mul":
         most = min(numbers.MAX_FACTOR, top // x)
-        arg = rng.randint(2, most) if most >= 2 else None
+        arg = numbers.factor(rng, most) if most >= 2 else None
     else:
         divisors = [d for d in range(2, numbers.MAX_FACTOR + 1) if x % d == 0 and x > d]
         arg = rng.choice(divisors) if divisors else None
@@ -122,8 +122,8 @@ def make_problem(rng: random.Random, test: bool = False, n_ops: int | None = Non
     item = rng.choice(phrasing.MONEY) if money else rng.choice(templates(phrasing.OBJECTS, phrasing.OBJECTS_HELD_OUT, test))
     friends = templates(phrasing.FRIENDS, phrasing.FRIENDS_HELD_OUT, test)
     if not test and rng.random() < 0.3:  # made-up names and items, so unknown ones are nothing new
-        name, friends = phrasing.pseudo_word(rng, 2).capitalize(), (phrasing.pseudo_word(rng, 2).capitalize(),)
-        item = item if money else phrasing.pseudo_word(rng, rng.choice([2, 3])) + "s"
+        name, friends = phrasing.pseudo_word(rng).capitalize(), (phrasing.pseudo_word(rng).capitalize(),)
+        item = item if money else phrasing.pseudo_word(rng) + "s"
     while True:  # a test problem has at least one given number from a held-out band
         start = numbers.given(rng, 2, scale, test and rng.random() < 0.5)
         ops, x = [], start
@@ -149,9 +149,16 @@ def _problem_text(rng: random.Random, p: Problem) -> str:
     for op in p.ops:
         story = STORIES[op.story]
         clause = rng.choice(templates(story.clauses, story.clauses_held_out, test))
+        if not test:  # training's clauses vary beyond their templates: a made-up verb, extra words, a place or time
+            if rng.random() < 0.15:
+                clause = phrasing.disguised(rng, clause)
+            if rng.random() < 0.35:
+                clause = phrasing.noisy(rng, clause)
+            if rng.random() < 0.3:
+                clause += " " + rng.choice(phrasing.CLAUSE_TAILS)
         clauses.append(clause.format(n=op.arg, friend=op.friend, **fields))
     openings = templates(phrasing.OPENINGS, phrasing.OPENINGS_HELD_OUT, test)
-    opening = (phrasing.random_frame(rng, "v") + " {item}." if not test and rng.random() < 0.1 else rng.choice(openings))
+    opening = (phrasing.random_frame(rng, "v") + " {item}." if not test and rng.random() < 0.25 else rng.choice(openings))
     opening = opening.replace(":.", ".").format(v=p.start, **fields)
     sentences = []
     if not test and rng.random() < 0.4 and opening.startswith(p.name + " has "):  # "Ava has 12 apples and finds 7 more."
@@ -163,9 +170,12 @@ def _problem_text(rng: random.Random, p: Problem) -> str:
             sentences.append(rng.choice(pairs).format(c=clauses.pop(0), d=clauses.pop(0), **fields))
         else:
             join = joins[0] if not sentences and not test else rng.choice(joins)
+            if not test and rng.random() < 0.2:
+                join = phrasing.random_lead(rng) + "{pron} {c}."
             sentences.append(join.format(c=clauses.pop(0), **fields))
     questions = templates(phrasing.QUESTIONS, phrasing.QUESTIONS_HELD_OUT, test)
     if p.ops[-1].kind in ("sub", "less_quarter") and not test:
         questions = questions + phrasing.QUESTIONS_LEFT
-    question = rng.choice(questions).format(**fields)
+    question = rng.choice(questions)
+    question = (phrasing.noisy(rng, question) if not test and rng.random() < 0.2 else question).format(**fields)
     return " ".join([opening, *sentences, question])

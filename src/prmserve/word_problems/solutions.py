@@ -72,8 +72,12 @@ def plan_solution(rng: random.Random, p: Problem) -> Plan:
     test, steps = p.test, []
 
     def worded(train: tuple, held_out: tuple, slot: str) -> str:
-        """A template of the split; in training, now and then a frame of random words."""
-        return phrasing.random_frame(rng, slot) if not test and rng.random() < 0.15 else rng.choice(templates(train, held_out, test))
+        """A template of the split; in training, now and then a frame of random words or a noisy template."""
+        r = rng.random()
+        if not test and r < 0.2:
+            return phrasing.random_frame(rng, slot, ("item", "name"))
+        template = rng.choice(templates(train, held_out, test))
+        return phrasing.noisy(rng, template) if not test and r < 0.4 else template
 
     if rng.random() < 0.25:
         steps.append(PlannedStep("start", worded(phrasing.STARTS, phrasing.STARTS_HELD_OUT, "v")))
@@ -91,8 +95,11 @@ def plan_solution(rng: random.Random, p: Problem) -> Plan:
             if rng.random() < 0.25 and not wording.startswith("{Name}") and not wording.startswith("{friend}"):
                 lead = rng.choice(templates(phrasing.LEADS, phrasing.LEADS_HELD_OUT, test))
                 wording = wording[0].lower() + wording[1:] if wording[0] != "{" else "{" + wording[1].lower() + wording[2:]
-            if not test and rng.random() < 0.15:
-                wording, lead = phrasing.random_frame(rng, "calc"), ""
+            r = rng.random()
+            if not test and r < 0.2:
+                wording, lead = phrasing.random_frame(rng, "calc", ("n", "item", "friend", "pron")), ""
+            elif not test and r < 0.4:
+                wording = phrasing.noisy(rng, wording)
             steps.append(PlannedStep("claim", wording, i, part, show=r < 0.8, lead=lead))
         if story.args and story.kind == "div" and rng.random() < 0.3:
             fraction[i] = rng.choice(["1/{b} × {a} = {y}", "{a} × 1/{b} = {y}"])
