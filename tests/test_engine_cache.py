@@ -113,7 +113,12 @@ def assert_rewards_match(prm: PRM, items: list[dict], results) -> None:
         assert result.step_rewards == pytest.approx(expected, abs=TOLERANCE, rel=0)
         usage = result.usage
         assert usage.prompt_tokens == len(prm.encode(item).token_ids)
-        assert usage.prompt_tokens == usage.computed_tokens + usage.cached_tokens
+        assert usage.computed_tokens + usage.cached_tokens == scored_length(prm, item)
+
+
+def scored_length(prm: PRM, item: dict) -> int:
+    """Tokens the engine computes or reads from the cache: up to the last read position (none after it is computed)."""
+    return max(prm.encode(item).read_positions) + 1
 
 
 def assert_no_block_pinned(engine: Engine) -> None:
@@ -251,10 +256,11 @@ def test_rescored_prefix_is_not_recomputed(make_prm, block_size):
     first_item = {"problem": p, "steps": steps[:2]}
     second_item = {"problem": p, "steps": steps}
     first = prm.score([first_item])[0]
-    assert first.usage.cached_tokens == 0 and first.usage.computed_tokens == first.usage.prompt_tokens
+    assert first.usage.cached_tokens == 0 and first.usage.computed_tokens == scored_length(prm, first_item)
+    assert first.usage.prompt_tokens > first.usage.computed_tokens  # Qwen's <|im_end|> and newline: never computed
 
     second = prm.score([second_item])[0]
-    a, b = prm.encode(first_item).token_ids, prm.encode(second_item).token_ids
+    a, b = prm.encode(first_item).token_ids, prm.encode(second_item).token_ids[: scored_length(prm, second_item)]
     common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
     new_tokens = len(b) - common
     assert second.usage.computed_tokens >= new_tokens
@@ -358,7 +364,7 @@ def test_prefix_caching_off_never_caches(make_prm):
         results = prm.score(items)
         assert_rewards_match(prm, items, results)
         for r in results:
-            assert r.usage.cached_tokens == 0 and r.usage.computed_tokens == r.usage.prompt_tokens
+            assert r.usage.cached_tokens == 0 and r.usage.computed_tokens == scored_length(prm, items[results.index(r)])
     wait_idle(prm)
     assert not prm.engine.blocks.by_hash and not prm.engine.blocks.cached_free
     assert prm.engine.stats().cached_tokens == 0

@@ -69,7 +69,8 @@ def test_300_concurrent_requests_with_mixed_priorities_get_offline_rewards(serve
         assert_close(result["step_rewards"], want.step_rewards)
         assert result["aggregate"] == min(result["step_rewards"])
         usage = result["usage"]
-        assert usage["prompt_tokens"] == usage["computed_tokens"] + usage["cached_tokens"] == want.usage.prompt_tokens
+        assert usage["prompt_tokens"] == want.usage.prompt_tokens
+        assert usage["computed_tokens"] + usage["cached_tokens"] == want.usage.computed_tokens + want.usage.cached_tokens
 
 
 def test_aggregate_and_request_usage(server: ServerProcess, offline_prm) -> None:
@@ -206,7 +207,8 @@ def test_metrics_count_tokens_steps_latency_and_errors(server: ServerProcess) ->
     httpx.post(server.url + "/v1/score", json={"items": short_items(2, seed=5)})
     httpx.post(server.url + "/v1/score", json={"items": []})
     text = httpx.get(server.url + "/metrics").text
-    assert server.metric("prmserve_prompt_tokens_total") == (
+    # Qwen2.5-Math-PRM's <|im_end|> and newline after the last step are counted as prompt, never computed.
+    assert server.metric("prmserve_prompt_tokens_total") > (
         server.metric("prmserve_computed_tokens_total") + server.metric("prmserve_cached_tokens_total")
     ) > 0
     assert server.metric("prmserve_step_sequences_count") > 0 and server.metric("prmserve_step_tokens_sum") > 0

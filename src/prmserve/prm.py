@@ -259,8 +259,7 @@ class PRM:
         for index, (encoded, parts) in enumerate(self._encode_items(items)):
             if keep and (parts is None or encoded.body_len is None):
                 raise InvalidInputError(f"item {index}: keep=True needs a problem + steps item (pre-formatted input cannot be extended)")
-            request = Request(uuid.uuid4().hex, encoded.token_ids, encoded.read_positions, priority,
-                              keep_tokens=encoded.body_len if keep else 0)
+            request = _request(encoded.token_ids, encoded.read_positions, priority, keep_tokens=encoded.body_len if keep else 0)
             node_text = (parts[0], tuple(parts[1])) if keep else None
             jobs.append(ScoringJob(encoded, request, node_text=node_text, step_spans=parts[2] if parts else None))
         return jobs
@@ -280,7 +279,7 @@ class PRM:
                     prefixes = [self._checked_length(e) for e in self.format.prefixes(parts[0], parts[1])]
             except (InvalidInputError, FormatError) as exc:
                 raise type(exc)(f"item {index}: {exc}") from None
-            requests = [Request(uuid.uuid4().hex, e.token_ids, e.read_positions, priority) for e in prefixes]
+            requests = [_request(e.token_ids, e.read_positions, priority) for e in prefixes]
             jobs.append(ScoringJob(prefixes[-1], requests[-1], step_spans=parts[2] if parts else None, earlier=requests[:-1]))
         return jobs
 
@@ -307,8 +306,8 @@ class PRM:
             same_start = encoded.token_ids[:body] == node.encoded.token_ids[:body]
             hashes = node.block_hashes[:shared_blocks] if node.block_hashes and same_start else None
             own = 0 if self.format.rescores_node_on_extend else len(node.encoded.read_positions)  # else the node's rewards are kept
-            request = Request(uuid.uuid4().hex, encoded.token_ids, encoded.read_positions[own:], priority,
-                              block_hashes=hashes, keep_tokens=encoded.body_len if keep else 0)
+            request = _request(encoded.token_ids, encoded.read_positions[own:], priority, block_hashes=hashes,
+                               keep_tokens=encoded.body_len if keep else 0)
             text = (node.problem, node.steps + tuple(steps)) if keep else None
             jobs.append(ScoringJob(encoded, request, parent=node, node_text=text))
         return jobs
@@ -489,3 +488,11 @@ def _tensor_names_if_needed(path: Path, config: BackboneConfig) -> set[str] | No
         with ExitStack() as stack:
             return CheckpointTensors(path, stack).names()
     return None
+
+
+def _request(token_ids: list[int], read_positions: list[int], priority: int, **options: Any) -> Request:
+    """An engine request for the ids up to the last read position (and what a kept node pins): the model is causal,
+    so no reward depends on later tokens (Qwen2.5-Math-PRM's `<|im_end|>` and newline), and they are never computed."""
+    end = max(max(read_positions) + 1, options.get("keep_tokens", 0))
+    ids = token_ids if end >= len(token_ids) else token_ids[:end]
+    return Request(uuid.uuid4().hex, ids, read_positions, priority, input_tokens=len(token_ids), **options)

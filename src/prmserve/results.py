@@ -11,7 +11,8 @@ AGGREGATIONS = ("min", "last", "mean", "prod")
 
 @dataclass(frozen=True)
 class TokenUsage:
-    """prompt_tokens = computed_tokens + cached_tokens."""
+    """prompt_tokens = computed_tokens + cached_tokens + the tokens after the last step's read position, which are
+    never computed (in a causal model no reward depends on them; Qwen2.5-Math-PRM's `<|im_end|>` and newline)."""
 
     prompt_tokens: int = 0
     computed_tokens: int = 0

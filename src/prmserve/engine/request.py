@@ -37,6 +37,7 @@ class Request:
     # Prefix-cache keys of its full blocks; may start as a parent's keys, continued for the rest.
     block_hashes: list[tuple[int, tuple[int, ...]]] | None = None
     keep_tokens: int = 0  # once finished, pin the cached blocks of its first keep_tokens tokens
+    input_tokens: int | None = None  # the input's length, where tokens after the last read position were left out
     created_at: float = field(default_factory=time.monotonic)  # when it was built, just before submission
     scheduled_at: float | None = None  # when the scheduler first admitted it (set once)
 
@@ -60,4 +61,4 @@ class Request:
 
     @property
     def usage(self) -> TokenUsage:
-        return TokenUsage(self.num_tokens, self.num_tokens - self.num_cached, self.num_cached)
+        return TokenUsage(self.input_tokens or self.num_tokens, self.num_tokens - self.num_cached, self.num_cached)
