@@ -83,9 +83,20 @@ def main() -> None:
                   f"(threads {torch.get_num_threads()}, {'eager' if args.eager else 'compiled'})")
             for name, values in STAMPS.items():  # "step tokens"/"step seqs" are counts (printed as stamps x1e3)
                 print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / args.reps:.1f} per call")
+    problems, levels = bench_tree.beam_levels(rows)
+    STAMPS.clear()
+    for rep in range(2):  # the whole replay, level by level, stateless: where a level's time goes
+        prm.reset_prefix_cache()
+        prm.recent.clear()
+        began = time.perf_counter()
+        bench_tree.beam_with_score(prm, problems, levels)
+        took = time.perf_counter() - began
+    print(f"\n== beam replay, stateless, its second run: {took * 1e3:.0f} ms for {len(levels)} levels")
+    for name, values in STAMPS.items():
+        values = values[len(values) // 2 :]  # the second run's
+        print(f"  {name:24s} median {statistics.median(values):7.2f} ms  sum {sum(values):8.1f} ms  x{len(values)}")
     if not torch.cuda.is_available():
         return
-    problems, levels = bench_tree.beam_levels(rows)
     level = [{"problem": problems[i], "steps": b + [s]} for i, b, s in levels[3]]
     prm.score(level)  # its prefixes cached, as in the replay
     level = [{"problem": problems[i], "steps": b + [s]} for i, b, s in levels[4]]
