@@ -161,3 +161,46 @@ def test_memory_shortage_never_lets_a_lower_priority_request_jump_ahead(model):
     assert [r.request_id for r in done] == ["big", "mid", "small"]
     check_outputs(model, [big, mid, small])
     assert engine.stats().kv_blocks_in_use == 0
+
+
+class FakeEvent:
+    """Stands in for a CUDA event of a launched step: counts how often the host waited for it."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def synchronize(self) -> None:
+        self.waits += 1
+
+
+def test_the_next_step_runs_ahead_only_when_the_queue_fills_it(model) -> None:
+    """`make_way` keeps one step queued behind the running one when queued work fills a step (the GPU never idles
+    while the host schedules), and otherwise waits for the GPU so that arrivals join the next step."""
+    rng = random.Random(3)
+    engine = engine_for(model, max_num_batched_tokens=64, max_num_seqs=8)
+    engine.add(make_request("a", random_ids(rng, 40)))
+    assert not engine.scheduler.fills_step()
+    running, queued = FakeEvent(), FakeEvent()
+    engine._launched.extend([running, queued])
+    engine.make_way()  # 40 of 64 tokens queued: wait for everything launched
+    assert (running.waits, queued.waits) == (1, 1) and not engine._launched
+
+    engine.add(make_request("b", random_ids(rng, 30)))
+    assert engine.scheduler.fills_step()
+    running, queued = FakeEvent(), FakeEvent()
+    engine._launched.extend([running, queued])
+    engine.make_way()  # 70 tokens queued: only the older step must be done
+    assert (running.waits, queued.waits) == (1, 0) and list(engine._launched) == [queued]
+    engine.make_way()  # one step in flight is allowed
+    assert queued.waits == 0
+    check_outputs(model, drain(engine))
+
+
+def test_a_full_sequence_budget_fills_a_step(model) -> None:
+    rng = random.Random(4)
+    engine = engine_for(model, max_num_batched_tokens=10_000, max_num_seqs=3)
+    for name in "abc":
+        assert not engine.scheduler.fills_step()
+        engine.add(make_request(name, random_ids(rng, 5)))
+    assert engine.scheduler.fills_step()
+    check_outputs(model, drain(engine))

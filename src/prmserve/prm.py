@@ -16,6 +16,7 @@ import torch
 
 from prmserve.completions import DEFAULT_STEP_SPLIT, chat_to_completion, split_completion, split_rule
 from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
+from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
 from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
 from prmserve.formats import EncodedItem, detect_format, make_format
@@ -318,7 +319,8 @@ class PRM:
 
     def collect(self, jobs: Sequence[ScoringJob], finished: Sequence[Request]) -> list[ScoreResult]:
         """Results of finished jobs: every reward in one batched operation; kept ones become nodes."""
-        rewards = self.format.rewards(torch.cat([r.outputs for r in finished])) if finished else []
+        with reading(finished):  # not waiting for steps launched after these
+            rewards = self.format.rewards(torch.cat([r.outputs for r in finished])) if finished else []
         results, start, taken = [], 0, 0
         for job in jobs:
             mine = finished[taken : taken + len(job.requests)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,7 +69,7 @@ class Engine:
         self.runner = ModelRunner(model, self.blocks, workers)
         self.step_observers: list[Callable[[StepStats], None]] = []
         self._device = param.device
-        self._launched: torch.cuda.Event | None = None  # the GPU work of the last step, once launched
+        self._launched: deque[torch.cuda.Event] = deque()  # steps launched whose GPU work may not be done
         self._steps = self._prompt = self._computed = self._cached = 0
         self.sleep_level = 0  # 0 awake; else the level it sleeps at (its runner and pools are gone)
         self._graph_seqs: int | None = None  # the CUDA graphs' max_seqs, to capture them again on waking
@@ -99,11 +100,19 @@ class Engine:
         return self.blocks.unpin(key)
 
     def wait_for_gpu(self) -> None:
-        """Block until the last step's GPU work is done: requests that arrive meanwhile join the next step
+        """Block until the launched steps' GPU work is done: requests that arrive meanwhile join the next step
         (continuous batching), instead of many tiny steps queueing behind it on the GPU."""
-        if self._launched is not None:
-            self._launched.synchronize()
-            self._launched = None
+        while self._launched:
+            self._launched.popleft().synchronize()
+
+    def make_way(self) -> None:
+        """Before the next step: if the queue alone fills it, let it go to the GPU behind the one still running
+        (one at most), so the GPU never idles while the host schedules; else wait, so arrivals can join it."""
+        if self._launched and self.scheduler.fills_step():
+            while len(self._launched) > 1:
+                self._launched.popleft().synchronize()
+        else:
+            self.wait_for_gpu()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -160,9 +169,12 @@ class Engine:
         if done:
             for request, outputs in zip(done, self.runner.read_outputs(done)):
                 request.outputs = outputs
-        if plan.chunks and self._device.type == "cuda":
-            self._launched = torch.cuda.Event()
-            self._launched.record()
+        if (plan.chunks or done) and self._device.type == "cuda":
+            launched = torch.cuda.Event()
+            launched.record()
+            self._launched.append(launched)
+            for request in done:
+                request.ready = launched
         for request in done:
             if request.keep_tokens:
                 self.blocks.pin(request.request_id, request)  # a node kept for its children

@@ -140,7 +140,7 @@ class EngineLoop:
             if stop and block:
                 return
             if not block:
-                self.engine.wait_for_gpu()  # what arrives while the GPU works joins the next step
+                self.engine.make_way()  # wait for the GPU (arrivals join the next step) unless the queue fills it
             try:
                 kind, payload = self._inbox.get(block=block)
             except queue.Empty:

@@ -34,6 +34,7 @@ class Request:
     num_cached: int = 0  # tokens whose KV came from the prefix cache
     num_done: int = 0  # tokens whose KV is in the pool (cached + computed so far)
     outputs: torch.Tensor | None = None  # head outputs at read_positions, once finished
+    ready: torch.cuda.Event | None = None  # CUDA: recorded once `outputs` are written (read them via `readout.reading`)
     # Prefix-cache keys of its full blocks; may start as a parent's keys, continued for the rest.
     block_hashes: list[tuple[int, tuple[int, ...]]] | None = None
     keep_tokens: int = 0  # once finished, pin the cached blocks of its first keep_tokens tokens

@@ -77,6 +77,17 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def fills_step(self) -> bool:
+        """Whether the queued work alone fills the next step's token or sequence budget (cache hits not counted)."""
+        if len(self.queue) >= self.config.max_num_seqs:
+            return True
+        budget = self.config.max_num_batched_tokens
+        for _, request in self.queue:
+            budget -= request.num_remaining
+            if budget <= 0:
+                return True
+        return False
+
     def schedule(self) -> Schedule:
         """Pick this step's chunks in priority order."""
         self.step += 1

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from prmserve.engine import EngineStats, Request
+from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
 from prmserve.prm import PRM
 from prmserve.results import ScoreResult
@@ -114,7 +115,8 @@ class PRMActor:
             for request, future in zip(requests, futures):
                 future.cancel()  # a no-op once finished; aborts the rest
                 self._inflight.pop(request.request_id, None)
-        outputs = torch.cat([r.outputs for r in done]).cpu().split([len(r.read_positions) for r in done])
+        with reading(done):
+            outputs = torch.cat([r.outputs for r in done]).cpu().split([len(r.read_positions) for r in done])
         outcomes = [RequestOutcome(o, r.num_cached, r.queue_seconds) for o, r in zip(outputs, done)]
         return outcomes, self.prm.engine.stats()
 

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 
 from prmserve.engine import Request as EngineRequest
+from prmserve.engine.readout import reading
 from prmserve.errors import (
     EngineSleepingError,
     FormatError,
@@ -417,7 +418,8 @@ def _pooling_rows(prm: PRM, jobs: list[ScoringJob], done: list[EngineRequest], a
     """Rows per step of each input: `[1 - reward, reward]`, or with the activation off the head's raw outputs there."""
     if activated:
         return [[[1.0 - r, r] for r in result.step_rewards] for result in prm.collect(jobs, done)]
-    return [request.outputs.float().tolist() for request in done]
+    with reading(done):
+        return [request.outputs.float().tolist() for request in done]
 
 
 def _encoded(rows: list[list[float]], body: PoolingRequest) -> list[list[float]] | str:
