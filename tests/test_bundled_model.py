@@ -1,17 +1,24 @@
-"""The PRM shipped inside the package: it loads by default, judges held-out problems, and drives the demo."""
+"""The PRM shipped inside the package: it loads by default, judges held-out problems, drives the demo, and
+prints what the README's examples say."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
 from prmserve import PRM, synthetic
 from prmserve.demo import load_problems
 from prmserve.evaluation import held_out_quality, prm_scorer
 from prmserve.prm import BUNDLED_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Floors the training recipe clears on every seed tried (worst of eight GPU seeds: F1 0.82, slip 0.39,
 # best-of-4 0.08 over majority vote; bench/notes/small_prm.md). The shipped checkpoint's full
@@ -56,3 +63,39 @@ def test_readme_main_command_prints_the_demo() -> None:
         assert problem["problem"] in done.stdout
         for steps in problem["solutions"]:
             assert all(step in done.stdout for step in steps)
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_the_python_api_example_prints_what_its_comment_shows(prm) -> None:
+    """The bundled model's rewards for the README's first Python example, to the 3 places shown, every step above 0.5."""
+    (code, *_) = re.findall(r"```python\n(.*?)```", readme_section("Python API"), re.DOTALL)
+    item = eval(re.search(r"prm\.score\(\[\n\s*(\{.*?\}),\n\s*\]\)", code, re.DOTALL).group(1))  # a literal dict
+    shown = json.loads(re.search(r"step_rewards\s+# with PRM\(\): (\[.*?\])", code).group(1))
+    rewards = prm.score([item])[0].step_rewards
+    assert rewards == pytest.approx(shown, abs=6e-4) and min(rewards) > 0.5, rewards
+
+
+def test_the_curl_example_gets_what_it_shows(prm) -> None:
+    """The body of the README's curl to /v1/score, sent to an app serving the bundled model."""
+    from prmserve.server import create_app
+
+    section = readme_section("Server, client, command line")
+    body = json.loads(re.search(r"curl -s localhost:8000/v1/score .*? -d '(\{.*?\})'", section).group(1))
+    shown = json.loads(re.search(r"# -> with the bundled model: (\{.*\})", section).group(1))
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(create_app(prm, log_requests=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/score", json=body)
+
+    response = asyncio.run(send())
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["step_rewards"] == pytest.approx(shown["step_rewards"], abs=6e-3) and min(result["step_rewards"]) > 0.5
+    assert result["aggregate"] == pytest.approx(shown["aggregate"], abs=6e-3)

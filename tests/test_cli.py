@@ -138,6 +138,7 @@ def test_option_help_names_engine_and_format_options() -> None:
     ('{"problem": "p"}', ":1: 'solutions' must be a non-empty list"),
     ('{"problem": "p", "solutions": []}', ":1: 'solutions' must be a non-empty list"),
     ('{"problem": "p", "solutions": [["a"], []]}', ":1: solution 1 must be a non-empty list of step strings"),
+    ('{"problem": "p", "solutions": [["a"]], "first_errors": [1]}', ":1: 'first_errors' must hold, per solution, the index"),
     ("\n", ": no problems in the file"),
 ])
 def test_a_bad_demo_problems_file_is_named_with_its_line(text: str, problem: str, tmp_path: Path, capsys) -> None:
@@ -147,6 +148,15 @@ def test_a_bad_demo_problems_file_is_named_with_its_line(text: str, problem: str
     assert capsys.readouterr().err.startswith(f"prmserve demo: {path}{problem}")
     assert cli.main(["demo", "--problems", str(tmp_path / "missing.jsonl")]) == 1
     assert "no such problems file" in capsys.readouterr().err
+
+
+def test_the_demo_prints_where_a_file_says_each_solution_goes_wrong(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "labelled.jsonl"
+    path.write_text(json.dumps({"problem": "Tom has 3 apples. He buys 2 more apples. How many apples does Tom have now?",
+                                "solutions": [["3 + 2 = 5.", "So 5."], ["3 + 2 = 6.", "So 6."]], "first_errors": [-1, 0]}) + "\n")
+    assert cli.main(["demo", "--problems", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "written correct)" in out and "written with an error in step 1)" in out
 
 
 def test_a_closed_stdout_stops_the_command_quietly() -> None:

@@ -1,12 +1,11 @@
-"""The bundled model's held-out evaluation on the word problems, driven by scorers whose answers are known."""
+"""The held-out evaluation on the word problems (`evaluation.word_problem_task`), driven by scorers whose answers are known."""
 
 from __future__ import annotations
 
 import pytest
 
 from prmserve import word_problems
-from prmserve.evaluation import held_out_quality
-from prmserve.evaluation.synthetic_task import slip_pair_ranking
+from prmserve.evaluation.word_problem_task import held_out_quality, slip_pair_ranking
 
 
 def oracle(pairs):

@@ -1,32 +1,27 @@
-"""Held-out quality of a PRM on the synthetic word problems, whatever scores it (training model or `PRM`):
+"""Held-out quality of a PRM on the synthetic arithmetic task, whatever scores it (training model or `PRM`):
 a case of the ProcessBench and best-of-N evaluations, on generated data.
 
-The threshold is chosen on the validation split (training's templates and numbers); everything else is
-measured on the test split, written with held-out templates and number bands (`prmserve.word_problems`):
-ProcessBench F1, how often each error kind's first error is named exactly, best-of-4 (the PRM's pick by
-its minimum step reward against majority vote and a random pick), and how often a correct solution's
-minimum step reward beats that of its copy with one slipped result.
+The splits are the ones the shipped bundled model's quality.json reports (`prmserve.synthetic`): validation
+(seed + 1) picks the ProcessBench threshold, test (seed + 2) measures it, and best-of-4 problems
+(seed + 3) compare picking by the minimum step reward with majority vote and a random pick. The word
+problems' evaluation (`word_problem_task`) shares the helpers below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from prmserve import quality, word_problems
+from prmserve import quality, synthetic
 from prmserve.evaluation import best_of_n, processbench
 
-Pairs = list[tuple[word_problems.Problem, word_problems.Solution]]
+Pairs = list[tuple[Any, Any]]  # (problem, solution): .text, .answer; .steps, .first_error, .error_kind, .final_answer
 Scorer = Callable[[Pairs], list[list[float]]]
 
 
-def held_out_quality(score: Scorer, seed: int, n_val: int = 600, n_test: int = 1000, n_best_of: int = 300,
-                     n_slip_pairs: int = 300, threshold: float | None = None) -> dict[str, Any]:
-    """ProcessBench F1 (at ``threshold``, else at the one chosen on ``n_val`` validation solutions) and its accuracy
-    per error kind, best-of-4 accuracy against baselines, and the share of correct solutions ranked above their
-    one-slip copies."""
-    test = word_problems.generate(n_test, seed, "test")
-    calibration = None if threshold is not None else _records(word_problems.generate(n_val, seed, "validation"))
+def held_out_quality(score: Scorer, seed: int, n_val: int = 600, n_test: int = 1000, n_best_of: int = 300) -> dict[str, Any]:
+    """ProcessBench F1 (threshold chosen on validation), its accuracy per error kind, and best-of-4 accuracy against baselines."""
+    val, test = synthetic.generate(n_val, seed + 1), synthetic.generate(n_test, seed + 2)
     scored: dict[int, list[float]] = {}  # the test split's rewards, kept for the per-kind accuracy
 
     def by_records(records: list[dict[str, Any]]) -> list[list[float]]:
@@ -34,20 +29,19 @@ def held_out_quality(score: Scorer, seed: int, n_val: int = 600, n_test: int = 1
         scored.update({id(record["pair"]): r for record, r in zip(records, rewards)})
         return rewards
 
-    test_records = _records(test)
-    report = processbench.evaluate({"synthetic": test_records}, by_records, threshold=threshold, calibration=calibration)
+    test_records = as_records(test)
+    report = processbench.evaluate({"synthetic": test_records}, by_records, threshold=None, calibration=as_records(val))
     threshold, overall = report["threshold"], report["overall"]
     test_rewards = [scored[id(record["pair"])] for record in test_records]
     return {
         "processbench": {"threshold": threshold, "acc_erroneous": overall["acc_erroneous"], "acc_correct": overall["acc_correct"],
-                         "f1": overall["f1"], **accuracy_by_kind(test_rewards, test, threshold), "n_test": n_test,
-                         "n_val": 0 if calibration is None else n_val},
-        "best_of_4": best_of_4(score, word_problems.generate_candidates(n_best_of, seed, split="test")),
-        "slip_pairs": slip_pair_ranking(score, word_problems.slip_pairs(n_slip_pairs, seed, "test")),
+                         "f1": overall["f1"], **accuracy_by_kind(test_rewards, test, threshold, synthetic.ERROR_KINDS),
+                         "n_test": n_test, "n_val": n_val},
+        "best_of_4": best_of_4(score, synthetic.generate_candidates(n_best_of, seed + 3)),
     }
 
 
-def best_of_4(score: Scorer, candidates: list[tuple[word_problems.Problem, list[word_problems.Solution]]]) -> dict[str, Any]:
+def best_of_4(score: Scorer, candidates: list[tuple[Any, list[Any]]]) -> dict[str, Any]:
     """Accuracy of the PRM's pick among each problem's candidates (highest minimum step reward), majority vote and a random pick."""
     problems = [{"problem": p.text, "answer": p.answer, "solutions": [{"pair": (p, s), "final_answer": s.final_answer} for s in sols]}
                 for p, sols in candidates]
@@ -61,22 +55,16 @@ def best_of_4(score: Scorer, candidates: list[tuple[word_problems.Problem, list[
     }
 
 
-def slip_pair_ranking(score: Scorer, pairs: list[tuple[word_problems.Problem, word_problems.Solution, word_problems.Solution]]) -> dict[str, Any]:
-    """Share of pairs where the correct solution's minimum step reward is above its one-slip copy's."""
-    rewards = score([(p, s) for p, right, wrong in pairs for s in (right, wrong)])
-    above = [min(rewards[2 * i]) > min(rewards[2 * i + 1]) for i in range(len(pairs))]
-    return {"correct_above_slip": sum(above) / len(above), "n_pairs": len(pairs)}
-
-
-def _records(pairs: Pairs) -> list[dict[str, Any]]:
+def as_records(pairs: Pairs) -> list[dict[str, Any]]:
     """ProcessBench-style records of generated solutions, each carrying its pair for the scorer."""
     return [{"problem": p.text, "steps": s.steps, "label": s.first_error, "pair": (p, s)} for p, s in pairs]
 
 
-def accuracy_by_kind(rewards: list[list[float]], pairs: Pairs, threshold: float) -> dict[str, float]:
+def accuracy_by_kind(rewards: list[list[float]], pairs: Pairs, threshold: float,
+                     kinds: Sequence[str] = synthetic.ERROR_KINDS) -> dict[str, float]:
     """Share of erroneous solutions whose first error is named exactly, per injected error kind."""
     out = {}
-    for kind in word_problems.ERROR_KINDS:
+    for kind in kinds:
         hits = [quality.predicted_first_error(r, threshold) == s.first_error
                 for r, (_, s) in zip(rewards, pairs) if s.error_kind == kind]
         out[f"acc_{kind}"] = sum(hits) / max(1, len(hits))
