@@ -83,6 +83,15 @@ def main() -> None:
                   f"(threads {torch.get_num_threads()}, {'eager' if args.eager else 'compiled'})")
             for name, values in STAMPS.items():  # "step tokens"/"step seqs" are counts (printed as stamps x1e3)
                 print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / args.reps:.1f} per call")
+    if torch.cuda.is_available():  # the kernels inside one 16-children step (a CUDA graph's replay)
+        kids = bench_tree.children_for(pool, 16, 777)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            prm.extend(node.handle, kids)
+            torch.cuda.synchronize()
+        print("\n== one extend of 16 children: GPU kernels")
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
+    for port, (loop, http) in enumerate((("asyncio", "h11"), ("auto", "auto")), start=8765):
+        http_parts(prm, node, pool, args.reps, loop, http, port)
     problems, levels = bench_tree.beam_levels(rows)
     STAMPS.clear()
     for rep in range(2):  # the whole replay, level by level, stateless: where a level's time goes
@@ -123,6 +132,51 @@ def main() -> None:
           f"({gpu / took:.2f} of the wall time)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16))
     prm.close()
+
+
+def http_parts(prm: PRM, node, pool: list[str], reps: int, loop: str, http: str, port: int) -> None:
+    """16 children through an in-process server and `Client`: where the round trip's time goes on the server."""
+    try:
+        import uvicorn
+
+        import prmserve.server.app as app_module
+        from prmserve.client import Client
+        from prmserve.server import create_app
+    except ImportError as exc:
+        print(f"\n== HTTP parts skipped: {exc}")
+        return
+    for name in ("_queued", "_run", "_collected"):
+        inner = getattr(app_module, name)
+        inner = getattr(inner, "inner", inner)  # not twice timed
+
+        async def timed(*args, _inner=inner, _name=name, **kwargs):
+            began = time.perf_counter()
+            out = await _inner(*args, **kwargs)
+            stamp(f"server {_name}", time.perf_counter() - began)
+            return out
+
+        timed.inner = inner
+        setattr(app_module, name, timed)
+    import threading
+
+    server = uvicorn.Server(uvicorn.Config(create_app(prm), port=port, loop=loop, http=http, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    client = Client(f"http://127.0.0.1:{port}")
+    client.extend(node.handle, bench_tree.children_for(pool, 16, 4242))
+    STAMPS.clear()
+    totals = []
+    for rep in range(reps):
+        began = time.perf_counter()
+        client.extend(node.handle, bench_tree.children_for(pool, 16, 4300 + rep))
+        totals.append((time.perf_counter() - began) * 1e3)
+    print(f"\n== HTTP extend, 16 children, in-process server ({loop} loop, {http} HTTP): "
+          f"total median {statistics.median(totals):.1f} ms")
+    for name, values in STAMPS.items():
+        print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / reps:.1f} per call")
+    server.should_exit = True
+    client.close()
 
 
 if __name__ == "__main__":

@@ -62,9 +62,31 @@ class EngineLoop:
         The one queue limit: at most `max_queue` requests pending (queued or computing); more at once
         than it can ever hold is an invalid input, not a full queue to retry.
         """
+        with self.reserve(len(requests)) as room:
+            return room.submit(requests)
+
+    def reserve(self, count: int) -> Reservation:
+        """Hold room in the queue for `count` requests that will be submitted in parts (`Reservation.submit`), so a
+        big call is admitted or refused as a whole while the engine starts on its first part; close it when done."""
         limit = self.engine.config.max_queue
-        if limit is not None and len(requests) > limit:
-            raise InvalidInputError(f"{len(requests)} requests at once can never fit the queue of {limit}; split them")
+        if limit is not None and count > limit:
+            raise InvalidInputError(f"{count} requests at once can never fit the queue of {limit}; split them")
+        with self._lock:
+            self._check_open()
+            if limit is not None and self._pending + count > limit:
+                raise QueueFullError(f"the engine is busy: {self._pending} requests are pending; {count} more exceed the limit of {limit}; retry later")
+            self._pending += count
+        return Reservation(self, count)
+
+    def _check_open(self) -> None:
+        """Refuse new work while stopping or asleep (call under the lock)."""
+        if self._stopping:
+            raise RequestCancelledError("the engine is shutting down")
+        if self._sleeping:
+            raise EngineSleepingError("the engine is asleep (sleep mode): call wake_up first, or retry later")
+
+    def _enqueue(self, requests: Sequence[Request]) -> list[Future]:
+        """Queue requests whose room is reserved already; one inbox message, so one step sees them all."""
         pairs = []
         for request in requests:
             future: Future = Future()
@@ -72,13 +94,7 @@ class EngineLoop:
             pairs.append((request, future))
         # Checked and queued under one lock, so no request can slip in behind shutdown's stop message.
         with self._lock:
-            if self._stopping:
-                raise RequestCancelledError("the engine is shutting down")
-            if self._sleeping:
-                raise EngineSleepingError("the engine is asleep (sleep mode): call wake_up first, or retry later")
-            if limit is not None and self._pending + len(pairs) > limit:
-                raise QueueFullError(f"the engine is busy: {self._pending} requests are pending; {len(pairs)} more exceed the limit of {limit}; retry later")
-            self._pending += len(pairs)
+            self._check_open()
             self._inbox.put(("add", pairs))
         return [future for _, future in pairs]
 
@@ -203,6 +219,35 @@ class EngineLoop:
             return
         for request in done:
             _resolve(self._settle(request.request_id), result=request)
+
+
+class Reservation:
+    """Room held in an `EngineLoop`'s queue (`EngineLoop.reserve`): parts of one call are submitted against it, and
+    closing it gives back what was not used (the call failed or ended early)."""
+
+    def __init__(self, loop: EngineLoop, count: int) -> None:
+        self.loop = loop
+        self.left = count
+
+    def submit(self, requests: Sequence[Request]) -> list[Future]:
+        """Queue these requests in the reserved room (refused while stopping or asleep, as any submission)."""
+        if len(requests) > self.left:
+            raise InvalidInputError(f"{len(requests)} requests exceed the {self.left} reserved")
+        futures = self.loop._enqueue(requests)
+        self.left -= len(requests)
+        return futures
+
+    def close(self) -> None:
+        """Give the unused room back."""
+        with self.loop._lock:
+            self.loop._pending -= self.left
+        self.left = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def freeze_heap() -> None:

@@ -69,6 +69,8 @@ TOKENIZER_THREADS = 4  # requests tokenised at once; the rest wait their turn, t
 # What a body-reading route can answer (a stalled body, too large, invalid, the server stopping), and a scoring one too.
 BODY_STATUSES = (408, 413, 422, 503)
 SCORING_STATUSES = (*BODY_STATUSES, 400, 429, CLIENT_CLOSED, 504)
+Queued = tuple[list[ScoringJob], list[Future]]  # planned jobs and their queued requests' futures
+Checker = Callable[[list[ScoringJob], int], None]  # vets planned jobs (first item's index) before they are queued
 OPEN_PATHS = ("/", "/health", "/ping", "/version")  # open even with an API key
 DOCS_PATHS = ("/metrics", "/docs", "/redoc", "/openapi.json")  # open unless --protect-metrics
 SWEEP_INTERVAL_S = 10.0  # how often expired node handles are let go when no call touches them
@@ -144,30 +146,34 @@ def create_app(
     keeping = scoring | {200: {"links": HANDLE_LINKS}}
 
     async def run(
-        request: Request, plan: Callable[[], list[ScoringJob]], count: int, param: str, timeout: float | None
+        request: Request, plan: Callable[[Checker], Queued], count: int, param: str, timeout: float | None
     ) -> tuple[list[ScoringJob], list[EngineRequest]]:
-        # What costs nothing is checked first; tokenising runs in the bounded pool, never on the event loop.
+        # What costs nothing is checked first; tokenising (and queueing, part by part) runs in the bounded pool,
+        # never on the event loop.
         _refuse_early(prm, count, param, max_items_per_request, shutdown)
-        jobs = await asyncio.get_running_loop().run_in_executor(tokenizers, _planned, plan, param, limit)
-        return jobs, await _run(prm, request, jobs, param, timeout, metrics, shutdown)
+        submitted = time.perf_counter()
+        jobs, futures = await _queued(prm, tokenizers, lambda: _planned(plan, param, limit))
+        for future in futures:
+            future.add_done_callback(lambda f: _observe_finished(f, metrics, submitted))
+        return jobs, await _run(prm, request, jobs, futures, timeout, shutdown)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=keeping, dependencies=authorized)
     async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Score items (results in item order); lower priority values run first; `keep` returns node handles."""
         items = [item.to_item() for item in body.items]
-        plan = lambda: prm.plan_score(items, body.priority, body.keep)  # noqa: E731
+        plan = lambda check: prm.plan_and_submit(items, body.priority, body.keep, check)  # noqa: E731
         jobs, done = await run(request, plan, len(items), "items", _timeout(body.timeout))
         return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
     @app.post("/v1/extend", response_model=ScoreResponse, responses=keeping | _responses(404), dependencies=authorized)
     async def extend(body: ExtendRequest, request: Request) -> ScoreResponse:
         """Score children of a kept node; each result's `step_rewards` are the node's then the child's new steps'."""
-        plan = lambda: prm.plan_extend(body.handle, body.children, body.priority, body.keep)  # noqa: E731
+        plan = lambda check: _submitted(prm, check, prm.plan_extend(body.handle, body.children, body.priority, body.keep))  # noqa: E731
         jobs, done = await run(request, plan, len(body.children), "children", _timeout(body.timeout))
         return _score_response(await _collected(prm, jobs, done), body.aggregate)
 
     async def score_items(request: Request, items: list[dict[str, Any]], param: str) -> list[ScoreResult]:
-        jobs, done = await run(request, lambda: prm.plan_score(items), len(items), param, default_timeout)
+        jobs, done = await run(request, lambda check: prm.plan_and_submit(items, check=check), len(items), param, default_timeout)
         return await _collected(prm, jobs, done)
 
     add_rl_routes(app, score_items, authorized, scoring, names, rl_aggregate, APIError)
@@ -192,7 +198,8 @@ def create_app(
             raise FieldError(InvalidInputError(f"task {body.task!r} is not served; use one of {', '.join(POOLING_TASKS)}"), "task")
         param = "messages" if body.messages is not None else "input"
         items = _pooling_items(prm, body)
-        jobs, done = await run(request, lambda: prm.plan_score(items, body.priority), len(items), param, default_timeout)
+        plan = lambda check: prm.plan_and_submit(items, body.priority, check=check)  # noqa: E731
+        jobs, done = await run(request, plan, len(items), param, default_timeout)
         rows = await asyncio.to_thread(_pooling_rows, prm, jobs, done, body.activated)
         prompt_tokens = _total(r.usage for r in done).prompt_tokens
         return PoolingResponse(
@@ -310,20 +317,38 @@ def _pooling_items(prm: PRM, body: PoolingRequest) -> list[dict[str, Any]]:
     return [{"text": x} if isinstance(x, str) else {"token_ids": x} for x in given]
 
 
-def _planned(plan: Callable[[], list[ScoringJob]], param: str, max_model_len: int) -> list[ScoringJob]:
-    """Encode a request's items into jobs; a refusal is a 400 naming the field and the item's index
-    (404 for an unknown node handle)."""
+def _planned(plan: Callable[[Checker], Queued], param: str, max_model_len: int) -> Queued:
+    """Encode a request's items into jobs and queue them; a refusal is a 400 naming the field and the item's index
+    (404 for an unknown node handle), 429 for a full queue."""
+
+    def check(jobs: list[ScoringJob], first_index: int) -> None:
+        for index, job in enumerate(jobs, start=first_index):
+            if len(job.encoded.token_ids) > max_model_len:
+                message = f"item {index}: the input is {len(job.encoded.token_ids)} tokens; this server takes at most {max_model_len}"
+                raise blamed(InputTooLongError(message), param)
+
     try:
-        jobs = plan()
+        return plan(check)
     except HandleNotFoundError as exc:
         raise FieldError(exc, "handle") from None
-    except (InvalidInputError, FormatError) as exc:
+    except (InvalidInputError, FormatError) as exc:  # a bad item, or more of them than the queue can ever hold
         raise blamed(exc, param) from None
-    for index, job in enumerate(jobs):
-        if len(job.encoded.token_ids) > max_model_len:
-            message = f"item {index}: the input is {len(job.encoded.token_ids)} tokens; this server takes at most {max_model_len}"
-            raise blamed(InputTooLongError(message), param)
-    return jobs
+
+
+async def _queued(prm: PRM, pool: ThreadPoolExecutor, work: Callable[[], Queued]) -> Queued:
+    """Run `work` (plan and queue) in the pool; if the caller is cancelled meanwhile, what it queues is dropped."""
+    pending = asyncio.get_running_loop().run_in_executor(pool, work)
+    try:
+        return await asyncio.shield(pending)
+    except asyncio.CancelledError:
+        pending.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or _drop(prm, *f.result()))
+        raise
+
+
+def _drop(prm: PRM, jobs: list[ScoringJob], futures: list[Future]) -> None:
+    for f in futures:
+        f.cancel()
+    prm.abandon(jobs)
 
 
 def _score_response(results: list[ScoreResult], method: str) -> ScoreResponse:
@@ -348,22 +373,14 @@ async def _expire_handles(prm: PRM) -> None:
 
 
 async def _run(
-    prm: PRM, request: Request, jobs: Sequence[ScoringJob], param: str, timeout: float | None, metrics: ServerMetrics,
-    shutdown: Shutdown,
+    prm: PRM, request: Request, jobs: Sequence[ScoringJob], futures: list[Future], timeout: float | None, shutdown: Shutdown,
 ) -> list[EngineRequest]:
-    """Submit every job (all or none), wait for all of them, the timeout, the client leaving, or the shutdown's
-    bound; drop the work unless done.
+    """Wait for every queued job, the timeout, the client leaving, or the shutdown's bound; drop the work unless done.
 
-    The engine's refusals (a full queue, too long for the KV pool, shutting down) propagate to the
-    app's handlers; only a request too big for the queue is blamed on its field.
+    The engine's refusals (too long for the KV pool, shutting down) propagate to the app's handlers.
     """
-    futures: list[Future] = []
     finished = False
     try:
-        submitted = time.perf_counter()
-        futures = _submitted(prm, jobs, param)
-        for future in futures:
-            future.add_done_callback(lambda f: _observe_finished(f, metrics, submitted))
         # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
         gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         left = asyncio.ensure_future(_client_left(request))
@@ -393,12 +410,10 @@ async def _run(
             prm.abandon(jobs)  # kept nodes whose handles will never be returned
 
 
-def _submitted(prm: PRM, jobs: Sequence[ScoringJob], param: str) -> list[Future]:
-    """Queue the jobs together; more of them than the queue can ever hold is an error about `param`."""
-    try:
-        return prm.submit_jobs(jobs)
-    except InvalidInputError as exc:
-        raise blamed(exc, param) from None
+def _submitted(prm: PRM, check: Checker, jobs: list[ScoringJob]) -> Queued:
+    """Vet planned jobs, then queue them together."""
+    check(jobs, 0)
+    return jobs, prm.submit_jobs(jobs)
 
 
 async def _client_left(request: Request) -> None:
