@@ -23,16 +23,31 @@ def prm(tmp_path_factory):
 
 def test_shapes_round_up_and_refuse_big_steps() -> None:
     step = StepArrays(np.zeros(20, np.int64), np.zeros(20, np.int64), np.zeros(20, np.int64), np.zeros(900, np.int64), [20], [900])
-    assert shape_for(step, max_seqs=8) == (32, 1024)  # 900 keys + 12 padding keys
+    assert shape_for(step, max_seqs=8) == (32, 1024, 4)  # 900 keys + 12 padding keys, the smallest sequence bucket
     big = StepArrays(*(np.zeros(3000, np.int64) for _ in range(4)), [3000], [3000])
     assert shape_for(big, max_seqs=8) is None
     many = StepArrays(*(np.zeros(9, np.int64) for _ in range(4)), [1] * 9, [1] * 9)
     assert shape_for(many, max_seqs=8) is None
+    assert shape_for(StepArrays(*(np.zeros(40, np.int64) for _ in range(4)), [4] * 10, [4] * 10), max_seqs=256) == (48, 1024, 16)
+
+
+def test_sequence_buckets_cover_every_count_a_step_can_have() -> None:
+    """A step of n tokens has at most n sequences: some captured graph holds every (tokens, sequences) pair."""
+    from prmserve.engine.cuda_graphs import TOKEN_BUCKETS, seq_buckets, valid_shapes
+
+    assert seq_buckets(256) == [4, 16, 64, 256] and seq_buckets(10) == [4, 10] and seq_buckets(4) == [4]
+    shapes = set(valid_shapes(256))
+    for tokens in TOKEN_BUCKETS:
+        for count in (1, 5, 17, 65, 256):
+            if count <= tokens:
+                step = StepArrays(*(np.zeros(tokens, np.int64) for _ in range(4)), [1] * count, [1] * count)
+                assert shape_for(step, max_seqs=256) in shapes
+    assert (16, 1024, 64) not in shapes  # 16 tokens never make 17 or more sequences
 
 
 def test_padded_inputs_layout() -> None:
     step = StepArrays(np.array([5, 6, 7]), np.array([10, 11, 0]), np.array([40, 41, 60]), np.arange(13), [2, 1], [12, 1])
-    packed = pad(step, tokens=16, keys=64, max_seqs=4, scratch=1000)
+    packed = pad(step, tokens=16, keys=64, seqs=4, scratch=1000)
     ids, positions, slots, keys, cu_q, cu_k = np.split(packed, np.cumsum(layout(16, 64, 4))[:-1])
     assert ids[:3].tolist() == [5, 6, 7] and not ids[3:].any()
     assert slots[3:].tolist() == list(range(1000, 1013))  # padding tokens write scratch slots only
@@ -60,9 +75,9 @@ def test_padded_forward_writes_what_the_plain_step_writes(prm) -> None:
     runner.head_cache[slots] = 0.0
     step = StepArrays(np.array(encoded.token_ids[start:end]), np.arange(start, end), np.array(slots), np.array(keys),
                       [end - start], [end])
-    tokens, key_count = shape_for(step, max_seqs=4)
-    packed = torch.from_numpy(pad(step, tokens, key_count, 4, runner.scratch))
-    padded_forward(prm.model, runner.kv_cache, runner.head_cache, packed, tokens, key_count, 4)
+    tokens, key_count, seqs = shape_for(step, max_seqs=4)
+    packed = torch.from_numpy(pad(step, tokens, key_count, seqs, runner.scratch))
+    padded_forward(prm.model, runner.kv_cache, runner.head_cache, packed, tokens, key_count, seqs)
     torch.testing.assert_close(runner.head_cache[slots], want, atol=1e-5, rtol=0)
     assert want.abs().sum() > 0
     blocks.free_request(request)
@@ -73,5 +88,5 @@ def test_every_captured_shape_can_be_padded_to() -> None:
     from prmserve.engine.cuda_graphs import valid_shapes
 
     empty = StepArrays(*(np.zeros(0, np.int64) for _ in range(4)), [], [])
-    for keys, tokens in valid_shapes():
-        assert len(pad(empty, tokens, keys, max_seqs=4, scratch=10)) == sum(layout(tokens, keys, 4))
+    for tokens, keys, seqs in valid_shapes(256):
+        assert len(pad(empty, tokens, keys, seqs, scratch=10)) == sum(layout(tokens, keys, seqs))

@@ -41,11 +41,13 @@ def test_children_ids_equal_the_whole_items_with_the_real_qwen2_bpe(case: str, t
     one_line = name == "skywork_prm"
     for k in range(1, len(NODE) + 1):
         node = fmt.encode(PROBLEM, NODE[:k])
-        for new in CHILDREN:
-            if one_line and any("\n" in s for s in new):
-                continue
+        children = [new for new in CHILDREN if not (one_line and any("\n" in s for s in new))]
+        known = fmt.encode_boundaries(NODE[k - 1], children)  # all children's new text in one batch, as plan_extend does
+        assert bool(known) == (fmt.boundary(NODE[k - 1], children[0]) is not None)
+        for new in children:
             whole = fmt.encode(PROBLEM, NODE[:k] + new)
             assert fmt.extend(node, PROBLEM, NODE[:k], new) == whole
+            assert fmt.extend(node, PROBLEM, NODE[:k], new, known) == whole
             fast = fmt.continuation(NODE[k - 1], new)
             if fast is not None:  # the fast path, when taken, is exact too
                 ids, offsets = fast

@@ -288,19 +288,20 @@ class PRM:
     def plan_extend(self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
         """Requests for children of a kept node: each child is the node's steps then its own new steps.
 
-        Only the new steps are tokenised; the node's ids and prefix-cache keys are reused as they are.
+        Only the new steps are tokenised (all children's in one batch); the node's ids and prefix-cache keys are reused.
         """
         node = self.nodes.get(handle)
         if isinstance(children, (str, Mapping)) or not isinstance(children, Sequence) or not children:
             raise InvalidInputError("'children' must be a non-empty list of lists of new steps")
         body = node.encoded.body_len
         shared_blocks = body // self.engine.blocks.block_size
+        known = self.format.encode_boundaries(node.steps[-1], children)  # every child's new text in one batch
         jobs = []
         for index, steps in enumerate(children):
             try:
                 if isinstance(steps, str) or not isinstance(steps, Sequence):
                     raise InvalidInputError("a child is a list of new steps, not a string")
-                encoded = self._checked_length(self.format.extend(node.encoded, node.problem, node.steps, steps))
+                encoded = self._checked_length(self.format.extend(node.encoded, node.problem, node.steps, steps, known))
             except (InvalidInputError, FormatError) as exc:
                 raise type(exc)(f"child {index}: {exc}") from None
             # The node's cache keys hold for the child's leading blocks when the ids begin alike (always,

@@ -2,9 +2,12 @@
 where launching ~1,000 kernels one by one costs more than the GPU work they do.
 
 Each graph is the whole forward (every layer, the KV writes and the head-output write) captured at a
-fixed shape: `tokens` new tokens and `keys` gathered keys, up to `max_seqs` sequences. A step is padded
+fixed shape: `tokens` new tokens and `keys` gathered keys, up to `seqs` sequences. A step is padded
 up to the nearest shape: extra tokens form one padding sequence whose KV and head outputs go to
 scratch slots past the pool, unused sequence entries have length 0, and unused keys are never read.
+Sequence counts come in buckets too: Flash launches a block per (query tile, sequence entry, head) and
+an empty entry's blocks still cost launch slots: 258 entries for 16 children took 160 us a layer (H200),
+a quarter of the step's GEMM time.
 The padded inputs are filled into the graph's static buffer with one host-to-device copy, then the
 graph is replayed. The graphs hold the same compiled layers as every other step: eager and fused
 elementwise code round differently, and an item's rewards must not depend on which path its step took
@@ -29,6 +32,7 @@ from prmserve.models.transformer import RewardModel, finish_layer, project_qkv
 TOKEN_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896,
                  960, 1024, 1152, 1280, 1408, 1536, 1792, 2048)
 KEY_BUCKETS = (1024, 4096, 16384, 65536)  # padded keys are filler reads of one scratch slot: cheap, so coarse
+SEQ_BUCKETS = (4, 16, 64)  # then max_seqs: a graph's sequence entries (its real sequences, at most)
 SCRATCH_SLOTS = TOKEN_BUCKETS[-1]  # slots past the pool for padding tokens' KV and head outputs
 
 
@@ -44,23 +48,38 @@ class StepArrays:
     lens_k: list[int]
 
 
-def valid_shapes() -> list[tuple[int, int]]:
-    """(keys, tokens) of every graph: a step's keys include its new tokens, so keys < tokens never occurs."""
-    return [(keys, tokens) for keys in KEY_BUCKETS for tokens in TOKEN_BUCKETS if keys >= tokens]
+def seq_buckets(max_seqs: int) -> list[int]:
+    """The sequence counts graphs are captured for, up to the engine's `max_num_seqs`."""
+    return sorted({b for b in SEQ_BUCKETS if b < max_seqs} | {max_seqs})
 
 
-def shape_for(step: StepArrays, max_seqs: int) -> tuple[int, int] | None:
-    """The smallest (tokens, keys) graph shape this step fits, or None (too big: run it eagerly)."""
-    if len(step.lens_q) > max_seqs:
-        return None
+def valid_shapes(max_seqs: int) -> list[tuple[int, int, int]]:
+    """(tokens, keys, seqs) of every graph: keys include the new tokens (keys >= tokens), and a sequence has at
+    least one token, so a sequence bucket above the one that first holds `tokens` sequences never occurs."""
+    shapes = []
+    for keys in KEY_BUCKETS:
+        for tokens in TOKEN_BUCKETS:
+            if keys < tokens:
+                continue
+            below = 0
+            for seqs in seq_buckets(max_seqs):
+                if below < tokens:
+                    shapes.append((tokens, keys, seqs))
+                below = seqs
+    return shapes
+
+
+def shape_for(step: StepArrays, max_seqs: int) -> tuple[int, int, int] | None:
+    """The smallest (tokens, keys, seqs) graph shape this step fits, or None (too big: run it eagerly)."""
+    seqs = next((b for b in seq_buckets(max_seqs) if b >= len(step.lens_q)), None)
     tokens = next((b for b in TOKEN_BUCKETS if b >= len(step.tokens)), None)
-    if tokens is None:
+    if seqs is None or tokens is None:
         return None
     keys = next((b for b in KEY_BUCKETS if b >= len(step.keys) + tokens - len(step.tokens)), None)
-    return None if keys is None else (tokens, keys)
+    return None if keys is None else (tokens, keys, seqs)
 
 
-def pad(step: StepArrays, tokens: int, keys: int, max_seqs: int, scratch: int) -> np.ndarray:
+def pad(step: StepArrays, tokens: int, keys: int, seqs: int, scratch: int) -> np.ndarray:
     """The graph's packed int64 input [ids, positions, slots, keys, cu_q, cu_k] for this step, padded."""
     extra = tokens - len(step.tokens)
     scratch_slots = scratch + np.arange(extra, dtype=np.int64)
@@ -69,27 +88,27 @@ def pad(step: StepArrays, tokens: int, keys: int, max_seqs: int, scratch: int) -
     slots = np.concatenate([step.slots, scratch_slots])
     filler = np.full(keys - len(step.keys) - extra, scratch, np.int64)
     key_slots = np.concatenate([step.keys, scratch_slots, filler])
-    cu_q = _padded_cumulative(step.lens_q, extra, max_seqs)
-    cu_k = _padded_cumulative(step.lens_k, extra, max_seqs)
+    cu_q = _padded_cumulative(step.lens_q, extra, seqs)
+    cu_k = _padded_cumulative(step.lens_k, extra, seqs)
     return np.concatenate([ids, positions, slots, key_slots, cu_q, cu_k])
 
 
-def _padded_cumulative(lengths: list[int], extra: int, max_seqs: int) -> np.ndarray:
-    """Starts of the real sequences, then the padding sequence, then empty ones: max_seqs + 2 entries."""
-    out = np.zeros(max_seqs + 2, dtype=np.int64)
+def _padded_cumulative(lengths: list[int], extra: int, seqs: int) -> np.ndarray:
+    """Starts of the real sequences, then the padding sequence, then empty ones: seqs + 2 entries."""
+    out = np.zeros(seqs + 2, dtype=np.int64)
     np.cumsum(lengths + [extra], out=out[1 : len(lengths) + 2])
     out[len(lengths) + 2 :] = out[len(lengths) + 1]
     return out
 
 
-def layout(tokens: int, keys: int, max_seqs: int) -> list[int]:
-    return [tokens, tokens, tokens, keys, max_seqs + 2, max_seqs + 2]
+def layout(tokens: int, keys: int, seqs: int) -> list[int]:
+    return [tokens, tokens, tokens, keys, seqs + 2, seqs + 2]
 
 
 def padded_forward(model: RewardModel, kv_cache: torch.Tensor, head_cache: torch.Tensor, packed: torch.Tensor,
-                   tokens: int, keys: int, max_seqs: int) -> None:
+                   tokens: int, keys: int, seqs: int) -> None:
     """The forward a graph holds: padded inputs in, KV and head outputs written to the pools."""
-    ids, positions, slots, key_slots, cu_q, cu_k = packed.split(layout(tokens, keys, max_seqs))
+    ids, positions, slots, key_slots, cu_q, cu_k = packed.split(layout(tokens, keys, seqs))
     inputs = AttentionInputs(
         cu_seqlens_q=cu_q.to(torch.int32), cu_seqlens_k=cu_k.to(torch.int32), max_seqlen_q=tokens, max_seqlen_k=keys,
         kv_cache=kv_cache, slot_mapping=slots, key_slots=key_slots,
@@ -98,29 +117,29 @@ def padded_forward(model: RewardModel, kv_cache: torch.Tensor, head_cache: torch
 
 
 class CudaGraphs:
-    """Captured forwards for every small (tokens, keys) shape, replayed for the steps that fit one."""
+    """Captured forwards for every small (tokens, keys, seqs) shape, replayed for the steps that fit one."""
 
     def __init__(self, model: RewardModel, kv_cache: torch.Tensor, head_cache: torch.Tensor, scratch: int, max_seqs: int,
                  compiled_layers: bool = True) -> None:
         self.model, self.kv_cache, self.head_cache = model, kv_cache, head_cache
         self.scratch, self.max_seqs = scratch, max_seqs
         self.compiled_layers = compiled_layers  # capture the model's current (compiled) layer functions, else eager ones
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every shape a step can take (keys >= tokens: every new token is a key too), smallest first."""
+        """Capture every shape a step can take (`valid_shapes`), smallest keys first."""
         pool = torch.cuda.graph_pool_handle()
-        for keys, tokens in valid_shapes():
-            self.graphs[(tokens, keys)] = self._capture(tokens, keys, pool)
+        for shape in valid_shapes(self.max_seqs):
+            self.graphs[shape] = self._capture(*shape, pool)
         torch.cuda.synchronize()
 
-    def _capture(self, tokens: int, keys: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, tokens: int, keys: int, seqs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         empty = StepArrays(*(np.zeros(0, np.int64) for _ in range(4)), [], [])
-        host = pad(empty, tokens, keys, self.max_seqs, self.scratch)  # all padding: a valid step
+        host = pad(empty, tokens, keys, seqs, self.scratch)  # all padding: a valid step
         packed = torch.from_numpy(host).to(self.kv_cache.device)
-        step = lambda: padded_forward(self.model, self.kv_cache, self.head_cache, packed, tokens, keys, self.max_seqs)  # noqa: E731
+        step = lambda: padded_forward(self.model, self.kv_cache, self.head_cache, packed, tokens, keys, seqs)  # noqa: E731
         with contextlib.nullcontext() if self.compiled_layers else _eager_layers(self.model):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -138,7 +157,7 @@ class CudaGraphs:
         if shape is None or shape not in self.graphs:
             return False
         graph, packed = self.graphs[shape]
-        packed.copy_(torch.from_numpy(pad(step, *shape, self.max_seqs, self.scratch)), non_blocking=True)
+        packed.copy_(torch.from_numpy(pad(step, *shape, self.scratch)), non_blocking=True)
         graph.replay()
         self.replays += 1
         return True

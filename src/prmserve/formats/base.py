@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -96,16 +96,18 @@ class PRMFormat(ABC):
         unless the format sums several rows per step (`EncodedItem.step_ends`)."""
         return row_rewards
 
-    def extend(self, node: EncodedItem, problem: str, node_steps: Sequence[str], new_steps: Sequence[str]) -> EncodedItem:
+    def extend(self, node: EncodedItem, problem: str, node_steps: Sequence[str], new_steps: Sequence[str],
+               known: Mapping[str, list[int]] | None = None) -> EncodedItem:
         """The item (problem, node_steps + new_steps), built from the node's ids and the new steps alone.
 
         Only the new steps are tokenised (`continuation`); where the tokenizer would merge text across
-        the boundary, the whole item is encoded instead, so the ids always equal `encode`'s.
+        the boundary, the whole item is encoded instead, so the ids always equal `encode`'s. `known`: ids of
+        boundary texts tokenised ahead, many children at once (`encode_boundaries`).
         """
         if not self.extendable or node.body_len is None:
             raise FormatError(f"format {self.name!r} cannot extend this item with more steps")
         self.check_steps(new_steps, first_index=len(node_steps))
-        appended = self.continuation(node_steps[-1], new_steps)
+        appended = self.continuation(node_steps[-1], new_steps, known)
         if appended is None:
             return self.encode(problem, list(node_steps) + list(new_steps))
         ids, offsets = appended
@@ -116,10 +118,35 @@ class PRMFormat(ABC):
             body + len(ids),
         )
 
-    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+    def continuation(self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
+                     ) -> tuple[list[int], list[int]] | None:
         """Ids that follow an item's body when `new_steps` come after its last step, and the read
-        offsets among them; None when they cannot be tokenised apart from what precedes them."""
+        offsets among them; None when they cannot be tokenised apart from what precedes them.
+
+        By default: the `boundary` text tokenised after its anchor (`ids_after`), one read token per new step.
+        """
+        pair = self.boundary(last_step, new_steps)
+        if pair is None:
+            return None
+        ids = self.ids_after(*pair, known)
+        offsets = None if ids is None else self.read_offsets(ids, len(new_steps))
+        return None if offsets is None else (ids, offsets)
+
+    def boundary(self, last_step: str, new_steps: Sequence[str]) -> tuple[str, str] | None:
+        """(anchor, text): the new steps' text and the text before it that the tokenizer must see with it (the end of
+        the node's last step, or a special token that stops merges); None where children cannot be tokenised apart."""
         return None
+
+    def encode_boundaries(self, last_step: str, children: Sequence[Any]) -> dict[str, list[int]]:
+        """Ids of every valid child's `anchor + text`, tokenised in one batch (the Rust backend's threads): the
+        `known` of `extend`. Children that are not lists of strings are left to `extend` to refuse."""
+        texts = []
+        for steps in children:
+            if isinstance(steps, Sequence) and not isinstance(steps, str) and steps and all(isinstance(t, str) for t in steps):
+                pair = self.boundary(last_step, steps)
+                if pair is not None:
+                    texts.append(pair[0] + pair[1])
+        return dict(zip(texts, plain_ids_batch(self.tokenizer, texts))) if len(texts) > 1 else {}
 
     # Shared checks ---------------------------------------------------------------------------
 
@@ -160,10 +187,11 @@ class PRMFormat(ABC):
         except UnicodeEncodeError as exc:
             raise InvalidInputError(f"{what} holds a character that is not valid Unicode text at index {exc.start}") from None
 
-    def ids_after(self, anchor: str, text: str) -> list[int] | None:
+    def ids_after(self, anchor: str, text: str, known: Mapping[str, list[int]] | None = None) -> list[int] | None:
         """Ids of `text` as tokenised right after `anchor`, or None if the two merge across the boundary.
 
-        A node's children share its anchor, so the anchor's ids are remembered (the last one) rather than redone.
+        A node's children share its anchor, so the anchor's ids are remembered (the last one) rather than redone;
+        `anchor + text` may be in `known` already.
         """
         cached = self._anchor  # one read: other threads may replace it meanwhile
         if cached[0] == anchor and anchor:
@@ -171,7 +199,10 @@ class PRMFormat(ABC):
         else:
             anchor_ids = plain_ids(self.tokenizer, anchor)
             self._anchor = (anchor, anchor_ids)
-        ids = plain_ids(self.tokenizer, anchor + text)
+        full = anchor + text
+        ids = known.get(full) if known else None
+        if ids is None:
+            ids = plain_ids(self.tokenizer, full)
         if ids[: len(anchor_ids)] != anchor_ids:
             return None
         return ids[len(anchor_ids) :]
@@ -227,3 +258,11 @@ def plain_ids(tokenizer: Any, text: str) -> list[int]:
     if backend is not None and hasattr(backend, "encode"):
         return backend.encode(text, add_special_tokens=False).ids
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def plain_ids_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`plain_ids` of many texts; a fast tokenizer's backend encodes them on its own threads, outside the GIL."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return [plain_ids(tokenizer, text) for text in texts]

@@ -37,10 +37,8 @@ class LlemmaFormat(PRMFormat):
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), STEP_TAG)
         return EncodedItem(ids, positions, positions[-1] + 1)
 
-    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
-        ids = self.ids_after(last_step + STEP_TAG, "".join("\n" + step + STEP_TAG for step in new_steps))
-        offsets = None if ids is None else self.read_offsets(ids, len(new_steps))
-        return None if offsets is None else (ids, offsets)
+    def boundary(self, last_step: str, new_steps: Sequence[str]) -> tuple[str, str]:
+        return last_step + STEP_TAG, "".join("\n" + step + STEP_TAG for step in new_steps)
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.sigmoid(head_outputs[:, 0]))

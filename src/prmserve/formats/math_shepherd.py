@@ -59,12 +59,9 @@ class MathShepherdFormat(PRMFormat):
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), self.step_tag)
         return EncodedItem(ids, positions, positions[-1] + 1)
 
-    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+    def boundary(self, last_step: str, new_steps: Sequence[str]) -> tuple[str, str]:
         # Tokenised after the last step's own text, so merges at the boundary are seen and refused.
-        text = "".join(self.step_joiner + self._segment(step) for step in new_steps)
-        ids = self.ids_after(self._segment(last_step), text)
-        offsets = None if ids is None else self.read_offsets(ids, len(new_steps))
-        return None if offsets is None else (ids, offsets)
+        return self._segment(last_step), "".join(self.step_joiner + self._segment(step) for step in new_steps)
 
     def _segment(self, step: str) -> str:
         return f"{step.strip() if self.strip_steps else step} {self.step_tag}"

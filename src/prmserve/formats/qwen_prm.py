@@ -36,11 +36,9 @@ class QwenPRMFormat(PRMFormat):
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), SEPARATOR)
         return EncodedItem(ids, positions, positions[-1] + 1)
 
-    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+    def boundary(self, last_step: str, new_steps: Sequence[str]) -> tuple[str, str]:
         # The separator is a special token: text after it is tokenised apart from what precedes it.
-        ids = self.ids_after(SEPARATOR, SEPARATOR.join(new_steps) + SEPARATOR)
-        offsets = None if ids is None else self.read_offsets(ids, len(new_steps))
-        return None if offsets is None else (ids, offsets)
+        return SEPARATOR, SEPARATOR.join(new_steps) + SEPARATOR
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.softmax(head_outputs, dim=-1)[:, 1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -56,7 +56,9 @@ class RLHFlowFormat(PRMFormat):
                 raise InvalidInputError("rlhflow: the chat template does not render the conversation prefix-stably")
         return EncodedItem(ids, positions, len(ids))
 
-    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]] | None:
+    def continuation(
+        self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
+    ) -> tuple[list[int], list[int]] | None:
         # Later turns render the same whatever came before: render them after a one-step stand-in.
         base = self._base_ids
         conversation = list(_BASE_TURNS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -32,7 +32,9 @@ class SkyworkPRMFormat(PRMFormat):
         step_ids, offsets = self._steps(steps)
         return EncodedItem(ids + step_ids, [len(ids) + o for o in offsets], len(ids) + len(step_ids))
 
-    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]]:
+    def continuation(
+        self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
+    ) -> tuple[list[int], list[int]]:
         return self._steps(new_steps)  # every line is tokenised on its own: nothing crosses a boundary
 
     def _steps(self, steps: Sequence[str]) -> tuple[list[int], list[int]]:

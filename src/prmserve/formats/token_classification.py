@@ -7,7 +7,7 @@ tokenised alone without special tokens; the label sits on the separator's last t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,7 +56,9 @@ class TokenClassificationFormat(PRMFormat):
         step_ids, offsets = self._steps(steps)
         return EncodedItem(ids + step_ids, [len(ids) + o for o in offsets], len(ids) + len(step_ids))
 
-    def continuation(self, last_step: str, new_steps: Sequence[str]) -> tuple[list[int], list[int]]:
+    def continuation(
+        self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
+    ) -> tuple[list[int], list[int]]:
         return self._steps(new_steps)  # every step is tokenised on its own: nothing crosses a boundary
 
     def _steps(self, steps: Sequence[str]) -> tuple[list[int], list[int]]:
