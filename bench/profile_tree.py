@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in this process")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP round trip's parts")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,6 +69,10 @@ def main() -> None:
     rows = bench_tree.load_rows(args.assets)
     problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
+    if args.http_only:
+        for port, (loop, http) in enumerate((("asyncio", "h11"), ("auto", "auto")), start=8765):
+            http_parts(prm, node, pool, args.reps, loop, http, port)
+        return
     calls = {"extend": lambda kids: prm.extend(node.handle, kids),
              "stateless score": lambda kids: prm.score([{"problem": problem, "steps": steps + k} for k in kids])}
     for mode, call in calls.items():
@@ -171,7 +176,7 @@ def http_parts(prm: PRM, node, pool: list[str], reps: int, loop: str, http: str,
         began = time.perf_counter()
         client.extend(node.handle, bench_tree.children_for(pool, 16, 4300 + rep))
         totals.append((time.perf_counter() - began) * 1e3)
-    print(f"\n== HTTP extend, 16 children, in-process server ({loop} loop, {http} HTTP): "
+    print(f"\n== HTTP extend, 16 children, in-process server ({loop} loop, {http} HTTP; offline extend alone is above): "
           f"total median {statistics.median(totals):.1f} ms")
     for name, values in STAMPS.items():
         print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / reps:.1f} per call")

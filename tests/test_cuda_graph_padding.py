@@ -23,19 +23,20 @@ def prm(tmp_path_factory):
 
 def test_shapes_round_up_and_refuse_big_steps() -> None:
     step = StepArrays(np.zeros(20, np.int64), np.zeros(20, np.int64), np.zeros(20, np.int64), np.zeros(900, np.int64), [20], [900])
-    assert shape_for(step, max_seqs=8) == (32, 1024, 4)  # 900 keys + 12 padding keys, the smallest sequence bucket
+    assert shape_for(step, max_seqs=8) == (32, 1024, 8)  # 900 keys + 12 padding keys; 8 sequence entries at most
     big = StepArrays(*(np.zeros(3000, np.int64) for _ in range(4)), [3000], [3000])
     assert shape_for(big, max_seqs=8) is None
     many = StepArrays(*(np.zeros(9, np.int64) for _ in range(4)), [1] * 9, [1] * 9)
     assert shape_for(many, max_seqs=8) is None
     assert shape_for(StepArrays(*(np.zeros(40, np.int64) for _ in range(4)), [4] * 10, [4] * 10), max_seqs=256) == (48, 1024, 16)
+    assert shape_for(StepArrays(*(np.zeros(70, np.int64) for _ in range(4)), [1] * 70, [1] * 70), max_seqs=256) == (80, 1024, 256)
 
 
 def test_sequence_buckets_cover_every_count_a_step_can_have() -> None:
     """A step of n tokens has at most n sequences: some captured graph holds every (tokens, sequences) pair."""
     from prmserve.engine.cuda_graphs import TOKEN_BUCKETS, seq_buckets, valid_shapes
 
-    assert seq_buckets(256) == [4, 16, 64, 256] and seq_buckets(10) == [4, 10] and seq_buckets(4) == [4]
+    assert seq_buckets(256) == [16, 64, 256] and seq_buckets(10) == [10] and seq_buckets(20) == [16, 20]
     shapes = set(valid_shapes(256))
     for tokens in TOKEN_BUCKETS:
         for count in (1, 5, 17, 65, 256):

@@ -5,7 +5,7 @@ Each graph is the whole forward (every layer, the KV writes and the head-output 
 fixed shape: `tokens` new tokens and `keys` gathered keys, up to `seqs` sequences. A step is padded
 up to the nearest shape: extra tokens form one padding sequence whose KV and head outputs go to
 scratch slots past the pool, unused sequence entries have length 0, and unused keys are never read.
-Sequence counts come in buckets too: Flash launches a block per (query tile, sequence entry, head) and
+Sequence counts come in buckets too (16, 64, max_num_seqs): Flash launches a block per (query tile, sequence entry, head) and
 an empty entry's blocks still cost launch slots: 258 entries for 16 children took 160 us a layer (H200),
 a quarter of the step's GEMM time.
 The padded inputs are filled into the graph's static buffer with one host-to-device copy, then the
@@ -32,7 +32,7 @@ from prmserve.models.transformer import RewardModel, finish_layer, project_qkv
 TOKEN_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896,
                  960, 1024, 1152, 1280, 1408, 1536, 1792, 2048)
 KEY_BUCKETS = (1024, 4096, 16384, 65536)  # padded keys are filler reads of one scratch slot: cheap, so coarse
-SEQ_BUCKETS = (4, 16, 64)  # then max_seqs: a graph's sequence entries (its real sequences, at most)
+SEQ_BUCKETS = (16, 64)  # then max_seqs: a graph's sequence entries (its real sequences, at most)
 SCRATCH_SLOTS = TOKEN_BUCKETS[-1]  # slots past the pool for padding tokens' KV and head outputs
 
 
