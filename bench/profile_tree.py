@@ -70,8 +70,15 @@ def main() -> None:
     problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
     if args.http_only:
+        prm.extend(node.handle, bench_tree.children_for(pool, 16, 4100))
+        offline = []
+        for rep in range(args.reps):
+            began = time.perf_counter()
+            prm.extend(node.handle, bench_tree.children_for(pool, 16, 4110 + rep))
+            offline.append((time.perf_counter() - began) * 1e3)
+        print(f"\n== offline extend, 16 children: total median {statistics.median(offline):.1f} ms")
         for port, (loop, http) in enumerate((("asyncio", "h11"), ("auto", "auto")), start=8765):
-            http_parts(prm, node, pool, args.reps, loop, http, port)
+            http_parts(prm, problem, steps, pool, args.reps, loop, http, port)
         return
     calls = {"extend": lambda kids: prm.extend(node.handle, kids),
              "stateless score": lambda kids: prm.score([{"problem": problem, "steps": steps + k} for k in kids])}
@@ -96,7 +103,7 @@ def main() -> None:
         print("\n== one extend of 16 children: GPU kernels")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
     for port, (loop, http) in enumerate((("asyncio", "h11"), ("auto", "auto")), start=8765):
-        http_parts(prm, node, pool, args.reps, loop, http, port)
+        http_parts(prm, problem, steps, pool, args.reps, loop, http, port)
     problems, levels = bench_tree.beam_levels(rows)
     STAMPS.clear()
     for rep in range(2):  # the whole replay, level by level, stateless: where a level's time goes
@@ -139,8 +146,9 @@ def main() -> None:
     prm.close()
 
 
-def http_parts(prm: PRM, node, pool: list[str], reps: int, loop: str, http: str, port: int) -> None:
-    """16 children through an in-process server and `Client`: where the round trip's time goes on the server."""
+def http_parts(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int, loop: str, http: str, port: int) -> None:
+    """16 children through an in-process server and `Client`: where the round trip's time goes on the server.
+    (The server's shutdown closes the PRM's engine thread and nodes; the next use starts it again.)"""
     try:
         import uvicorn
 
@@ -164,8 +172,10 @@ def http_parts(prm: PRM, node, pool: list[str], reps: int, loop: str, http: str,
         setattr(app_module, name, timed)
     import threading
 
+    node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
     server = uvicorn.Server(uvicorn.Config(create_app(prm), port=port, loop=loop, http=http, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.05)
     client = Client(f"http://127.0.0.1:{port}")
@@ -176,11 +186,12 @@ def http_parts(prm: PRM, node, pool: list[str], reps: int, loop: str, http: str,
         began = time.perf_counter()
         client.extend(node.handle, bench_tree.children_for(pool, 16, 4300 + rep))
         totals.append((time.perf_counter() - began) * 1e3)
-    print(f"\n== HTTP extend, 16 children, in-process server ({loop} loop, {http} HTTP; offline extend alone is above): "
+    print(f"\n== HTTP extend, 16 children, in-process server ({loop} loop, {http} HTTP): "
           f"total median {statistics.median(totals):.1f} ms")
     for name, values in STAMPS.items():
         print(f"  {name:24s} median {statistics.median(values):7.2f} ms  x{len(values) / reps:.1f} per call")
     server.should_exit = True
+    thread.join(30)
     client.close()
 
 
