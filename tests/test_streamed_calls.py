@@ -97,3 +97,39 @@ def test_a_big_call_is_admitted_or_refused_whole(path):
         assert prm.loop.num_pending == 0
     finally:
         prm.close()
+
+
+def test_a_request_cancelled_while_it_is_tokenised_drops_what_it_queues():
+    """The server plans and queues in its tokenizer pool; if the client's task is cancelled meanwhile, the work
+    queued by the pool thread is cancelled and its kept nodes let go once that thread is done."""
+    import asyncio
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from prmserve.server.app import _queued
+
+    class FakePRM:
+        abandoned: list = []
+
+        def abandon(self, jobs):
+            self.abandoned.append(jobs)
+
+    prm, release, started = FakePRM(), threading.Event(), threading.Event()
+    queued = [Future(), Future()]
+
+    def work():
+        started.set()
+        assert release.wait(WAIT)
+        return ["job"], queued
+
+    async def go():
+        with ThreadPoolExecutor(1) as pool:
+            task = asyncio.ensure_future(_queued(prm, pool, work))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, WAIT)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            release.set()
+        await asyncio.sleep(0.05)  # the pool's result reaches the loop's callback
+
+    asyncio.run(go())
+    assert all(f.cancelled() for f in queued) and prm.abandoned == [["job"]]
