@@ -14,7 +14,7 @@ gives the card's r_t = q_t - q_(t-1) instead of the running sum q_t the code pri
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -65,9 +65,11 @@ class ImplicitPRMFormat(PRMFormat):
         self.check_item(problem, steps)
         return self._encoded(problem, list(steps), None, [])
 
-    def extend(self, node: EncodedItem, problem: str, node_steps: Sequence[str], new_steps: Sequence[str]) -> EncodedItem:
+    def extend(self, node: EncodedItem, problem: str, node_steps: Sequence[str], new_steps: Sequence[str],
+               known: Mapping[str, list[int]] | None = None) -> EncodedItem:
         """As `encode` of all the steps, tokenising only the prefixes that change: the node's last step and the new ones
-        (a step prefix's text is the same in node and child unless it ends at the node's last step)."""
+        (a step prefix's text is the same in node and child unless it ends at the node's last step). No `boundary`
+        text exists here (the whole conversation is re-tokenised), so `known` is never filled."""
         if node.step_ends is None or node.body_len is None:
             raise FormatError(f"format {self.name!r} cannot extend this item with more steps")
         self.check_steps(new_steps, first_index=len(node_steps))
