@@ -1,7 +1,9 @@
 """Where a small tree-search call spends its time: a timeline of `PRM.extend` (plan, submit, engine step
-host and GPU parts, wake-up, collect) for 1 and 16 children on a cached node, plus torch.profiler's top ops.
+host and GPU parts, wake-up, collect) for 1 and 16 children on a cached node, the kernels of one 16-children
+step, the server's share of an HTTP round trip (asyncio/h11 and uvloop/httptools), a stateless beam replay level
+by level, plus torch.profiler's top ops.
 
-    python bench/profile_tree.py --checkpoint /tmp/prmserve-bench-ckpt-qwen2.5-math-prm-7b [--threads 1] [--eager]
+    python bench/profile_tree.py --checkpoint /tmp/prmserve-bench-ckpt-qwen2.5-math-prm-7b [--threads 1] [--eager] [--http-only]
 """
 
 from __future__ import annotations
