@@ -79,8 +79,7 @@ def main() -> None:
             prm.extend(node.handle, bench_tree.children_for(pool, 16, 4110 + rep))
             offline.append((time.perf_counter() - began) * 1e3)
         print(f"\n== offline extend, 16 children: total median {statistics.median(offline):.1f} ms")
-        for port, (loop, http) in enumerate((("asyncio", "h11"), ("auto", "auto")), start=8765):
-            http_parts(prm, problem, steps, pool, args.reps, loop, http, port)
+        http_rounds(prm, problem, steps, pool, args.reps)
         return
     calls = {"extend": lambda kids: prm.extend(node.handle, kids),
              "stateless score": lambda kids: prm.score([{"problem": problem, "steps": steps + k} for k in kids])}
@@ -104,8 +103,7 @@ def main() -> None:
             torch.cuda.synchronize()
         print("\n== one extend of 16 children: GPU kernels")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
-    for port, (loop, http) in enumerate((("asyncio", "h11"), ("auto", "auto")), start=8765):
-        http_parts(prm, problem, steps, pool, args.reps, loop, http, port)
+    http_rounds(prm, problem, steps, pool, args.reps)
     problems, levels = bench_tree.beam_levels(rows)
     STAMPS.clear()
     for rep in range(2):  # the whole replay, level by level, stateless: where a level's time goes
@@ -148,21 +146,17 @@ def main() -> None:
     prm.close()
 
 
-def http_parts(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int, loop: str, http: str, port: int) -> None:
-    """16 children through an in-process server and `Client`: where the round trip's time goes on the server.
-    (The server's shutdown closes the PRM's engine thread and nodes; the next use starts it again.)"""
+def http_rounds(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int) -> None:
+    """`http_parts` with asyncio + h11 and with uvicorn's defaults (uvloop + httptools where installed)."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
         import prmserve.server.app as app_module
-        from prmserve.client import Client
-        from prmserve.server import create_app
     except ImportError as exc:
         print(f"\n== HTTP parts skipped: {exc}")
         return
-    for name in ("_queued", "_run", "_collected"):
+    for name in ("_queued", "_run", "_collected"):  # the server's share, timed
         inner = getattr(app_module, name)
-        inner = getattr(inner, "inner", inner)  # not twice timed
 
         async def timed(*args, _inner=inner, _name=name, **kwargs):
             began = time.perf_counter()
@@ -170,8 +164,19 @@ def http_parts(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: 
             stamp(f"server {_name}", time.perf_counter() - began)
             return out
 
-        timed.inner = inner
         setattr(app_module, name, timed)
+    for port, (loop, http) in enumerate((("asyncio", "h11"), ("auto", "auto")), start=8765):
+        http_parts(prm, problem, steps, pool, reps, loop, http, port)
+
+
+def http_parts(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int, loop: str, http: str, port: int) -> None:
+    """16 children through an in-process server and `Client`: where the round trip's time goes on the server.
+    (The server's shutdown closes the PRM's engine thread and nodes; the next use starts it again.)"""
+    import uvicorn
+
+    from prmserve.client import Client
+    from prmserve.server import create_app
+
     import threading
 
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]

@@ -109,6 +109,7 @@ def test_a_request_cancelled_while_it_is_tokenised_drops_what_it_queues():
 
     class FakePRM:
         abandoned: list = []
+        drop = PRM.drop  # the real one: cancels the futures, then `abandon`
 
         def abandon(self, jobs):
             self.abandoned.append(jobs)

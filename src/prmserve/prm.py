@@ -344,7 +344,7 @@ class PRM:
                     futures += room.submit([request for job in part for request in job.requests])
                     jobs += part
             except BaseException:
-                self._give_up(jobs, futures)
+                self.drop(jobs, futures)
                 raise
         return jobs, futures
 
@@ -419,7 +419,7 @@ class PRM:
                     pass
             finished = [f.result() for f in futures]
         except BaseException:
-            self._give_up(jobs, futures)
+            self.drop(jobs, futures)
             raise
         return self.collect(jobs, finished)
 
@@ -427,12 +427,12 @@ class PRM:
         try:
             finished = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except BaseException:
-            self._give_up(jobs, futures)
+            self.drop(jobs, futures)
             raise
         return self.collect(jobs, finished)
 
-    def _give_up(self, jobs: list[ScoringJob], futures: list[Future]) -> None:
-        """An error or a cancel while waiting: abort what is queued, unpin what was kept."""
+    def drop(self, jobs: Sequence[ScoringJob], futures: Sequence[Future]) -> None:
+        """Queued work whose results will never be collected (an error, a cancel): abort it, unpin what was kept."""
         for f in futures:
             f.cancel()
         self.abandon(jobs)
@@ -489,10 +489,10 @@ PART_SIZES = (32, 64, 128, 256)
 
 def _parts(count: int) -> list[tuple[int, int]]:
     """[start, end) of each part of a call of `count` items, growing: the first is small so the GPU starts soon."""
-    bounds, start = [], 0
-    for size in (*PART_SIZES, *[PART_SIZES[-1]] * (count // PART_SIZES[-1] + 1)):
-        if start >= count:
-            break
+    bounds, start, sizes = [], 0, iter(PART_SIZES)
+    size = PART_SIZES[0]
+    while start < count:
+        size = next(sizes, size)  # the last size repeats
         bounds.append((start, min(count, start + size)))
         start += size
     return bounds

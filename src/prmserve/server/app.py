@@ -341,14 +341,8 @@ async def _queued(prm: PRM, pool: ThreadPoolExecutor, work: Callable[[], Queued]
     try:
         return await asyncio.shield(pending)
     except asyncio.CancelledError:
-        pending.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or _drop(prm, *f.result()))
+        pending.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or prm.drop(*f.result()))
         raise
-
-
-def _drop(prm: PRM, jobs: list[ScoringJob], futures: list[Future]) -> None:
-    for f in futures:
-        f.cancel()
-    prm.abandon(jobs)
 
 
 def _score_response(results: list[ScoreResult], method: str) -> ScoreResponse:
