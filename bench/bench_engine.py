@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from prmserve.engine import Engine, EngineConfig, EngineLoop
-from prmserve.models.attention import varlen_available
+from prmserve.models.attention import choose_backend
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
 from prmserve.models.loader import StateDictTensors, build_reward_model
@@ -166,7 +166,7 @@ def main() -> None:
     del backbone, head, state
     gc.collect()
     torch.cuda.empty_cache()
-    model.set_attention_kernel(varlen_available(torch.device("cuda"), torch.bfloat16))
+    model.set_attention_kernel(choose_backend(torch.device("cuda"), torch.bfloat16, cfg.head_dim))
     if not args.eager:
         model.compile_layers(args.compile_mode)
 

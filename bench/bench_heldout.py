@@ -85,8 +85,10 @@ def phase(args) -> dict:
     from prmserve import PRM
 
     started = time.perf_counter()
-    prm = PRM(str(args.checkpoint), **ENGINES[args.engine], **({} if torch.cuda.is_available() else {"device": "cpu"}))
-    report = {"load_s": time.perf_counter() - started, "deterministic": prm.deterministic, "workloads": {}}
+    prm = PRM(str(args.checkpoint), **ENGINES[args.engine], attention_backend=args.attention_backend,
+              **({} if torch.cuda.is_available() else {"device": "cpu"}))
+    report = {"load_s": time.perf_counter() - started, "deterministic": prm.deterministic,
+              "attention_backend": prm.model.attention_backend, "workloads": {}}
     workloads = heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)
     if args.limit:  # a smoke run: the first items of each workload (the beam's first levels)
         workloads = {k: v[: args.limit] for k, v in workloads.items()}
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # run one engine in this process
+    parser.add_argument("--attention-backend", default="auto", help="every engine's attention kernel (TRITON_ATTN, FLASH_ATTN, ...)")
     parser.add_argument("--limit", type=int, default=0, help="items per workload (a smoke run); 0: all")
     parser.add_argument("--rewards-dir", type=Path, default=Path("/tmp/prmserve-heldout-rewards"))
     args = parser.parse_args()
@@ -147,7 +150,7 @@ def main() -> None:
     dims = bench_tree.SHAPES[args.shape]
     h, i, layers = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
     kv = dims["num_key_value_heads"] * h // dims["num_attention_heads"]
-    report: dict = {"shape": args.shape, "seed": args.seed,
+    report: dict = {"shape": args.shape, "seed": args.seed, "attention_backend": args.attention_backend,
                     "matmul_params": layers * (2 * h * h + 2 * kv * h + 3 * h * i) + h * h + 2 * h}
     import torch
 
@@ -163,7 +166,8 @@ def main() -> None:
     for engine in engines:
         command = [sys.executable, __file__, "--engine", engine, "--shape", args.shape, "--assets", str(args.assets),
                    "--checkpoint", str(args.checkpoint), "--out", str(args.out), "--seed", str(args.seed),
-                   "--rewards-dir", str(args.rewards_dir), "--limit", str(args.limit)]
+                   "--rewards-dir", str(args.rewards_dir), "--limit", str(args.limit),
+                   "--attention-backend", args.attention_backend]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -193,6 +193,7 @@ def phase_prmserve(args) -> dict:
     pairs = [(a, b) for path, x in beam_rewards.items() for a, b in zip(x, score_rewards[path], strict=True)]
     report["beam_extend_vs_score_identical"] = f"{sum(a == b for a, b in pairs)} of {len(pairs)}"
     report["deterministic"] = prm.deterministic
+    report["attention_backend"] = prm.model.attention_backend
     graphs = prm.engine.runner.graphs
     report["cuda_graph_replays"] = graphs.replays if graphs is not None else 0
     prm.close()
@@ -301,7 +302,8 @@ def phase_http(args) -> dict:
     port = 8765
     log = open(args.out.with_suffix(".server.log"), "w")
     server = subprocess.Popen([sys.executable, "-m", "prmserve", "serve", str(args.checkpoint), "--port", str(port),
-                               "--disable-log-requests"] + (["--no-deterministic"] if args.no_deterministic else []), stdout=log, stderr=subprocess.STDOUT)
+                               "--disable-log-requests", "--attention-backend", args.attention_backend]
+                              + (["--no-deterministic"] if args.no_deterministic else []), stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         started = time.perf_counter()
@@ -376,8 +378,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-deterministic", action="store_true", help="prmserve without batch-invariant matmuls")
+    parser.add_argument("--attention-backend", default="auto", help="prmserve's attention kernel (TRITON_ATTN, FLASH_ATTN, ...)")
     args = parser.parse_args()
-    args.engine_options = ({"device": args.device} if args.device else {}) | ({"deterministic": False} if args.no_deterministic else {})
+    args.engine_options = ({"device": args.device} if args.device else {}) | ({"deterministic": False} if args.no_deterministic else {}) \
+        | {"attention_backend": args.attention_backend}
 
     if args.phase:
         result = PHASES[args.phase](args)
@@ -388,7 +392,7 @@ def main() -> None:
     started = time.perf_counter()
     make_checkpoint(args.shape, args.assets, args.checkpoint)
     report: dict = {"shape": args.shape, "cold_items": args.cold, "checkpoint_s": time.perf_counter() - started,
-                    "deterministic": not args.no_deterministic}
+                    "deterministic": not args.no_deterministic, "attention_backend": args.attention_backend}
     dims = SHAPES[args.shape]
     h, i, layers = dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]
     kv = dims["num_key_value_heads"] * h // dims["num_attention_heads"]
@@ -408,7 +412,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--phase", name, "--shape", args.shape, "--assets", str(args.assets),
                    "--checkpoint", str(args.checkpoint), "--out", str(args.out), "--cold", str(args.cold),
                    "--reps", str(args.reps)] + (["--device", args.device] if args.device else []) + \
-                  (["--no-deterministic"] if args.no_deterministic else [])
+                  (["--no-deterministic"] if args.no_deterministic else []) + ["--attention-backend", args.attention_backend]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -16,7 +16,7 @@ import torch
 
 from bench_engine import HERE, SHAPES, make_head, rewards_of, run_transformers
 from prmserve.engine import Engine, EngineConfig, EngineLoop
-from prmserve.models.attention import AttentionInputs, varlen_available
+from prmserve.models.attention import AttentionInputs, choose_backend
 from prmserve.models.config import BackboneConfig
 from prmserve.models.loader import StateDictTensors, build_reward_model
 
@@ -50,7 +50,7 @@ def main() -> None:
         state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
         state |= {f"{head_name}.{k}": v for k, v in head.state_dict().items()}
         model = build_reward_model(cfg, spec, StateDictTensors(state), torch.device("cuda"), dtype)
-        model.set_attention_kernel(varlen_available(torch.device("cuda"), dtype))
+        model.set_attention_kernel(choose_backend(torch.device("cuda"), dtype, cfg.head_dim))
         return model
 
     # float32 first: the same function on the GPU, up to float32 rounding (SDPA loop; Flash has no fp32).

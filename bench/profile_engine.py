@@ -14,6 +14,7 @@ import torch
 
 from bench_engine import HERE, SHAPES, matmul_peak
 from prmserve.engine import Engine, EngineConfig, EngineLoop
+from prmserve.models.attention import choose_backend
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
 from prmserve.models.transformer import RewardModel
@@ -30,7 +31,7 @@ def random_model(shape: dict, head: HeadSpec) -> RewardModel:
         else:
             p.data.normal_(0, 0.02)
     model.rotary.inv_freq = model.rotary.inv_freq.float()
-    model.set_attention_kernel(True)
+    model.set_attention_kernel(choose_backend(torch.device("cuda"), torch.bfloat16, cfg.head_dim))
     return model
 
 

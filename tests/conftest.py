@@ -18,6 +18,11 @@ import torch
 
 import tiny_checkpoints
 
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_paged_attention.py). It is chosen when
+# triton.language is first imported, so here, before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 API_KEY = "test-key"
 SLOW_SERVER_ARGS = ["--max-num-batched-tokens", "16", "--no-prefix-caching", "--max-queue", "4", "--api-key", API_KEY]
 

@@ -11,7 +11,8 @@ import pytest
 
 from prmserve import cli
 from prmserve.engine.config import EngineConfig
-from prmserve.server.args import ENGINE_DEFAULTS, TRUST_REMOTE_CODE_NOTE, prm_options, server_settings
+from prmserve.models.attention import BACKENDS
+from prmserve.server.args import ATTENTION_BACKENDS, ENGINE_DEFAULTS, TRUST_REMOTE_CODE_NOTE, prm_options, server_settings
 
 
 def parse(*argv: str):
@@ -27,12 +28,14 @@ def test_every_vllm_flag_lands_where_it_should(tmp_path: Path) -> None:
         "--allowed-origins", '["http://a.example", "http://b.example"]', "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
         "--seed", "7", "-tp", "2", "--trust-remote-code", "--host", "0.0.0.0", "--port", "9000", "--api-key", "k",
         "--device", "cpu", "--format", "qwen_prm", "--option", "system_prompt=Be brief", "--no-deterministic",
+        "--attention-backend", "flash_attn",
     )
     assert prm_options(args) == {
         "format": "qwen_prm", "device": "cpu", "dtype": "float16", "enforce_eager": True, "tensor_parallel_size": 2,
         "max_num_batched_tokens": 512, "max_num_seqs": 8, "block_size": 8, "gpu_memory_utilization": 0.5,
         "enable_prefix_caching": False, "max_queue": 1024, "system_prompt": "Be brief",
         "revision": None, "download_dir": None, "tokenizer": None, "deterministic": False,
+        "attention_backend": "FLASH_ATTN",
     }
     settings = server_settings(args)
     assert (settings.host, settings.port, settings.root_path) == ("0.0.0.0", 9000, "/api")
@@ -48,6 +51,7 @@ def test_every_vllm_flag_lands_where_it_should(tmp_path: Path) -> None:
 def test_defaults_are_the_engines_and_the_old_names_stay_as_aliases() -> None:
     args = parse()
     options = prm_options(args)
+    assert options["attention_backend"] == "AUTO" and ATTENTION_BACKENDS == BACKENDS
     engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     assert {k: options[k] for k in ENGINE_DEFAULTS} == {k: engine[k] for k in ENGINE_DEFAULTS}
     assert options["enable_prefix_caching"] is True and options["dtype"] == "auto" and options["enforce_eager"] is False

@@ -162,7 +162,8 @@ def test_a_dead_worker_is_an_error_not_a_hang(checkpoints) -> None:
 def test_a_worker_that_fails_to_start_says_why(checkpoints) -> None:
     """A worker whose set-up raises (here: 0 torch threads): its own error reaches rank 0 as a TensorParallelError."""
     with load(checkpoints["qwen_prm"]) as one:
-        spec = WorkerSpec(one.path, one.config, one.format.head, "cpu", 0, torch.float32, 2, 1, False, num_threads=0)
+        spec = WorkerSpec(one.path, one.config, one.format.head, "cpu", 0, torch.float32, 2, 1, False, num_threads=0,
+                          attention_backend="TORCH_SDPA")
     workers = TensorParallelWorkers.spawn(spec, store=None)
     try:
         outcome = call_with_deadline(lambda: workers.wait_for("connected"), 60)

@@ -21,7 +21,7 @@ from prmserve.engine.sleep import SleepReport
 from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
 from prmserve.formats import EncodedItem, detect_format, make_format
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
-from prmserve.models.attention import varlen_available
+from prmserve.models.attention import TORCH_SDPA, choose_backend
 from prmserve.models.invariant import request_cublas_invariance, rows_invariant
 from prmserve.models.loader import CheckpointTensors
 from prmserve.nodes import Node, NodeTable
@@ -64,7 +64,8 @@ class PRM:
     directory or a Hugging Face model ID (`revision`, `download_dir`; `tokenizer` loads another
     checkpoint's tokenizer). `deterministic` (default): an item's rewards are bit-identical whatever it
     is batched with or how much of it was cached (`prmserve.models.invariant`). On CUDA the layers are compiled and small steps replay CUDA graphs,
-    unless `enforce_eager`. `tensor_parallel_size=N` splits the model over N GPUs (N processes on the
+    unless `enforce_eager`; `attention_backend` picks the attention kernel (TRITON_ATTN, FLASH_ATTN, TORCH_SDPA;
+    default: the fastest that runs here). `tensor_parallel_size=N` splits the model over N GPUs (N processes on the
     CPU): this process is rank 0 and starts the others; `close()` (or leaving a `with` block) stops them.
     Keyword options are the engine's (`EngineConfig`: `enable_prefix_caching`,
     `max_num_batched_tokens`, ...), the node handles' (`handle_ttl` seconds, `max_handles`), and
@@ -83,6 +84,7 @@ class PRM:
         tokenizer: str | Path | None = None,
         tensor_parallel_size: int = 1,
         deterministic: bool = True,
+        attention_backend: str | None = None,
         **options: Any,
     ) -> None:
         self.model_name = str(model) if model is not None else "prmserve/small-prm"
@@ -95,6 +97,7 @@ class PRM:
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.config, self.device)
         self.tensor_parallel_size = check_tensor_parallel_size(tensor_parallel_size, self.config)
+        backend = choose_backend(self.device, self.dtype, self.config.head_dim, attention_backend)
         engine_options = {k: options.pop(k) for k in list(options) if k in _ENGINE_OPTIONS}
         own = {k: options.pop(k, default) for k, default in _PRM_OPTIONS.items()}
         self.format_name = format or detect_format(self.config, _tensor_names_if_needed(self.path, self.config), self.model_name)
@@ -110,8 +113,9 @@ class PRM:
             from prmserve.parallel.launch import start_tensor_parallel
 
             self.workers, self.model = start_tensor_parallel(
-                self.path, self.config, self.format.head, self.device, self.dtype, self.tensor_parallel_size, self.compiled)
-        self.model.set_attention_kernel(varlen_available(self.device, self.dtype))
+                self.path, self.config, self.format.head, self.device, self.dtype, self.tensor_parallel_size, self.compiled,
+                backend)
+        self.model.set_attention_kernel(backend)
         if deterministic and self.device.type != "cuda":
             self.model.use_blocked_kernels()
         # Measured, not assumed: False (and a warning) where this process's matmuls still vary with batching.
@@ -123,7 +127,7 @@ class PRM:
             if self.device.type == "cuda":  # compile and size memory now, not in the first big call
                 self.engine.runner.warmup(self.engine.config.max_num_batched_tokens)
                 # Small steps replay captured graphs (one rank only: a graph cannot hold the workers' steps).
-                if not enforce_eager and self.model.uses_varlen and self.workers is None:
+                if not enforce_eager and backend != TORCH_SDPA and self.workers is None:
                     same_layers = self.engine.runner.capture_graphs(self.engine.config.max_num_seqs)
                     self.deterministic = self.deterministic and same_layers
         except BaseException:

@@ -1,8 +1,10 @@
 """Causal attention over packed variable-length sequences, each query block after its cached prefix.
 
-Two kernels compute the same function: Flash attention through `torch.nn.attention.varlen` on CUDA,
-and a loop of `scaled_dot_product_attention` calls elsewhere (CPU, CI). Queries are aligned to the
-end of their keys (bottom-right causal), so a chunk that follows a cached prefix attends to it.
+Three kernels compute the same function (vLLM's backend names): TRITON_ATTN, our Triton kernel that reads keys
+in the KV pool in place (`prmserve.models.paged_attention`, CUDA); FLASH_ATTN, Flash through
+`torch.nn.attention.varlen` on keys gathered out of the pool (CUDA); TORCH_SDPA, a loop of
+`scaled_dot_product_attention` calls (CPU, CI). Queries are aligned to the end of their keys (bottom-right
+causal), so a chunk that follows a cached prefix attends to it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from prmserve.errors import InvalidInputError
 from prmserve.models.invariant import blocked_attention
+from prmserve.models.paged_attention import supports_head_dim, triton_available
+
+TRITON_ATTN, FLASH_ATTN, TORCH_SDPA = "TRITON_ATTN", "FLASH_ATTN", "TORCH_SDPA"
+BACKENDS = (TRITON_ATTN, FLASH_ATTN, TORCH_SDPA)
 
 
 @functools.cache
@@ -71,6 +78,26 @@ def cumulative_lengths(lengths: list[int]) -> torch.Tensor:
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True where the Flash varlen kernel can run: CUDA, a recent torch, and 16-bit activations."""
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requested: str | None = None) -> str:
+    """The kernel to use: `requested` if it can run here (else a clear error), by default the first that can.
+
+    TRITON_ATTN needs CUDA, Triton, 16-bit activations and a power-of-two head size; FLASH_ATTN needs CUDA and
+    a torch with varlen Flash; TORCH_SDPA runs anywhere.
+    """
+    cuda16 = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    runs = {TRITON_ATTN: cuda16 and triton_available() and supports_head_dim(head_dim),
+            FLASH_ATTN: varlen_available(device, dtype), TORCH_SDPA: True}
+    usable = [name for name in BACKENDS if runs[name]]
+    if requested is None or requested.upper() == "AUTO":
+        return usable[0]
+    if requested.upper() not in BACKENDS:
+        raise InvalidInputError(f"unknown attention backend {requested!r}: choose one of auto, {', '.join(BACKENDS)}")
+    if requested.upper() not in usable:
+        raise InvalidInputError(f"attention backend {requested.upper()} cannot run here ({device.type}, {dtype}, head size "
+                                f"{head_dim}); these can: {', '.join(usable)}")
+    return requested.upper()
 
 
 def causal_attention(

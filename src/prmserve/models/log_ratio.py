@@ -40,13 +40,13 @@ class LogRatioModel(nn.Module):
         self.num_kv_heads = a.num_kv_heads
 
     @property
-    def uses_varlen(self) -> bool:
-        return self.policy.uses_varlen
+    def attention_backend(self) -> str:
+        return self.policy.attention_backend
 
-    def set_attention_kernel(self, use_varlen: bool) -> None:
+    def set_attention_kernel(self, backend: str) -> None:
         """Choose the attention kernel of both models."""
-        self.policy.set_attention_kernel(use_varlen)
-        self.reference.set_attention_kernel(use_varlen)
+        self.policy.set_attention_kernel(backend)
+        self.reference.set_attention_kernel(backend)
 
     def compile_layers(self, mode: str | None = None) -> None:
         """Compile both models' per-layer code."""

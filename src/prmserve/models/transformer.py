@@ -2,7 +2,7 @@
 
 Each layer is split into three parts: projections + rotary (`project`), attention over the paged
 cache (`attend`), and output projection + MLP (`finish`). The first and last are plain tensor code
-that `torch.compile` fuses well; attention stays eager around its Flash kernel.
+that `torch.compile` fuses well; attention stays eager around its kernel (`prmserve.models.attention`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from prmserve.models.attention import AttentionInputs, causal_attention
+from prmserve.models.attention import FLASH_ATTN, TORCH_SDPA, TRITON_ATTN, AttentionInputs, causal_attention
+from prmserve.models.paged_attention import paged_attention
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec, build_head
 from prmserve.models.invariant import make_linears_blocked
@@ -40,7 +41,7 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
-        self.use_varlen = False
+        self.backend = TORCH_SDPA
         self.blocked = False  # the batch-invariant CPU kernel (RewardModel.use_blocked_kernels)
 
     def attend(
@@ -50,9 +51,17 @@ class SelfAttention(nn.Module):
         if kv is not None:
             kv[0][inputs.slot_mapping] = k
             kv[1][inputs.slot_mapping] = v
+            if self.backend == TRITON_ATTN:  # keys read in the pool, by slot: those listed, else the new tokens'
+                index = inputs.slot_mapping if inputs.key_slots is None else inputs.key_slots
+                out = paged_attention(q, kv[0], kv[1], index, inputs.cu_seqlens_q, inputs.cu_seqlens_k, self.scale,
+                                      self.sliding_window)
+                return out.reshape(-1, self.q_size)
             if inputs.key_slots is not None:  # some sequence follows a cached prefix
                 k, v = kv[0][inputs.key_slots], kv[1][inputs.key_slots]
-        out = causal_attention(q, k, v, inputs, self.scale, self.sliding_window, self.use_varlen, self.blocked)
+        if self.backend == TRITON_ATTN:
+            out = paged_attention(q, k, v, None, inputs.cu_seqlens_q, inputs.cu_seqlens_k, self.scale, self.sliding_window)
+        else:
+            out = causal_attention(q, k, v, inputs, self.scale, self.sliding_window, self.backend == FLASH_ATTN, self.blocked)
         return out.reshape(-1, self.q_size)
 
 
@@ -117,13 +126,13 @@ class RewardModel(nn.Module):
         self.head = build_head(head, cfg.hidden_size) if tp is None or tp.is_driver else None
         self._project: Callable = project_qkv
         self._finish: Callable = finish_layer
-        self.uses_varlen = False
+        self.attention_backend = TORCH_SDPA
 
-    def set_attention_kernel(self, use_varlen: bool) -> None:
-        """Choose the Flash varlen kernel (CUDA) or the portable SDPA loop for every layer."""
-        self.uses_varlen = use_varlen
+    def set_attention_kernel(self, backend: str) -> None:
+        """Choose every layer's attention kernel: TRITON_ATTN, FLASH_ATTN (CUDA) or TORCH_SDPA (`attention_backend`)."""
+        self.attention_backend = backend
         for layer in self.layers:
-            layer.self_attn.use_varlen = use_varlen
+            layer.self_attn.backend = backend
 
     def use_blocked_kernels(self) -> None:
         """CPU batch invariance: every linear on fixed blocks of rows, attention on fixed key blocks."""

@@ -19,6 +19,7 @@ from prmserve.parallel.workers import TensorParallelWorkers
 
 def start_tensor_parallel(
     checkpoint: Path, cfg: BackboneConfig, head: HeadSpec, device: torch.device, dtype: torch.dtype, size: int, compile: bool,
+    attention_backend: str,
 ) -> tuple[TensorParallelWorkers, RewardModel]:
     """Spawn the workers, join them as rank 0 (a TCPStore on a free loopback port) and load every rank's part of
     the model at once, each from the checkpoint files; returns once all are loaded."""
@@ -31,7 +32,8 @@ def start_tensor_parallel(
         )
     first = _first_device(device, size)
     store = dist.TCPStore(LOCALHOST, 0, size, is_master=True, timeout=GROUP_TIMEOUT, wait_for_workers=False)
-    spec = WorkerSpec(checkpoint, cfg, head, device.type, first, dtype, size, store.port, compile, torch.get_num_threads())
+    spec = WorkerSpec(checkpoint, cfg, head, device.type, first, dtype, size, store.port, compile, torch.get_num_threads(),
+                      attention_backend)
     workers = TensorParallelWorkers.spawn(spec, store)
     try:
         workers.wait_for("connected")

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from prmserve.models.attention import varlen_available
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
 from prmserve.models.loader import load_reward_model
@@ -41,6 +40,7 @@ class WorkerSpec:
     store_port: int  # rank 0's TCPStore
     compile: bool  # torch.compile the layers, as rank 0 does
     num_threads: int  # torch's intra-op threads, as rank 0 has
+    attention_backend: str  # rank 0's choice (`choose_backend`)
 
     def device(self, rank: int) -> torch.device:
         return torch.device("cpu") if self.device_type == "cpu" else torch.device("cuda", self.first_device + rank)
@@ -59,7 +59,7 @@ def run_worker(rank: int, spec: WorkerSpec, commands: Connection, reports: Conne
         store = dist.TCPStore(LOCALHOST, spec.store_port, spec.world_size, is_master=False, timeout=GROUP_TIMEOUT)
         tp = join_group(store, rank, spec.world_size, device)
         model = load_reward_model(spec.checkpoint, spec.config, spec.head, device, spec.dtype, tp)
-        model.set_attention_kernel(varlen_available(device, spec.dtype))
+        model.set_attention_kernel(spec.attention_backend)
         if spec.compile:
             model.compile_layers()
         reports.send(("ready", torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None))

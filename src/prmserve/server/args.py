@@ -13,6 +13,8 @@ from typing import Any
 from prmserve.results import AGGREGATIONS
 
 # The engine's defaults (EngineConfig), shown by --help; tests/test_server_args.py keeps them equal.
+# prmserve.models.attention.BACKENDS, named here so that parsing flags imports no torch.
+ATTENTION_BACKENDS = ("TRITON_ATTN", "FLASH_ATTN", "TORCH_SDPA")
 ENGINE_DEFAULTS = {
     "max_num_batched_tokens": 16384,
     "max_num_seqs": 256,
@@ -113,6 +115,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, option_type: Callable[[
     engine.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                         help="bit-identical rewards for an item whatever it is batched with or how much of it was cached "
                              "(batch-invariant matmuls); --no-deterministic for the last few percent of speed")
+    engine.add_argument("--attention-backend", type=str.upper, choices=["AUTO", *ATTENTION_BACKENDS], default="AUTO",
+                        help="attention kernel: TRITON_ATTN (CUDA; reads cached keys in place), FLASH_ATTN (CUDA), "
+                             "TORCH_SDPA (anywhere); auto: the first of these that runs here")
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="split the model over this many GPUs (processes on the CPU), as vLLM does")
     engine.add_argument("--max-queue", type=int, default=1024, help="requests pending (queued or computing) before 429")
@@ -150,6 +155,7 @@ def prm_options(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": DTYPES[args.dtype],
         "enforce_eager": args.enforce_eager,
         "deterministic": args.deterministic,
+        "attention_backend": args.attention_backend,
         "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
