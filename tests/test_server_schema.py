@@ -31,7 +31,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, status_code_conforman
 # What data the schema allows may still get: the engine's 400 (no separator in a text, too long for the model),
 # 404 (an unknown handle), 413 (over the body limit), 503 (the queue is full), 504 (its timeout passed); never 422.
 ACCEPTED = ["2xx", "400", "404", "413", "503", "504"]
-STATEFUL_EXAMPLES = 15
+STATEFUL_EXAMPLES = 30
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def _walk(app: FastAPI) -> None:
     Sequences.run(settings=settings(max_examples=STATEFUL_EXAMPLES, stateful_step_count=6, deadline=None, derandomize=True,
                                     suppress_health_check=list(HealthCheck)))
     assert time.monotonic() - started < 60
-    assert walks.count >= 4, f"{walks.count} sequences scored a node, extended it and released it (8 measured)"
+    assert walks.count >= 4, f"{walks.count} sequences scored a node, extended it and released it (17 alone; at 15 examples, 6 alone and 3 in a full run)"
 
 
 def test_server_default_timeout_applies_without_a_timeout_in_the_body(small_step_prm) -> None:
