@@ -3,8 +3,9 @@
 Why not Flash: Flash's varlen kernel wants each sequence's keys contiguous (every layer gathers them out of the
 pool first) and gives each query head its own tile, so with grouped-query attention a KV head is read once per
 query head and a tree search's ~40-query children leave most of a 128-row tile empty. Here one program takes
-`BLOCK_M` (query token, query head) rows of one KV head's group, so 16 children of 44 tokens with 7 query heads per
-KV head fill 3 tiles per KV head instead of 7 tiles a third full, and keys are loaded by slot, in place.
+`BLOCK_M` (query token, query head) rows of one KV head's group, so a child of 44 tokens with 7 query heads per
+KV head fills 5 full 64-row tiles per KV head, each reading the keys once, instead of 7 tiles a third full, and
+keys are loaded by slot, in place.
 
 Every row's result depends on its own query and keys only: keys are visited in blocks of `BLOCK_N` from position
 0 of the sequence, the block shapes are fixed (no autotuning), and a block that is fully masked for a row leaves
