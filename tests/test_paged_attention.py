@@ -140,3 +140,26 @@ def test_backend_choice_and_its_errors() -> None:
     with pytest.raises(InvalidInputError, match="head size 80"):  # no power-of-two head size
         choose_backend(cuda, torch.bfloat16, 80, TRITON_ATTN)
     assert BACKENDS[0] == TRITON_ATTN  # auto prefers it where it runs (a GPU question; bench/ measures it)
+
+
+def test_a_padded_graph_step_gives_the_real_rows_the_same_bits(interpreted) -> None:
+    """A CUDA graph runs the kernel on `cuda_graphs.pad`'s layout (a padding sequence in scratch slots, empty
+    entries, filler keys): the real tokens' rows equal those of the unpadded step."""
+    import numpy as np
+
+    from prmserve.engine.cuda_graphs import StepArrays, layout, pad
+
+    lens_q, lens_k = [7, 20, 1], [30, 20, 45]
+    q, keys, values, slots = random_batch(lens_q, lens_k, 8, 2, 32, torch.float32, seed=9)
+    scratch = keys.shape[0]
+    pool_k, pool_v = (torch.cat([t, torch.randn(64, 2, 32)]) for t in (keys, values))  # scratch slots past the pool
+    cu_k = cumulative_lengths(lens_k)
+    own = torch.cat([slots[int(cu_k[i + 1]) - n : int(cu_k[i + 1])] for i, n in enumerate(lens_q)])
+    step = StepArrays(np.zeros(28, np.int64), np.zeros(28, np.int64), own.numpy(), slots.numpy(), lens_q, lens_k)
+    tokens, key_count, seqs = 48, 128, 16
+    packed = torch.from_numpy(pad(step, tokens, key_count, seqs, scratch))
+    _, _, _, key_slots, cu_q_pad, cu_k_pad = packed.split(layout(tokens, key_count, seqs))
+    q_pad = torch.cat([q, torch.randn(tokens - len(q), 8, 32)])
+    padded = interpreted(q_pad, pool_k, pool_v, key_slots, cu_q_pad.to(torch.int32), cu_k_pad.to(torch.int32), 32**-0.5)
+    plain = interpreted(q, keys, values, slots, cumulative_lengths(lens_q), cu_k, 32**-0.5)
+    assert torch.equal(padded[: len(q)], plain)
