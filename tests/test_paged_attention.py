@@ -13,8 +13,9 @@ import torch
 
 from prmserve import PRM
 from prmserve.errors import InvalidInputError
-from prmserve.models.attention import BACKENDS, FLASH_ATTN, TORCH_SDPA, TRITON_ATTN, AttentionInputs, _sdpa_loop, choose_backend
-from prmserve.models.attention import cumulative_lengths
+from prmserve.models.attention import (
+    BACKENDS, FLASH_ATTN, TORCH_SDPA, TRITON_ATTN, AttentionInputs, _sdpa_loop, choose_backend, cumulative_lengths,
+)
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="needs Triton's interpreter (TRITON_INTERPRET=1)")

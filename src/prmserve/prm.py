@@ -332,7 +332,7 @@ class PRM:
         a whole (the queue's room is reserved first); an error in a later part cancels what was queued.
         `check(jobs, first_index)` vets each part before it is queued (the server's own length limit)."""
         _check_item_list(items)
-        reserve = getattr(self.loop, "reserve", None)
+        reserve = getattr(self.loop, "reserve", None)  # a RoutedPRM's replica pool queues a call whole
         if len(items) <= STREAM_AFTER or hasattr(self.format, "prefixes") or reserve is None:
             jobs = self.plan_score(items, priority, keep)
             if check is not None:

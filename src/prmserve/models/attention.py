@@ -90,14 +90,15 @@ def choose_backend(device: torch.device, dtype: torch.dtype, head_dim: int, requ
     runs = {TRITON_ATTN: cuda16 and triton_available() and supports_head_dim(head_dim),
             FLASH_ATTN: varlen_available(device, dtype), TORCH_SDPA: True}
     usable = [name for name in BACKENDS if runs[name]]
-    if requested is None or requested.upper() == "AUTO":
+    name = "AUTO" if requested is None else requested.upper()
+    if name == "AUTO":
         return usable[0]
-    if requested.upper() not in BACKENDS:
+    if name not in BACKENDS:
         raise InvalidInputError(f"unknown attention backend {requested!r}: choose one of auto, {', '.join(BACKENDS)}")
-    if requested.upper() not in usable:
-        raise InvalidInputError(f"attention backend {requested.upper()} cannot run here ({device.type}, {dtype}, head size "
+    if name not in usable:
+        raise InvalidInputError(f"attention backend {name} cannot run here ({device.type}, {dtype}, head size "
                                 f"{head_dim}); these can: {', '.join(usable)}")
-    return requested.upper()
+    return name
 
 
 def causal_attention(

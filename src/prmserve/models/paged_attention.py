@@ -67,12 +67,12 @@ def paged_attention(
     if heads % kv_heads or not supports_head_dim(dim) or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError(f"paged attention needs a power-of-two head size (16..256), query heads a multiple of KV heads "
                          f"and dense head rows; got queries {tuple(q.shape)}, keys {tuple(keys.shape)}")
-    group = heads // kv_heads
-    seqs = cu_seqlens_q.numel() - 1
     out = torch.empty_like(q)
-    tiles = (tokens * group + BLOCK_M - 1) // BLOCK_M + seqs  # an upper bound of the tiles over all sequences
     if tokens == 0:
         return out
+    group = heads // kv_heads
+    seqs = cu_seqlens_q.numel() - 1
+    tiles = (tokens * group + BLOCK_M - 1) // BLOCK_M + seqs  # an upper bound of the tiles over all sequences
     index = key_index if key_index is not None else cu_seqlens_k  # any int tensor: not read without HAS_INDEX
     log2e = 1.4426950408889634
     kernel[(tiles, kv_heads)](

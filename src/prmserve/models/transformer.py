@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from prmserve.models.attention import FLASH_ATTN, TORCH_SDPA, TRITON_ATTN, AttentionInputs, causal_attention
-from prmserve.models.paged_attention import paged_attention
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec, build_head
 from prmserve.models.invariant import make_linears_blocked
 from prmserve.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from prmserve.models.paged_attention import paged_attention
 from prmserve.parallel.group import TensorParallelGroup
 from prmserve.parallel.layers import column_parallel, row_parallel
 
@@ -48,18 +48,16 @@ class SelfAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, kv: torch.Tensor | None
     ) -> torch.Tensor:
         """Store the new keys in this layer's cache `kv` [2, slots, Hkv, D], then attend over the sequence's keys."""
+        index = None  # TRITON_ATTN reads keys in the pool by slot: those listed, else the new tokens'
         if kv is not None:
             kv[0][inputs.slot_mapping] = k
             kv[1][inputs.slot_mapping] = v
-            if self.backend == TRITON_ATTN:  # keys read in the pool, by slot: those listed, else the new tokens'
-                index = inputs.slot_mapping if inputs.key_slots is None else inputs.key_slots
-                out = paged_attention(q, kv[0], kv[1], index, inputs.cu_seqlens_q, inputs.cu_seqlens_k, self.scale,
-                                      self.sliding_window)
-                return out.reshape(-1, self.q_size)
-            if inputs.key_slots is not None:  # some sequence follows a cached prefix
+            if self.backend == TRITON_ATTN:
+                k, v, index = kv[0], kv[1], inputs.slot_mapping if inputs.key_slots is None else inputs.key_slots
+            elif inputs.key_slots is not None:  # some sequence follows a cached prefix
                 k, v = kv[0][inputs.key_slots], kv[1][inputs.key_slots]
         if self.backend == TRITON_ATTN:
-            out = paged_attention(q, k, v, None, inputs.cu_seqlens_q, inputs.cu_seqlens_k, self.scale, self.sliding_window)
+            out = paged_attention(q, k, v, index, inputs.cu_seqlens_q, inputs.cu_seqlens_k, self.scale, self.sliding_window)
         else:
             out = causal_attention(q, k, v, inputs, self.scale, self.sliding_window, self.backend == FLASH_ATTN, self.blocked)
         return out.reshape(-1, self.q_size)
