@@ -92,7 +92,7 @@ def make_checkpoint(shape: str, assets: Path, out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    if (out / "config.json").is_file():
+    if (out / "model.safetensors.index.json").is_file():  # written last: a half-written checkpoint is rebuilt
         return out
     out.mkdir(parents=True, exist_ok=True)
     dims = SHAPES[shape]
