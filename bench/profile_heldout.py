@@ -22,13 +22,19 @@ from prmserve import PRM
 KINDS = [("GEMM", re.compile(r"nvjet|gemm|cutlass|sm90_xmma|ampere_", re.I)), ("attention", re.compile(r"attention|flash", re.I)),
          ("SiLU*mul", re.compile(r"silu")), ("RMSNorm", re.compile(r"rsqrt")), ("rotary", re.compile(r"neg_slice|cat_mul")),
          ("copies", re.compile(r"memcpy|memset|copy_|index|scatter|gather", re.I)), ("other", re.compile(""))]
+MARK = "heldout_call"
+# The engine step's host-side parts (the GPU runs asynchronously: these are Python and launch time, or a wait
+# where the launch queue is full).
+STEP_PARTS = [("scheduler", "schedule"), ("scheduler", "finish_step"), ("runner", "step_arrays"), ("runner", "_forward"),
+              ("runner", "read_outputs")]
 
 
 def timeline(prof, call_s: float) -> dict:
     """The kernels' union over the call: busy seconds, the lead before the first kernel, the tail after the last, gaps."""
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    marks = [e for e in prof.events() if e.name == "heldout_call"]
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+                     and e.name != MARK)  # the call's own range shows on the GPU timeline too: not a kernel
+    marks = [e for e in prof.events() if e.name == MARK and e.device_type == torch.autograd.DeviceType.CPU]
     begin, end = marks[0].time_range.start, marks[0].time_range.end
     busy, gaps, last = 0.0, [], None
     by_kind: dict[str, float] = {}
@@ -61,6 +67,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--no-cache", action="store_true", help="the prefix cache off (the cache-off engine)")
     parser.add_argument("--table", action="store_true", help="also print torch.profiler's kernel table")
+    parser.add_argument("--sort", default="self_cuda_time_total", help="the table's order, e.g. self_cpu_time_total for host time")
     args = parser.parse_args()
     checkpoint = bench_tree.make_checkpoint(args.shape, args.assets, args.checkpoint.with_name(f"{args.checkpoint.name}-{args.shape}"))
     prm = PRM(str(checkpoint), enable_prefix_caching=not args.no_cache, **({} if torch.cuda.is_available() else {"device": "cpu"}))
@@ -80,6 +87,8 @@ def main() -> None:
     for name in ("plan_score", "collect"):
         clock(prm, name)
     clock(prm.engine, "step")
+    for owner, name in STEP_PARTS:
+        clock(getattr(prm.engine, owner), name)
     steps: list[int] = []
     prm.engine.step_observers.append(lambda st: steps.append(st.num_tokens))
     workloads = bench_heldout.heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)
@@ -93,7 +102,7 @@ def main() -> None:
             steps.clear()
             with torch.profiler.profile(activities=activities) if rep == "profiled" else contextlib.nullcontext() as prof:
                 began = time.perf_counter()
-                with torch.profiler.record_function("heldout_call"):
+                with torch.profiler.record_function(MARK):
                     bench_heldout.score_workload(prm, name, items)
                     if torch.cuda.is_available():
                         torch.cuda.synchronize()
@@ -107,7 +116,7 @@ def main() -> None:
                   f"{t['gap_count']} gaps: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t["gaps_s"].items()))
             print("   kernels: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t["kernels_s"].items()))
             if args.table:
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16))
+                print(prof.key_averages().table(sort_by=args.sort, row_limit=20, max_name_column_width=60))
     prm.close()
 
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from prmserve import PRM
-from prmserve.errors import FormatError
+from prmserve.errors import FormatError, InvalidInputError
 from reference import reference_step_rewards
 from tiny_checkpoints import BUILDERS, FORMAT_OF
 
@@ -135,6 +135,28 @@ def test_batching_does_not_change_rewards(case: str, served) -> None:
     together = score(prm, items)
     alone = [score(prm, [item])[0] for item in items]
     assert worst_error(together, alone) <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batch_encoding_equals_one_by_one(case: str, served) -> None:
+    """`encode_many` (one tokenizer call for all items, where the format renders one text) gives each item
+    `encode`'s ids, and a bad item its own error in its place; `PRM.plan_score` names that item."""
+    name, options = CASES[case]
+    prm = served(name, **options)
+    items = [*items_for(name), ("What is 1 + 1?", ["fine", "   "]), (MULTI_STEP[0], [])]
+    got = prm.format.encode_many(items)
+    for (problem, steps), encoded in zip(items, got):
+        if steps and steps[-1].strip():
+            assert encoded == prm.format.encode(problem, steps)
+        else:
+            assert isinstance(encoded, InvalidInputError)
+    prm.recent.clear()
+    with pytest.raises(InvalidInputError, match=f"^item {len(items) - 2}: step 1 is empty"):
+        prm.plan_score([{"problem": p, "steps": s} for p, s in items])
+    # The good items are recent now: their extensions by different new steps tokenise those steps in one batch.
+    grown = [(p, [*s, f"Then {k} more steps follow."]) for k, (p, s) in enumerate(items[:-2])]
+    jobs = prm.plan_score([{"problem": p, "steps": s} for p, s in grown])
+    assert [job.encoded for job in jobs] == [prm.format.encode(p, s) for p, s in grown]
 
 
 def test_rlhflow_strips_steps(checkpoint, served) -> None:

@@ -20,6 +20,7 @@ from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
 from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
 from prmserve.formats import EncodedItem, detect_format, make_format
+from prmserve.formats.base import attempt
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
 from prmserve.models.attention import TORCH_SDPA, choose_backend
 from prmserve.models.invariant import request_cublas_invariance, rows_invariant
@@ -242,14 +243,50 @@ class PRM:
         return list(token_ids)
 
     def _encode_items(self, items: Sequence[Mapping[str, Any]], first_index: int = 0) -> list[tuple[EncodedItem, tuple | None]]:
+        """`_encode_item` of each item, with the tokenizer called in batches: problem + steps items that need a whole
+        encoding in one (`PRMFormat.encode_many`), the new steps of those that extend a recent prefix in another."""
         _check_item_list(items)
-        encoded = []
-        for index, item in enumerate(items, start=first_index):
+        out: list[Any] = [None] * len(items)  # (encoding, parts), or the item's error
+        fresh: list[tuple[int, tuple, list[int] | None]] = []  # (index, parts, prefix keys)
+        grown: list[tuple[int, tuple, list[int], tuple[int, EncodedItem]]] = []  # (index, parts, keys, recent hit)
+        for index, item in enumerate(items):
             try:
-                encoded.append(self._encode_item(item))
+                parts = self.steps_of(item)
+                if parts is None:
+                    out[index] = self._encode_item(item)
+                elif not self.format.extendable:
+                    fresh.append((index, parts, None))
+                else:
+                    self.format.check_item(parts[0], parts[1])
+                    keys = prefix_keys(parts[0], parts[1])
+                    hit = self.recent.longest_prefix(parts[0], parts[1], keys)
+                    if hit is None:
+                        fresh.append((index, parts, keys))
+                    elif hit[0] == len(parts[1]):
+                        out[index] = (self._checked_length(hit[1]), parts)
+                    else:
+                        grown.append((index, parts, keys, hit))
             except (InvalidInputError, FormatError) as exc:
-                raise type(exc)(f"item {index}: {exc}") from None
-        return encoded
+                out[index] = exc
+        encodings = self.format.encode_many([(parts[0], parts[1]) for _, parts, _ in fresh])
+        known = self.format.boundary_ids([(parts[1][k - 1], parts[1][k:]) for _, parts, _, (k, _) in grown])
+        for (index, parts, keys), encoded in zip(fresh, encodings):
+            out[index] = self._remembered(encoded, parts, keys)
+        for index, parts, keys, (k, node) in grown:
+            encoded = attempt(self.format.extend, node, parts[0], parts[1][:k], parts[1][k:], known)
+            out[index] = self._remembered(encoded, parts, keys)
+        for index, entry in enumerate(out):
+            if isinstance(entry, Exception):
+                raise type(entry)(f"item {index + first_index}: {entry}") from None
+        return out
+
+    def _remembered(self, encoded: EncodedItem | Exception, parts: tuple, keys: list[int] | None) -> tuple | Exception:
+        """(encoding, parts) of a steps item, added to the recent encodings; an error passes through."""
+        if isinstance(encoded, Exception):
+            return encoded
+        if keys is not None:
+            self.recent.add(parts[0], parts[1], keys[-1], encoded)
+        return attempt(self._checked_length, encoded), parts
 
     # Scoring in three steps (plan, submit, collect), shared by the blocking, async and HTTP fronts.
 

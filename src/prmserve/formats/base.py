@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,6 +73,11 @@ class PRMFormat(ABC):
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
         """Token ids of the model's input for these steps, and one read position per step."""
 
+    def encode_many(self, items: Sequence[tuple[Any, Any]]) -> list[EncodedItem | InvalidInputError | FormatError]:
+        """`encode` of each (problem, steps), an item's error in its place (so a caller can name the item).
+        `RenderedFormat`s tokenise all the items' texts in one batch."""
+        return [attempt(self.encode, problem, steps) for problem, steps in items]
+
     def encode_text(self, text: str) -> EncodedItem:
         """A pre-formatted input string (separators already in place), as users of other engines send it."""
         return self.encode_token_ids(self.tokenizer.encode(text))
@@ -140,8 +145,12 @@ class PRMFormat(ABC):
     def encode_boundaries(self, last_step: str, children: Sequence[Any]) -> dict[str, list[int]]:
         """Ids of every valid child's `anchor + text`, tokenised in one batch (the Rust backend's threads): the
         `known` of `extend`. Children that are not lists of strings are left to `extend` to refuse."""
+        return self.boundary_ids([(last_step, steps) for steps in children])
+
+    def boundary_ids(self, extensions: Sequence[tuple[str, Any]]) -> dict[str, list[int]]:
+        """`encode_boundaries` of (last step, new steps) pairs of different nodes: one batch for all of them."""
         texts = []
-        for steps in children:
+        for last_step, steps in extensions:
             if isinstance(steps, Sequence) and not isinstance(steps, str) and steps and all(isinstance(t, str) for t in steps):
                 pair = self.boundary(last_step, steps)
                 if pair is not None:
@@ -236,6 +245,41 @@ class PRMFormat(ABC):
     def to_floats(self, values: torch.Tensor) -> list[float]:
         """Python floats of a tensor whatever its dtype (bf16 values are exact in float)."""
         return [float(x) for x in values.float().tolist()]
+
+
+class RenderedFormat(PRMFormat):
+    """A format whose input is one rendered text tokenised whole (`tokenizer.encode`): many items' texts are
+    tokenised in one batch call, on the Rust tokenizer's threads, with the same ids as one by one."""
+
+    # Whether the tokenizer adds its special tokens (BOS) to the rendered text, as the family's reference code does.
+    add_special_tokens: bool = True
+
+    @abstractmethod
+    def render(self, problem: str, steps: Sequence[str]) -> str:
+        """The checked item's text."""
+
+    @abstractmethod
+    def from_ids(self, ids: list[int], steps: Sequence[str]) -> EncodedItem:
+        """The item from its text's ids: read positions and body."""
+
+    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+        text = self.render(problem, steps)
+        return self.from_ids(list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens)), steps)
+
+    def encode_many(self, items: Sequence[tuple[Any, Any]]) -> list[EncodedItem | InvalidInputError | FormatError]:
+        rendered = [attempt(self.render, problem, steps) for problem, steps in items]
+        texts = [r for r in rendered if isinstance(r, str)]
+        batch = iter(self.tokenizer(texts, add_special_tokens=self.add_special_tokens)["input_ids"] if texts else [])
+        return [r if not isinstance(r, str) else attempt(self.from_ids, list(next(batch)), steps)
+                for r, (_, steps) in zip(rendered, items)]
+
+
+def attempt(function: Callable[..., EncodedItem | str], *args: Any) -> Any:
+    """function(*args), or the input error it raised (returned, so a batch goes on and names the item)."""
+    try:
+        return function(*args)
+    except (InvalidInputError, FormatError) as exc:
+        return exc
 
 
 def chat_messages(system_prompt: str | None, user: str, assistant: str) -> list[dict[str, str]]:

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.formats.base import EncodedItem, RenderedFormat
 from prmserve.models.heads import HeadSpec
 
 STEP_TAG = " ки"
 
 
-class LlemmaFormat(PRMFormat):
+class LlemmaFormat(RenderedFormat):
     """`problem + "\\n"` then the steps joined by "\\n", each ending in ` ки`.
 
     The mean over the vocabulary of W·h is (mean of W's rows)·h, so the head is one precomputed row
@@ -30,10 +30,11 @@ class LlemmaFormat(PRMFormat):
     def head(self) -> HeadSpec:
         return HeadSpec("lm_mean")
 
-    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+    def render(self, problem: str, steps: Sequence[str]) -> str:
         self.check_item(problem, steps)
-        text = problem + "\n" + "\n".join(step + STEP_TAG for step in steps)
-        ids = self.tokenizer.encode(text)
+        return problem + "\n" + "\n".join(step + STEP_TAG for step in steps)
+
+    def from_ids(self, ids: list[int], steps: Sequence[str]) -> EncodedItem:
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), STEP_TAG)
         return EncodedItem(ids, positions, positions[-1] + 1)
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from prmserve.errors import FormatError
-from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.formats.base import EncodedItem, RenderedFormat
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
 
@@ -24,7 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class MathShepherdFormat(PRMFormat):
+class MathShepherdFormat(RenderedFormat):
     """`problem + " " + step_joiner.join(step + " " + step_tag) + tail`; reward = softmax([good, bad])[0] at each tag.
 
     `preset` ("math_shepherd" or "openr") sets the other options; options given beside it override it.
@@ -52,10 +52,11 @@ class MathShepherdFormat(PRMFormat):
     def head(self) -> HeadSpec:
         return HeadSpec("lm_rows", rows=(self.good_id, self.bad_id))
 
-    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+    def render(self, problem: str, steps: Sequence[str]) -> str:
         self.check_item(problem, steps)
-        text = f"{problem} " + self.step_joiner.join(self._segment(step) for step in steps) + self.options["tail"]
-        ids = self.tokenizer.encode(text)
+        return f"{problem} " + self.step_joiner.join(self._segment(step) for step in steps) + self.options["tail"]
+
+    def from_ids(self, ids: list[int], steps: Sequence[str]) -> EncodedItem:
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), self.step_tag)
         return EncodedItem(ids, positions, positions[-1] + 1)
 

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import torch
 
 from prmserve.errors import FormatError
-from prmserve.formats.base import EncodedItem, PRMFormat, chat_messages, render_chat
+from prmserve.formats.base import EncodedItem, RenderedFormat, chat_messages, render_chat
 from prmserve.formats.qwen_prm import QWEN_SYSTEM_PROMPT
 from prmserve.models.heads import HeadSpec
 
 
-class OutcomeFormat(PRMFormat):
+class OutcomeFormat(RenderedFormat):
     """Qwen2ForRewardModel (score MLP), *ForSequenceClassification (score linear) and InternLM2ForRewardModel
     (v_head, read at the reward token its card appends), one label.
 
@@ -30,6 +30,8 @@ class OutcomeFormat(PRMFormat):
         self.is_qwen_rm = "Qwen2ForRewardModel" in config.architectures
         self.is_internlm2 = "InternLM2ForRewardModel" in config.architectures
         self.reward_token_id = config.raw.get("reward_token_id") if self.is_internlm2 else None
+        # InternLM2's card encodes the rendered chat with the tokenizer's special tokens and appends its reward token.
+        self.add_special_tokens = self.is_internlm2
         if self.is_internlm2 and not isinstance(self.reward_token_id, int):
             raise FormatError("InternLM2ForRewardModel's config.json has no integer 'reward_token_id' to read the score at")
         if self.options["system_prompt"] == "auto":
@@ -42,12 +44,12 @@ class OutcomeFormat(PRMFormat):
             return HeadSpec("mlp", "score", out_features=1)
         return HeadSpec("linear", "v_head" if self.is_internlm2 else "score", out_features=1, bias=False)
 
-    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+    def render(self, problem: str, steps: Sequence[str]) -> str:
         self.check_item(problem, steps)
         solution = self.options["step_separator"].join(steps)
-        text = render_chat(self.tokenizer, chat_messages(self.options["system_prompt"], problem, solution))
-        # InternLM2's card encodes the rendered chat with the tokenizer's special tokens and appends its reward token.
-        ids = list(self.tokenizer.encode(text, add_special_tokens=self.is_internlm2))
+        return render_chat(self.tokenizer, chat_messages(self.options["system_prompt"], problem, solution))
+
+    def from_ids(self, ids: list[int], steps: Sequence[str]) -> EncodedItem:
         if self.is_internlm2:
             ids.append(self.reward_token_id)
         return EncodedItem(ids, [len(ids) - 1])

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
-from prmserve.formats.base import EncodedItem, PRMFormat, chat_messages, render_chat
+from prmserve.formats.base import EncodedItem, RenderedFormat, chat_messages, render_chat
 from prmserve.models.heads import HeadSpec
 
 QWEN_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 SEPARATOR = "<extra_0>"
 
 
-class QwenPRMFormat(PRMFormat):
+class QwenPRMFormat(RenderedFormat):
     """Qwen2.5-Math-PRM-7B/72B, Qwen2.5-Math-7B-PRM800K; ReasonFlux-PRM-7B with system_prompt=None."""
 
     name = "qwen_prm"
@@ -28,11 +28,12 @@ class QwenPRMFormat(PRMFormat):
     def head(self) -> HeadSpec:
         return HeadSpec("mlp", "score", out_features=self.config.num_labels or 2)
 
-    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+    def render(self, problem: str, steps: Sequence[str]) -> str:
         self.check_item(problem, steps)
         answer = SEPARATOR.join(steps) + SEPARATOR
-        text = render_chat(self.tokenizer, chat_messages(self.options["system_prompt"], problem, answer))
-        ids = self.tokenizer.encode(text)
+        return render_chat(self.tokenizer, chat_messages(self.options["system_prompt"], problem, answer))
+
+    def from_ids(self, ids: list[int], steps: Sequence[str]) -> EncodedItem:
         positions = self.expect_count(self.positions_of(ids, self.read_token_id), len(steps), SEPARATOR)
         return EncodedItem(ids, positions, positions[-1] + 1)
 
