@@ -204,3 +204,28 @@ def test_a_full_sequence_budget_fills_a_step(model) -> None:
         engine.add(make_request(name, random_ids(rng, 5)))
     assert engine.scheduler.fills_step()
     check_outputs(model, drain(engine))
+
+
+def test_a_small_queue_goes_in_steps_the_cuda_graphs_replay(model) -> None:
+    """With graphs of up to `graph_tokens` tokens, a queue of at most GRAPH_SPLIT such steps is cut into steps of
+    that size (each replays a graph, not ~20 ms of launches); a bigger queue takes the full token budget. The
+    outputs are the same either way."""
+    rng = random.Random(5)
+    engine = engine_for(model, max_num_batched_tokens=200, max_num_seqs=16, enable_prefix_caching=False)
+    engine.scheduler.graph_tokens = 16
+    sizes: list[int] = []
+    engine.step_observers.append(lambda stats: sizes.append(stats.num_tokens))
+    for name in "abcd":  # 4 x 15 = 60 tokens: at most GRAPH_SPLIT (4) steps of 16
+        engine.add(make_request(name, random_ids(rng, 15)))
+    assert engine.scheduler.step_budget() == 16 and engine.scheduler.fills_step()
+    check_outputs(model, drain(engine))
+    assert sizes == [16, 16, 16, 12]
+
+    sizes.clear()
+    for name in "efghi":  # 75 tokens, more than 4 graph steps: full steps while the queue is big
+        engine.add(make_request(name, random_ids(rng, 15)))
+    assert engine.scheduler.step_budget() == 200
+    check_outputs(model, drain(engine))
+    assert sizes == [75]
+    engine.scheduler.graph_tokens = 400  # graphs as big as the budget change nothing
+    assert engine.scheduler.step_budget() == 200

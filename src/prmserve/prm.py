@@ -129,7 +129,7 @@ class PRM:
                 self.engine.runner.warmup(self.engine.config.max_num_batched_tokens)
                 # Small steps replay captured graphs (one rank only: a graph cannot hold the workers' steps).
                 if not enforce_eager and backend != TORCH_SDPA and self.workers is None:
-                    same_layers = self.engine.runner.capture_graphs(self.engine.config.max_num_seqs)
+                    same_layers = self.engine.capture_graphs(self.engine.config.max_num_seqs)
                     self.deterministic = self.deterministic and same_layers
         except BaseException:
             if self.workers is not None:
@@ -286,7 +286,8 @@ class PRM:
             return encoded
         if keys is not None:
             self.recent.add(parts[0], parts[1], keys[-1], encoded)
-        return attempt(self._checked_length, encoded), parts
+        checked = attempt(self._checked_length, encoded)
+        return checked if isinstance(checked, Exception) else (checked, parts)
 
     # Scoring in three steps (plan, submit, collect), shared by the blocking, async and HTTP fronts.
 

@@ -127,6 +127,11 @@ class CudaGraphs:
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
 
+    @property
+    def max_tokens(self) -> int:
+        """The most new tokens a replayed step can hold."""
+        return TOKEN_BUCKETS[-1]
+
     @torch.inference_mode()
     def capture_all(self) -> None:
         """Capture every shape a step can take (`valid_shapes`), smallest keys first."""

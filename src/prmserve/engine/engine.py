@@ -74,6 +74,12 @@ class Engine:
         self.sleep_level = 0  # 0 awake; else the level it sleeps at (its runner and pools are gone)
         self._graph_seqs: int | None = None  # the CUDA graphs' max_seqs, to capture them again on waking
 
+    def capture_graphs(self, max_seqs: int) -> bool:
+        """`ModelRunner.capture_graphs`, and small queues scheduled in steps the graphs replay."""
+        same_layers = self.runner.capture_graphs(max_seqs)
+        self.scheduler.graph_tokens = self.runner.graphs.max_tokens
+        return same_layers
+
     @property
     def max_tokens_per_request(self) -> int:
         """The longest prompt the KV pool can ever hold."""
@@ -156,7 +162,7 @@ class Engine:
             restore_weights(self.model, self._device)
         self.runner = ModelRunner(self.model, self.blocks)
         if self._graph_seqs is not None:
-            self.runner.capture_graphs(self._graph_seqs)
+            self.capture_graphs(self._graph_seqs)
         self.sleep_level = 0
 
     def step(self) -> list[Request]:
