@@ -55,6 +55,8 @@ class Scheduler:
         # replay costs ~1 ms of host time, an eager step ~20 ms of kernel launches (28 layers), which left the
         # GPU idle 2/3 of a beam search on a 1.5B model (bench/notes).
         self.graph_tokens: int | None = None
+        self._budget: tuple[tuple[int, int], int] = ((-1, -1), 0)  # (step, queue length) -> budget: one walk a step
+        self._spared: dict[str, int] = {}  # waiting request -> tokens its cached prefix spared when first looked at
 
     def step_budget(self) -> int:
         """Tokens the next step may take: `max_num_batched_tokens`, or the graphs' step size while the queue holds
@@ -62,14 +64,24 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.graph_tokens is None or self.graph_tokens >= budget:
             return budget
+        key = (self.step, len(self.queue))
+        if self._budget[0] == key:
+            return self._budget[1]
         queued = 0
         for _, request in self.queue:
             queued += request.num_remaining
-            if request.status is RequestStatus.WAITING:  # what its cached prefix will spare
-                queued -= len(self.blocks.match_prefix(request, self.step + 1).block_ids) * self.blocks.block_size
+            if request.status is RequestStatus.WAITING:  # what its cached prefix will spare (an estimate, kept)
+                spared = self._spared.get(request.request_id)
+                if spared is None:
+                    spared = len(self.blocks.match_prefix(request, self.step + 1).block_ids) * self.blocks.block_size
+                    self._spared[request.request_id] = spared
+                queued -= spared
             if queued > GRAPH_SPLIT * self.graph_tokens:
-                return budget
-        return self.graph_tokens
+                break
+        else:
+            budget = self.graph_tokens
+        self._budget = (key, budget)
+        return budget
 
     def add(self, request: Request) -> None:
         assert request.status is RequestStatus.WAITING, f"request {request.request_id} was added twice"
@@ -82,6 +94,7 @@ class Scheduler:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self._spared.pop(request_id, None)
         self.queue = [(k, r) for k, r in self.queue if r is not request]
         heapq.heapify(self.queue)
         self._release(request)
@@ -111,9 +124,9 @@ class Scheduler:
 
     def schedule(self) -> Schedule:
         """Pick this step's chunks in priority order."""
+        budget = self.step_budget()
         self.step += 1
         plan = Schedule(self.step)
-        budget = self.step_budget()
         kept: list[tuple[tuple[int, int], Request]] = []
         admitting = True  # strict priority: once one request can't get memory, admit none behind it
         while self.queue and budget > 0 and len(plan.chunks) < self.config.max_num_seqs:
@@ -180,6 +193,8 @@ class Scheduler:
 
     def _move(self, request: Request, status: RequestStatus) -> None:
         """Change a request's status and the per-status counts with it."""
+        if request.status is RequestStatus.WAITING:
+            self._spared.pop(request.request_id, None)
         self._counts[request.status] -= 1
         if status in self._counts:
             self._counts[status] += 1
