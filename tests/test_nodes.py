@@ -202,13 +202,16 @@ def test_stateless_calls_reuse_a_recent_prefix_tokenisation(make_prm, monkeypatc
     fresh = make_prm("qwen_prm", recent_encodings=0)
     prm.score([{"problem": PROBLEM, "steps": NODE}])
     calls = []
-    real_encode = prm.format.encode
+    real_encode, real_many = prm.format.encode, prm.format.encode_many
     monkeypatch.setattr(prm.format, "encode", lambda *a: calls.append(a) or real_encode(*a))
+    monkeypatch.setattr(prm.format, "encode_many", lambda items: calls.extend(items) or real_many(items))
     items = [{"problem": PROBLEM, "steps": NODE + new} for new in CHILDREN]
     for item in items:
         assert prm.encode(item) == fresh.encode(item)
     assert calls == []  # every child came from the node's cached encoding plus its new steps
-    got = prm.score(items)
+    got = prm.score([{"problem": PROBLEM, "steps": NODE + new + ["One more step."]} for new in CHILDREN] + items)
+    assert calls == []  # a whole call too: each item extends a recent prefix, none is tokenised whole
+    got = got[len(CHILDREN):]
     want = fresh.score(items)
     for g, w in zip(got, want):
         assert_close(g.step_rewards, w.step_rewards)

@@ -31,15 +31,21 @@ def prm(qwen_prm_dir):
 
 
 def count_encodes(prm: PRM, monkeypatch) -> list[int]:
-    """Counts the format's `encode` calls (one per tokenised item)."""
+    """Counts the items the format tokenises whole: one per `encode` call, one per item of an `encode_many` batch
+    (a Qwen PRM's batch does not go through `encode`)."""
     calls: list[int] = []
-    encode = prm.format.encode
+    encode, encode_many = prm.format.encode, prm.format.encode_many
 
     def counted(*args, **kwargs):
         calls.append(1)
         return encode(*args, **kwargs)
 
+    def counted_many(items):
+        calls.extend(1 for _ in items)
+        return encode_many(items)
+
     monkeypatch.setattr(prm.format, "encode", counted)
+    monkeypatch.setattr(prm.format, "encode_many", counted_many)
     return calls
 
 
