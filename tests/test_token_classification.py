@@ -79,13 +79,18 @@ def test_rewards_match_transformers_token_classification(case: str, checkpoint, 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ids_are_trl_tokenize_rows(case: str, checkpoint, served) -> None:
-    """The ids and read positions are exactly TRL's: BOS if the tokenizer has one, prompt, each step + separator."""
+    """The ids and read positions are exactly TRL's: BOS if the tokenizer has one, prompt, each step + separator;
+    item by item and with a call's pieces tokenised in one batch (`encode_many`)."""
     name, options = CASES[case]
     tokenizer = tokenizer_of(str(checkpoint(name)))
-    for problem, steps in items_for(options):
-        encoded = served(name, **options).encode({"problem": problem, "steps": steps})
+    prm = served(name, **options)
+    items = items_for(options)
+    batched = prm.format.encode_many(items)
+    for (problem, steps), together in zip(items, batched, strict=True):
+        encoded = prm.encode({"problem": problem, "steps": steps})
         ids, positions = trl_prm_input(tokenizer, problem, steps, options.get("step_separator", "\n"))
         assert (encoded.token_ids, encoded.read_positions) == (ids, positions)
+        assert (together.token_ids, together.read_positions) == (ids, positions)
         assert (ids[0] == tokenizer.bos_token_id) == (tokenizer.bos_token_id is not None)
 
 

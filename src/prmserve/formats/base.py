@@ -274,7 +274,73 @@ class RenderedFormat(PRMFormat):
                 for r, (_, steps) in zip(rendered, items)]
 
 
-def attempt(function: Callable[..., EncodedItem | str], *args: Any) -> Any:
+class PiecewiseFormat(PRMFormat):
+    """A format whose input is the problem's ids, then every step tokenised on its own and closed by its read
+    token(s), as the reference builds it: nothing crosses a boundary, so children extend by their steps alone,
+    and all the pieces of a call are tokenised in one batch call (the same ids as one by one)."""
+
+    # Whether every piece is tokenised with the tokenizer's special tokens, as the reference calls `encode`.
+    piece_special_tokens: bool = True
+
+    @abstractmethod
+    def problem_text(self, problem: str) -> str:
+        """The text of the input's first piece."""
+
+    def problem_ids(self, ids: list[int]) -> list[int]:
+        """The first piece's ids as the input begins with them (where the reference prepends a BOS by hand)."""
+        return ids
+
+    @abstractmethod
+    def close_step(self, ids: list[int]) -> tuple[list[int], int]:
+        """A step's ids followed by what closes it, and the offset of its read token among them."""
+
+    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
+        self.check_item(problem, steps)
+        pieces = self.piece_ids([self.problem_text(problem), *steps])
+        return self._assembled(pieces[0], pieces[1:])
+
+    def encode_many(self, items: Sequence[tuple[Any, Any]]) -> list[EncodedItem | InvalidInputError | FormatError]:
+        checked = [attempt(self.check_item, problem, steps) for problem, steps in items]
+        texts = [text for (problem, steps), error in zip(items, checked) if error is None
+                 for text in (self.problem_text(problem), *steps)]
+        pieces, start, out = self.piece_ids(texts), 0, []
+        for (_, steps), error in zip(items, checked):
+            if error is not None:
+                out.append(error)
+                continue
+            out.append(self._assembled(pieces[start], pieces[start + 1 : start + 1 + len(steps)]))
+            start += 1 + len(steps)
+        return out
+
+    def continuation(self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
+                     ) -> tuple[list[int], list[int]]:
+        return self._joined(self.piece_ids(list(new_steps)))
+
+    def piece_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text tokenised alone; more than one in one batch call."""
+        if len(texts) == 1:
+            return [list(self.tokenizer.encode(texts[0], add_special_tokens=self.piece_special_tokens))]
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=self.piece_special_tokens)["input_ids"]]
+
+    def _joined(self, steps: list[list[int]]) -> tuple[list[int], list[int]]:
+        """The closed steps' ids one after another, and their read offsets."""
+        ids: list[int] = []
+        offsets = []
+        for step in steps:
+            closed, offset = self.close_step(step)
+            offsets.append(len(ids) + offset)
+            ids += closed
+        return ids, offsets
+
+    def _assembled(self, problem: list[int], steps: list[list[int]]) -> EncodedItem:
+        head = self.problem_ids(problem)
+        ids, offsets = self._joined(steps)
+        return EncodedItem(head + ids, [len(head) + o for o in offsets], len(head) + len(ids))
+
+
+def attempt(function: Callable[..., Any], *args: Any) -> Any:
     """function(*args), or the input error it raised (returned, so a batch goes on and names the item)."""
     try:
         return function(*args)

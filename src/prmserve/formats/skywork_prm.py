@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
-from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.formats.base import PiecewiseFormat
 from prmserve.models.heads import HeadSpec
 
 
-class SkyworkPRMFormat(PRMFormat):
+class SkyworkPRMFormat(PiecewiseFormat):
     """Skywork-o1-Open-PRM-Qwen-2.5-1.5B/7B: one step per line of the response."""
 
     name = "skywork_prm"
@@ -25,27 +23,11 @@ class SkyworkPRMFormat(PRMFormat):
     def head(self) -> HeadSpec:
         return HeadSpec("linear", "v_head.summary", out_features=1, bias=True)
 
-    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
-        self.check_item(problem, steps)
-        bos = self.tokenizer.bos_token or ""
-        ids = list(self.tokenizer.encode(bos + problem + "\n"))
-        step_ids, offsets = self._steps(steps)
-        return EncodedItem(ids + step_ids, [len(ids) + o for o in offsets], len(ids) + len(step_ids))
+    def problem_text(self, problem: str) -> str:
+        return (self.tokenizer.bos_token or "") + problem + "\n"
 
-    def continuation(
-        self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
-    ) -> tuple[list[int], list[int]]:
-        return self._steps(new_steps)  # every line is tokenised on its own: nothing crosses a boundary
-
-    def _steps(self, steps: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Each step's ids then the flagged "\n" token; the flag offsets."""
-        ids: list[int] = []
-        offsets = []
-        for step in steps:
-            ids += self.tokenizer.encode(step)
-            offsets.append(len(ids))
-            ids.append(self.step_token_id)
-        return ids, offsets
+    def close_step(self, ids: list[int]) -> tuple[list[int], int]:
+        return ids + [self.step_token_id], len(ids)
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         return self.to_floats(torch.sigmoid(head_outputs[:, 0]))

@@ -7,13 +7,12 @@ tokenised alone without special tokens; the label sits on the separator's last t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from prmserve.errors import FormatError
-from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.formats.base import PiecewiseFormat
 from prmserve.models.config import BackboneConfig
 from prmserve.models.heads import HeadSpec
 
@@ -21,7 +20,7 @@ from prmserve.models.heads import HeadSpec
 REWARDS = ("p1", "p1_minus_p0")
 
 
-class TokenClassificationFormat(PRMFormat):
+class TokenClassificationFormat(PiecewiseFormat):
     """*ForTokenClassification with two labels: HuggingFaceH4 Qwen2.5-Math-*-PRM-0.2, PURE-PRM-7B, SHARP-PRM.
 
     `step_separator` is TRL's (default "\\n"; PURE uses "\\n\\n"); `reward` is "p1" or "p1_minus_p0".
@@ -29,6 +28,7 @@ class TokenClassificationFormat(PRMFormat):
 
     name = "token_classification"
     option_defaults = {"step_separator": "\n", "reward": "p1"}
+    piece_special_tokens = False  # TRL tokenises every piece without special tokens, BOS prepended by hand
 
     def __init__(self, tokenizer: Any, config: BackboneConfig, **options: Any) -> None:
         super().__init__(tokenizer, config, **options)
@@ -49,26 +49,16 @@ class TokenClassificationFormat(PRMFormat):
         # transformers' GenericForTokenClassification: `score` Linear(H, num_labels), biased unless the config says not.
         return HeadSpec("linear", "score", out_features=2, bias=bool(self.config.raw.get("token_classification_bias", True)))
 
-    def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
-        self.check_item(problem, steps)
+    def problem_text(self, problem: str) -> str:
+        return problem
+
+    def problem_ids(self, ids: list[int]) -> list[int]:
         bos = self.tokenizer.bos_token_id
-        ids = ([] if bos is None else [bos]) + list(self.tokenizer.encode(problem, add_special_tokens=False))
-        step_ids, offsets = self._steps(steps)
-        return EncodedItem(ids + step_ids, [len(ids) + o for o in offsets], len(ids) + len(step_ids))
+        return ([] if bos is None else [bos]) + ids
 
-    def continuation(
-        self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
-    ) -> tuple[list[int], list[int]]:
-        return self._steps(new_steps)  # every step is tokenised on its own: nothing crosses a boundary
-
-    def _steps(self, steps: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Each step's ids then the separator's ids; the offsets of the separators' last tokens."""
-        ids: list[int] = []
-        offsets = []
-        for step in steps:
-            ids += list(self.tokenizer.encode(step, add_special_tokens=False)) + self.separator_ids
-            offsets.append(len(ids) - 1)
-        return ids, offsets
+    def close_step(self, ids: list[int]) -> tuple[list[int], int]:
+        closed = ids + self.separator_ids
+        return closed, len(closed) - 1
 
     def rewards(self, head_outputs: torch.Tensor) -> list[float]:
         probabilities = torch.softmax(head_outputs, dim=-1)
