@@ -568,6 +568,7 @@ def main() -> None:
     train_seconds = time.time() - clock.start
     save_checkpoint(args.out, model.cpu(), tok, config, ids)
     metrics = evaluate(model.to(args.device), tok, ids, numeric, args.seed)
+    metrics["task"] = "word_problems"  # what `prmserve evaluate` measures this checkpoint on
     metrics["model"] = {"params": n_params, "safetensors_bytes": (args.out / "model.safetensors").stat().st_size}
     metrics["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workers", "eval_every")}
     metrics["training"].update(

@@ -166,3 +166,37 @@ def test_a_closed_stdout_stops_the_command_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == cli.SIGPIPE_STATUS == 141
     assert err == ""
+
+
+@pytest.mark.parametrize(("given", "written", "task"), [([], None, "synthetic"), ([], "word_problems", "word_problems"),
+                                                        (["--task", "synthetic"], "word_problems", "synthetic")])
+def test_evaluate_runs_the_task_the_checkpoint_names(given: list[str], written: str | None, task: str, tmp_path: Path,
+                                                     monkeypatch, capsys) -> None:
+    """`prmserve evaluate` measures a checkpoint on the task its quality.json names (a word-problem model is judged
+    by the template hold-out), `--task` overrides it, and the seed comes from its training record."""
+    import shutil
+
+    from prmserve import evaluation, word_problems
+    from prmserve.prm import BUNDLED_MODEL
+    from prmserve.evaluation import word_problem_task
+
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED_MODEL, model)
+    quality = json.loads((model / "quality.json").read_text())
+    if written:
+        quality["task"] = written
+    (model / "quality.json").write_text(json.dumps(quality))
+    ran: list[tuple[str, int, list]] = []
+
+    def measured(name: str):
+        def quality_of(score, seed):
+            ran.append((name, seed, score(word_problems.generate(1, 3, "test"))))
+            return {"f1": 0.5}
+        return quality_of
+
+    monkeypatch.setattr(evaluation, "held_out_quality", measured("synthetic"))
+    monkeypatch.setattr(word_problem_task, "held_out_quality", measured("word_problems"))
+    assert cli.main(["evaluate", str(model), *CPU, *given]) == 0
+    assert [(name, seed) for name, seed, _ in ran] == [(task, quality["training"]["seed"])]
+    assert len(ran[0][2][0]) == len(word_problems.generate(1, 3, "test")[0][1].steps)  # one reward a step: it scored
+    assert json.loads(capsys.readouterr().out) == {"task": task, "seed": quality["training"]["seed"], "f1": 0.5}

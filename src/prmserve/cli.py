@@ -350,24 +350,34 @@ def run_demo(args: argparse.Namespace) -> int:
 # evaluate -------------------------------------------------------------------------------------
 
 
+EVALUATION_TASKS = ("synthetic", "word_problems")
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="checkpoint directory or hub ID (default: the bundled model)")
-    parser.add_argument("--seed", type=int, help="training seed whose held-out splits to use (default: the bundled model's)")
+    parser.add_argument("--seed", type=int, help="training seed whose held-out splits to use (default: the checkpoint's)")
+    parser.add_argument("--task", choices=EVALUATION_TASKS,
+                        help="synthetic: the shipped model's arithmetic task; word_problems: typed word problems with a "
+                             "template hold-out (issue #16's floors). Default: the task the checkpoint's quality.json "
+                             "names, else synthetic")
     add_model_arguments(parser)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Held-out quality on the synthetic arithmetic task, printed as JSON."""
-    from prmserve.evaluation import held_out_quality, prm_scorer
+    """Held-out quality on the checkpoint's task (or `--task`), printed as JSON."""
+    from prmserve.evaluation import held_out_quality, prm_scorer, word_problem_task
 
     with closing(load_prm(args, args.model)) as prm:
-        seed = args.seed
+        trained = prm.path / "quality.json"
+        quality = json.loads(trained.read_text()) if trained.is_file() else {}
+        seed = args.seed if args.seed is not None else quality.get("training", {}).get("seed")
         if seed is None:
-            trained = prm.path / "quality.json"
-            if not trained.is_file():
-                raise SystemExit("--seed is needed: this checkpoint has no quality.json naming its training seed")
-            seed = json.loads(trained.read_text())["training"]["seed"]
-        report = held_out_quality(prm_scorer(prm, progress=sys.stderr.isatty()), seed)
+            raise SystemExit("--seed is needed: this checkpoint has no quality.json naming its training seed")
+        task = args.task or quality.get("task", "synthetic")
+        if task not in EVALUATION_TASKS:
+            raise SystemExit(f"quality.json names the task {task!r}, which this version cannot run; pass --task")
+        measure = word_problem_task.held_out_quality if task == "word_problems" else held_out_quality
+        report = {"task": task, "seed": seed, **measure(prm_scorer(prm, progress=sys.stderr.isatty()), seed)}
     print(json.dumps(report, indent=2))
     return 0
 
@@ -439,7 +449,7 @@ SIGPIPE_STATUS = 128 + 13  # what a shell reports for a command killed by SIGPIP
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("score the bundled problems with a PRM and show each step's reward", add_demo_arguments, run_demo),
-    "evaluate": Subcommand("held-out quality on the synthetic arithmetic task (ProcessBench F1, best-of-4)",
+    "evaluate": Subcommand("held-out quality on the bundled model's task (ProcessBench F1, best-of-4)",
                            add_evaluate_arguments, run_evaluate),
     "eval": Subcommand("evaluate any PRM: ProcessBench first-error F1, best-of-N against majority vote",
                        lambda parser: _eval_commands().add_eval_arguments(parser), lambda args: _eval_commands().run_eval(args)),
