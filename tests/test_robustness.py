@@ -33,7 +33,8 @@ def test_building_and_using_a_prm_leaves_the_callers_heap_alone(checkpoint):
         prm.score([{"problem": "What is 1+2?", "steps": ["1+2=3."]}])
     finally:
         prm.close()
-    assert gc.get_freeze_count() == frozen
+    # Nothing was frozen (a freeze moves every live object, ~10^5 here); objects an earlier test froze may die meanwhile.
+    assert gc.get_freeze_count() <= frozen
 
 
 def test_the_commands_that_own_the_process_freeze_it_once_loaded(checkpoint, freezes, monkeypatch):
