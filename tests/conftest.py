@@ -81,6 +81,34 @@ class ServerProcess:
         return self.proc.returncode
 
 
+@pytest.fixture(autouse=True, scope="session")
+def small_cpu_kv_pools() -> Iterator[None]:
+    """PRMs built in this process get a 128 MB KV pool unless a test asks otherwise (the tiny checkpoints need a
+    few MB; the 1 GB default, kept by dozens of live PRMs, made the test process's address space larger than the
+    machine's memory, and forking it for Ray then failed with ENOMEM). Servers started as processes keep the default."""
+    from prmserve import prm as prm_module
+
+    real = prm_module.EngineConfig
+
+    def config(**options: object):
+        options.setdefault("kv_cache_gb", 0.125)
+        return real(**options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prm_module, "EngineConfig", config)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_heap_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run in this process (`cli.main`) must not `gc.freeze` the test process: frozen objects are never
+    collected, so each loaded PRM's KV pool (1 GB of address space) stayed, and Ray's fork then failed with ENOMEM
+    under the kernel's overcommit heuristic. tests/test_robustness.py checks that the commands do freeze."""
+    from prmserve.engine import loop
+
+    monkeypatch.setattr(loop, "freeze_heap", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Build each tiny checkpoint of tiny_checkpoints.BUILDERS once per session, on first use."""
