@@ -1,5 +1,6 @@
 """Tokenising a call's items one by one (`encode`) against in one batch (`encode_many`), per format, on the real
-Qwen2 BPE and GSM8K solutions of `bench/.assets` (CPU only; checks the ids are the same).
+Qwen2 BPE and GSM8K solutions of `bench/.assets` (CPU only; checks the ids are the same). RLHFlow runs on the
+Qwen ChatML template here, not Llama 3.1's: its timing, not its rewards, is what this measures.
 
     python bench/make_workloads.py && PYTHONPATH=src python bench/batch_encoding.py --items 512
 """
@@ -17,7 +18,7 @@ from prmserve.models.config import BackboneConfig
 from prmserve.tokenizer import load_tokenizer
 
 HERE = Path(__file__).parent
-FORMATS = {"qwen_prm": {}, "skywork_prm": {}, "token_classification": {}, "math_shepherd": {"preset": "openr"}}
+FORMATS = {"qwen_prm": {}, "skywork_prm": {}, "token_classification": {}, "math_shepherd": {"preset": "openr"}, "rlhflow": {}}
 
 
 def main() -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from prmserve.errors import FormatError, InvalidInputError
-from prmserve.formats.base import EncodedItem, PRMFormat
+from prmserve.formats.base import EncodedItem, PRMFormat, attempt
 from prmserve.models.heads import HeadSpec
 
 _BASE_TURNS = [{"role": "user", "content": "Problem. Step."}, {"role": "assistant", "content": "+"}]
@@ -36,37 +37,63 @@ class RLHFlowFormat(PRMFormat):
         return HeadSpec("lm_rows", rows=(self.good_id, self.bad_id))
 
     def _conversation_ids(self, conversation: list[dict[str, str]]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False, return_dict=False))
+        return self._conversations_ids([conversation])[0]
+
+    def _conversations_ids(self, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+        """Each conversation's ids, the chat template's own tokenisation, in one batched call."""
+        if not conversations:
+            return []
+        ids = self.tokenizer.apply_chat_template(conversations, tokenize=True, add_generation_prompt=False, return_dict=False)
+        return [list(one) for one in ids]
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
         self.check_item(problem, steps)
-        steps = [step.strip() for step in steps]  # RLHFlow's reference strips every step it splits off
+        return self._from_prefixes(self._conversations_ids(self._prefix_conversations(problem, steps)))
+
+    def encode_many(self, items: Sequence[tuple[Any, Any]]) -> list[EncodedItem | InvalidInputError | FormatError]:
+        """`encode` of each item, every step prefix of every item tokenised in one call."""
+        checked = [attempt(self.check_item, problem, steps) for problem, steps in items]
+        conversations = [self._prefix_conversations(problem, steps) if error is None else []
+                         for (problem, steps), error in zip(items, checked)]
+        ids = self._conversations_ids([c for item in conversations for c in item])
+        out, start = [], 0
+        for error, item in zip(checked, conversations):
+            out.append(error if error is not None else attempt(self._from_prefixes, ids[start : start + len(item)]))
+            start += len(item)
+        return out
+
+    @staticmethod
+    def _prefix_conversations(problem: str, steps: Sequence[str]) -> list[list[dict[str, str]]]:
+        """The reference's conversation truncated after each step: a user turn per step, an assistant "+" after it."""
         conversation: list[dict[str, str]] = []
-        positions: list[int] = []
-        prefixes: list[list[int]] = []
-        for k, step in enumerate(steps):
-            conversation.append({"role": "user", "content": f"{problem} {step}" if k == 0 else step})
-            conversation.append({"role": "assistant", "content": "+"})
-            prefix = self._conversation_ids(conversation)
-            prefixes.append(prefix)
-            positions.append(len(prefix) - 3)
+        prefixes = []
+        for k, step in enumerate(step.strip() for step in steps):  # RLHFlow's reference strips every step it splits off
+            conversation = conversation + [{"role": "user", "content": f"{problem} {step}" if k == 0 else step},
+                                           {"role": "assistant", "content": "+"}]
+            prefixes.append(conversation)
+        return prefixes
+
+    @staticmethod
+    def _from_prefixes(prefixes: list[list[int]]) -> EncodedItem:
+        """The whole conversation's ids, read 3 tokens before each prefix's end, as the reference reads position -3."""
         ids = prefixes[-1]
         for prefix in prefixes:
             if ids[: len(prefix)] != prefix:
                 raise InvalidInputError("rlhflow: the chat template does not render the conversation prefix-stably")
-        return EncodedItem(ids, positions, len(ids))
+        return EncodedItem(ids, [len(prefix) - 3 for prefix in prefixes], len(ids))
 
     def continuation(
         self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
     ) -> tuple[list[int], list[int]] | None:
         # Later turns render the same whatever came before: render them after a one-step stand-in.
         base = self._base_ids
-        conversation = list(_BASE_TURNS)
+        conversation, conversations = list(_BASE_TURNS), []
+        for step in new_steps:
+            conversation = conversation + [{"role": "user", "content": step.strip()}, {"role": "assistant", "content": "+"}]
+            conversations.append(conversation)
         offsets: list[int] = []
         prefix = base
-        for step in new_steps:
-            conversation += [{"role": "user", "content": step.strip()}, {"role": "assistant", "content": "+"}]
-            longer = self._conversation_ids(conversation)
+        for longer in self._conversations_ids(conversations):  # one batched call for all the new steps
             if longer[: len(prefix)] != prefix:
                 return None
             prefix = longer
