@@ -166,7 +166,10 @@ class PRM:
     def encode(self, item: Mapping[str, Any]) -> EncodedItem:
         """Token ids and read positions for one item: {problem, steps}, {problem, completion}, {messages},
         or pre-formatted {text} / {token_ids}."""
-        return self._encode_item(item)[0]
+        entry = self._encodings([item])[0]
+        if isinstance(entry, Exception):
+            raise entry
+        return entry[0]
 
     def steps_of(self, item: Mapping[str, Any]) -> tuple[str, list[str], list[tuple[int, int]] | None] | None:
         """(problem, steps, spans) of an item given as steps, a completion or a chat; None for pre-formatted input.
@@ -197,41 +200,22 @@ class PRM:
             raise InvalidInputError("the completion holds no step: every piece between separators is empty")
         return problem, steps, spans
 
-    def _encode_item(self, item: Mapping[str, Any]) -> tuple[EncodedItem, tuple | None]:
-        """The item's encoding, and its (problem, steps, spans) when it has steps."""
-        parts = self.steps_of(item)
-        if parts is not None:
-            encoded = self._encode_steps(parts[0], parts[1])
-        elif "text" in item:
+    def _encode_preformatted(self, item: Mapping[str, Any]) -> EncodedItem:
+        """The encoding of a {text} or {token_ids} item."""
+        if "text" in item:
             if not isinstance(item["text"], str) or not item["text"]:
                 raise InvalidInputError("'text' must be a non-empty string")
             self.format.check_text(item["text"], "'text'")
             encoded = self.format.encode_text(item["text"])
         else:
             encoded = self.format.encode_token_ids(self._checked_ids(item["token_ids"]))
-        return self._checked_length(encoded), parts
+        return self._checked_length(encoded)
 
     def _checked_length(self, encoded: EncodedItem) -> EncodedItem:
         if not encoded.read_positions:
             raise InvalidInputError(f"the input has no step to score (no {self.format_name} separator found)")
         if len(encoded.token_ids) > self.max_model_len:
             raise InputTooLongError(f"the input is {len(encoded.token_ids)} tokens; this model takes at most {self.max_model_len}")
-        return encoded
-
-    def _encode_steps(self, problem: Any, steps: Any) -> EncodedItem:
-        """Encode (problem, steps), tokenising only the steps after the longest prefix encoded recently."""
-        if not self.format.extendable:
-            return self.format.encode(problem, steps)
-        self.format.check_item(problem, steps)
-        keys = prefix_keys(problem, steps)
-        hit = self.recent.longest_prefix(problem, steps, keys)
-        if hit is None:
-            encoded = self.format.encode(problem, steps)
-        elif hit[0] == len(steps):
-            encoded = hit[1]
-        else:
-            encoded = self.format.extend(hit[1], problem, steps[: hit[0]], steps[hit[0] :])
-        self.recent.add(problem, steps, keys[-1], encoded)
         return encoded
 
     def _checked_ids(self, token_ids: Any) -> list[int]:
@@ -243,17 +227,27 @@ class PRM:
         return list(token_ids)
 
     def _encode_items(self, items: Sequence[Mapping[str, Any]], first_index: int = 0) -> list[tuple[EncodedItem, tuple | None]]:
-        """`_encode_item` of each item, with the tokenizer called in batches: problem + steps items that need a whole
-        encoding in one (`PRMFormat.encode_many`), the new steps of those that extend a recent prefix in another."""
+        """Each item's encoding and its (problem, steps, spans) when it has steps; the lowest bad item's error is
+        raised, naming it by its index plus `first_index`."""
         _check_item_list(items)
-        out: list[Any] = [None] * len(items)  # (encoding, parts), or the item's error
+        out = self._encodings(items)
+        for index, entry in enumerate(out):
+            if isinstance(entry, Exception):
+                raise type(entry)(f"item {index + first_index}: {entry}") from None
+        return out
+
+    def _encodings(self, items: Sequence[Any]) -> list[Any]:
+        """(encoding, parts) of each item, or its input error, with the tokenizer called in batches: problem + steps
+        items that need a whole encoding in one (`PRMFormat.encode_many`), the new steps of those that extend a
+        prefix encoded recently in another (the rest of their ids are the recent encoding's)."""
+        out: list[Any] = [None] * len(items)
         fresh: list[tuple[int, tuple, list[int] | None]] = []  # (index, parts, prefix keys)
         grown: list[tuple[int, tuple, list[int], tuple[int, EncodedItem]]] = []  # (index, parts, keys, recent hit)
         for index, item in enumerate(items):
             try:
                 parts = self.steps_of(item)
                 if parts is None:
-                    out[index] = self._encode_item(item)
+                    out[index] = (self._encode_preformatted(item), None)
                 elif not self.format.extendable:
                     fresh.append((index, parts, None))
                 else:
@@ -275,9 +269,6 @@ class PRM:
         for index, parts, keys, (k, node) in grown:
             encoded = attempt(self.format.extend, node, parts[0], parts[1][:k], parts[1][k:], known)
             out[index] = self._remembered(encoded, parts, keys)
-        for index, entry in enumerate(out):
-            if isinstance(entry, Exception):
-                raise type(entry)(f"item {index + first_index}: {entry}") from None
         return out
 
     def _remembered(self, encoded: EncodedItem | Exception, parts: tuple, keys: list[int] | None) -> tuple | Exception:
@@ -318,7 +309,7 @@ class PRM:
             try:
                 parts = self.steps_of(item)
                 if parts is None:
-                    prefixes = [self._encode_item(item)[0]]
+                    prefixes = [self._encode_preformatted(item)]
                 else:
                     prefixes = [self._checked_length(e) for e in self.format.prefixes(parts[0], parts[1])]
             except (InvalidInputError, FormatError) as exc:
