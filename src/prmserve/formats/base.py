@@ -267,11 +267,11 @@ class RenderedFormat(PRMFormat):
         return self.from_ids(list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens)), steps)
 
     def encode_many(self, items: Sequence[tuple[Any, Any]]) -> list[EncodedItem | InvalidInputError | FormatError]:
-        rendered = [attempt(self.render, problem, steps) for problem, steps in items]
-        texts = [r for r in rendered if isinstance(r, str)]
-        batch = iter(self.tokenizer(texts, add_special_tokens=self.add_special_tokens)["input_ids"] if texts else [])
-        return [r if not isinstance(r, str) else attempt(self.from_ids, list(next(batch)), steps)
-                for r, (_, steps) in zip(rendered, items)]
+        return encode_batched(
+            items, lambda problem, steps: [self.render(problem, steps)],
+            lambda texts: self.tokenizer(texts, add_special_tokens=self.add_special_tokens)["input_ids"],
+            lambda ids, steps: self.from_ids(list(ids[0]), steps),
+        )
 
 
 class PiecewiseFormat(PRMFormat):
@@ -295,22 +295,16 @@ class PiecewiseFormat(PRMFormat):
         """A step's ids followed by what closes it, and the offset of its read token among them."""
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
-        self.check_item(problem, steps)
-        pieces = self.piece_ids([self.problem_text(problem), *steps])
+        pieces = self.piece_ids(self._texts(problem, steps))
         return self._assembled(pieces[0], pieces[1:])
 
     def encode_many(self, items: Sequence[tuple[Any, Any]]) -> list[EncodedItem | InvalidInputError | FormatError]:
-        checked = [attempt(self.check_item, problem, steps) for problem, steps in items]
-        texts = [text for (problem, steps), error in zip(items, checked) if error is None
-                 for text in (self.problem_text(problem), *steps)]
-        pieces, start, out = self.piece_ids(texts), 0, []
-        for (_, steps), error in zip(items, checked):
-            if error is not None:
-                out.append(error)
-                continue
-            out.append(self._assembled(pieces[start], pieces[start + 1 : start + 1 + len(steps)]))
-            start += 1 + len(steps)
-        return out
+        return encode_batched(items, self._texts, self.piece_ids, lambda ids, steps: self._assembled(ids[0], ids[1:]))
+
+    def _texts(self, problem: str, steps: Sequence[str]) -> list[str]:
+        """The checked item's pieces: the problem's text, then every step."""
+        self.check_item(problem, steps)
+        return [self.problem_text(problem), *steps]
 
     def continuation(self, last_step: str, new_steps: Sequence[str], known: Mapping[str, list[int]] | None = None
                      ) -> tuple[list[int], list[int]]:
@@ -338,6 +332,26 @@ class PiecewiseFormat(PRMFormat):
         head = self.problem_ids(problem)
         ids, offsets = self._joined(steps)
         return EncodedItem(head + ids, [len(head) + o for o in offsets], len(head) + len(ids))
+
+
+def encode_batched(
+    items: Sequence[tuple[Any, Any]], pieces: Callable[[Any, Any], list], tokenize: Callable[[list], Sequence],
+    build: Callable[[Sequence, Any], EncodedItem],
+) -> list[EncodedItem | InvalidInputError | FormatError]:
+    """Items encoded with one tokenizer call for all: `pieces(problem, steps)` checks an item and lists what of it is
+    tokenised (texts, conversations), `tokenize` does a list of those at once, `build(ids, steps)` makes the item from
+    its pieces' ids. An item's input error comes back in its place."""
+    prepared = [attempt(pieces, problem, steps) for problem, steps in items]
+    flat = [piece for mine in prepared if not isinstance(mine, Exception) for piece in mine]
+    ids = tokenize(flat) if flat else []
+    out, start = [], 0
+    for (_, steps), mine in zip(items, prepared):
+        if isinstance(mine, Exception):
+            out.append(mine)
+            continue
+        out.append(attempt(build, ids[start : start + len(mine)], steps))
+        start += len(mine)
+    return out
 
 
 def attempt(function: Callable[..., Any], *args: Any) -> Any:

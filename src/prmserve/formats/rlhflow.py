@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from prmserve.errors import FormatError, InvalidInputError
-from prmserve.formats.base import EncodedItem, PRMFormat, attempt
+from prmserve.formats.base import EncodedItem, PRMFormat, encode_batched
 from prmserve.models.heads import HeadSpec
 
 _BASE_TURNS = [{"role": "user", "content": "Problem. Step."}, {"role": "assistant", "content": "+"}]
@@ -47,24 +47,16 @@ class RLHFlowFormat(PRMFormat):
         return [list(one) for one in ids]
 
     def encode(self, problem: str, steps: Sequence[str]) -> EncodedItem:
-        self.check_item(problem, steps)
         return self._from_prefixes(self._conversations_ids(self._prefix_conversations(problem, steps)))
 
     def encode_many(self, items: Sequence[tuple[Any, Any]]) -> list[EncodedItem | InvalidInputError | FormatError]:
         """`encode` of each item, every step prefix of every item tokenised in one call."""
-        checked = [attempt(self.check_item, problem, steps) for problem, steps in items]
-        conversations = [self._prefix_conversations(problem, steps) if error is None else []
-                         for (problem, steps), error in zip(items, checked)]
-        ids = self._conversations_ids([c for item in conversations for c in item])
-        out, start = [], 0
-        for error, item in zip(checked, conversations):
-            out.append(error if error is not None else attempt(self._from_prefixes, ids[start : start + len(item)]))
-            start += len(item)
-        return out
+        return encode_batched(items, self._prefix_conversations, self._conversations_ids, lambda ids, _: self._from_prefixes(ids))
 
-    @staticmethod
-    def _prefix_conversations(problem: str, steps: Sequence[str]) -> list[list[dict[str, str]]]:
-        """The reference's conversation truncated after each step: a user turn per step, an assistant "+" after it."""
+    def _prefix_conversations(self, problem: str, steps: Sequence[str]) -> list[list[dict[str, str]]]:
+        """The checked item's conversation truncated after each step, as the reference builds it: a user turn per
+        step, an assistant "+" after it."""
+        self.check_item(problem, steps)
         conversation: list[dict[str, str]] = []
         prefixes = []
         for k, step in enumerate(step.strip() for step in steps):  # RLHFlow's reference strips every step it splits off
@@ -74,7 +66,7 @@ class RLHFlowFormat(PRMFormat):
         return prefixes
 
     @staticmethod
-    def _from_prefixes(prefixes: list[list[int]]) -> EncodedItem:
+    def _from_prefixes(prefixes: Sequence[list[int]]) -> EncodedItem:
         """The whole conversation's ids, read 3 tokens before each prefix's end, as the reference reads position -3."""
         ids = prefixes[-1]
         for prefix in prefixes:
