@@ -55,7 +55,6 @@ class Scheduler:
         # replay costs ~1 ms of host time, an eager step ~20 ms of kernel launches (28 layers), which left the
         # GPU idle 2/3 of a beam search on a 1.5B model (bench/notes).
         self.graph_tokens: int | None = None
-        self._budget: tuple[tuple[int, int], int] = ((-1, -1), 0)  # (step, queue length) -> budget: one walk a step
         self._spared: dict[str, int] = {}  # waiting request -> tokens its cached prefix spared when first looked at
 
     def step_budget(self) -> int:
@@ -64,9 +63,6 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.graph_tokens is None or self.graph_tokens >= budget:
             return budget
-        key = (self.step, len(self.queue))
-        if self._budget[0] == key:
-            return self._budget[1]
         queued = 0
         for _, request in self.queue:
             queued += request.num_remaining
@@ -77,11 +73,8 @@ class Scheduler:
                     self._spared[request.request_id] = spared
                 queued -= spared
             if queued > GRAPH_SPLIT * self.graph_tokens:
-                break
-        else:
-            budget = self.graph_tokens
-        self._budget = (key, budget)
-        return budget
+                return budget
+        return self.graph_tokens
 
     def add(self, request: Request) -> None:
         assert request.status is RequestStatus.WAITING, f"request {request.request_id} was added twice"
