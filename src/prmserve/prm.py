@@ -18,7 +18,9 @@ from prmserve.completions import DEFAULT_STEP_SPLIT, chat_to_completion, split_c
 from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
 from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
-from prmserve.errors import CheckpointError, FormatError, InputTooLongError, InvalidInputError
+from prmserve.errors import (
+    CheckpointError, FormatError, HandleNotFoundError, InputTooLongError, InvalidInputError, QueueFullError,
+)
 from prmserve.formats import EncodedItem, detect_format, make_format
 from prmserve.formats.base import attempt
 from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoint
@@ -29,6 +31,7 @@ from prmserve.nodes import Node, NodeTable
 from prmserve.parallel.sharding import check_tensor_parallel_size
 from prmserve.recent_encodings import RecentEncodings, prefix_keys
 from prmserve.results import ScoreResult, TokenUsage
+from prmserve.same_tick import SameTickBatcher
 from prmserve.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -56,6 +59,17 @@ class ScoringJob:
     def requests(self) -> list[Request]:
         """Every request of the job, in step order (the job's own request last)."""
         return [*self.earlier, self.request]
+
+
+@dataclass(frozen=True)
+class AsyncCall:
+    """A `score_async` (items) or `extend_async` (handle, children) call waiting to be queued with its loop turn's others."""
+
+    priority: int
+    keep: bool
+    items: Sequence[Mapping[str, Any]] | None = None
+    handle: str | None = None
+    children: Sequence[Sequence[str]] | None = None
 
 
 class PRM:
@@ -137,12 +151,18 @@ class PRM:
             raise
         self._loop: EngineLoop | None = None
         self._loop_lock = threading.Lock()
-        self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)
-        self.recent = RecentEncodings(own["recent_encodings"])
-        self.step_split = split_rule(own["step_split"])  # how completions are split when an item does not say
+        self._set_up_calls(own)
         # Loading leaves a large heap half-way through the collector's generations: the first big call would pay a
         # full pass over it (~0.2 s on a CPU, more with CUDA and Inductor loaded). Pay it here, at load, instead.
         gc.collect()
+
+    def _set_up_calls(self, own: Mapping[str, Any]) -> None:
+        """What the scoring calls keep between calls (`_PRM_OPTIONS`): node handles, recent encodings, the step split."""
+        self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)
+        self.recent = RecentEncodings(own["recent_encodings"])
+        self.step_split = split_rule(own["step_split"])  # how completions are split when an item does not say
+        # Async calls of one event-loop turn (a search's gather over a level) are planned and queued together.
+        self._same_tick = SameTickBatcher(self._plan_and_submit_calls, lambda planned: self.drop(*planned))
 
     @property
     def max_model_len(self) -> int:
@@ -318,17 +338,22 @@ class PRM:
             jobs.append(ScoringJob(prefixes[-1], requests[-1], step_spans=parts[2] if parts else None, earlier=requests[:-1]))
         return jobs
 
-    def plan_extend(self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
+    def plan_extend(
+        self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False,
+        known: Mapping[str, list[int]] | None = None,
+    ) -> list[ScoringJob]:
         """Requests for children of a kept node: each child is the node's steps then its own new steps.
 
-        Only the new steps are tokenised (all children's in one batch); the node's ids and prefix-cache keys are reused.
+        Only the new steps are tokenised (all children's in one batch, or `known`: tokenised ahead with other
+        calls' children); the node's ids and prefix-cache keys are reused.
         """
         node = self.nodes.get(handle)
-        if isinstance(children, (str, Mapping)) or not isinstance(children, Sequence) or not children:
+        if not _is_step_lists(children):
             raise InvalidInputError("'children' must be a non-empty list of lists of new steps")
         body = node.encoded.body_len
         shared_blocks = body // self.engine.blocks.block_size
-        known = self.format.encode_boundaries(node.steps[-1], children)  # every child's new text in one batch
+        if known is None:
+            known = self.format.encode_boundaries(node.steps[-1], children)  # every child's new text in one batch
         jobs = []
         for index, steps in enumerate(children):
             try:
@@ -429,15 +454,58 @@ class PRM:
         return self._wait(jobs, self.submit_jobs(jobs), False)
 
     async def score_async(self, items: Sequence[Mapping[str, Any]], priority: int = 0, keep: bool = False) -> list[ScoreResult]:
-        """Like `score`, for asyncio callers; cancelling the awaiting task aborts the queued work."""
-        return await self._wait_async(*self.plan_and_submit(items, priority, keep))
+        """Like `score`, for asyncio callers; cancelling the awaiting task aborts the queued work. Calls made in
+        one event-loop turn (`asyncio.gather`) are queued together, so the engine schedules them as one batch."""
+        _check_item_list(items)
+        if len(items) > STREAM_AFTER:  # a big call goes in parts on its own
+            return await self._wait_async(*self.plan_and_submit(items, priority, keep))
+        return await self._wait_async(*await self._same_tick(AsyncCall(priority, keep, items=items)))
 
     async def extend_async(
         self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False
     ) -> list[ScoreResult]:
-        """Like `extend`, for asyncio callers."""
-        jobs = self.plan_extend(handle, children, priority, keep)
-        return await self._wait_async(jobs, self.submit_jobs(jobs))
+        """Like `extend`, for asyncio callers; the calls of one event-loop turn are tokenised and queued together."""
+        return await self._wait_async(*await self._same_tick(AsyncCall(priority, keep, handle=handle, children=children)))
+
+    def _plan_and_submit_calls(self, calls: list[AsyncCall]) -> list[tuple[list[ScoringJob], list[Future]] | Exception]:
+        """Plan each call (the extends' children tokenised in one batch), then queue them all in one submission;
+        where the queue refuses the whole, each call is queued alone, so each gets its own outcome."""
+        known = self._boundaries([call for call in calls if call.handle is not None])
+        planned: list[list[ScoringJob] | Exception] = []
+        for call in calls:
+            try:
+                if call.handle is None:
+                    planned.append(self.plan_score(call.items, call.priority, call.keep))
+                else:
+                    planned.append(self.plan_extend(call.handle, call.children, call.priority, call.keep, known))
+            except Exception as exc:
+                planned.append(exc)
+        try:
+            futures = iter(self.submit_jobs([job for jobs in planned if not isinstance(jobs, Exception) for job in jobs]))
+            return [jobs if isinstance(jobs, Exception) else (jobs, [next(futures) for job in jobs for _ in job.requests])
+                    for jobs in planned]
+        except (QueueFullError, InvalidInputError):
+            return [jobs if isinstance(jobs, Exception) else self._submitted_alone(jobs) for jobs in planned]
+
+    def _submitted_alone(self, jobs: list[ScoringJob]) -> tuple[list[ScoringJob], list[Future]] | Exception:
+        try:
+            return jobs, self.submit_jobs(jobs)
+        except (QueueFullError, InvalidInputError) as exc:
+            return exc
+
+    def _boundaries(self, extends: list[AsyncCall]) -> Mapping[str, list[int]] | None:
+        """The boundary ids of every child of these calls (`plan_extend`'s `known`), in one tokenizer batch."""
+        if len(extends) < 2:
+            return None
+        pairs = []
+        for call in extends:
+            try:
+                last_step = self.nodes.get(call.handle).steps[-1]
+            except HandleNotFoundError:
+                continue  # plan_extend says so to its caller
+            if _is_step_lists(call.children):
+                pairs += [(last_step, steps) for steps in call.children]
+        return self.format.boundary_ids(pairs)
 
     def release(self, handles: str | Sequence[str]) -> int:
         """Let kept nodes go (their blocks become evictable); the number of handles that existed."""
@@ -529,6 +597,11 @@ def _parts(count: int) -> list[tuple[int, int]]:
         bounds.append((start, min(count, start + size)))
         start += size
     return bounds
+
+
+def _is_step_lists(children: Any) -> bool:
+    """Whether `children` is shaped as extend's children (a non-empty list; each child is checked when planned)."""
+    return isinstance(children, Sequence) and not isinstance(children, (str, Mapping)) and len(children) > 0
 
 
 def _check_item_list(items: Any) -> None:

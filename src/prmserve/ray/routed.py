@@ -12,18 +12,16 @@ from typing import Any
 import ray
 import torch
 
-from prmserve.completions import chat_to_completion, split_rule
+from prmserve.completions import chat_to_completion
 from prmserve.engine import EngineConfig, EngineStats
 from prmserve.errors import InvalidInputError, RequestCancelledError
 from prmserve.formats import detect_format, make_format
 from prmserve.models import BackboneConfig, resolve_checkpoint
 from prmserve.models.transformer import RewardModel
-from prmserve.nodes import NodeTable
 from prmserve.prm import _ENGINE_OPTIONS, _PRM_OPTIONS, BUNDLED_MODEL, PRM, ScoringJob, _tensor_names_if_needed
 from prmserve.ray.actor import PRMActor, ReplicaInfo
 from prmserve.ray.pool import DEFAULT_MAX_IMBALANCE, ReplicaPool
 from prmserve.ray.routing import problem_key, routed_like, with_key
-from prmserve.recent_encodings import RecentEncodings
 from prmserve.tokenizer import load_tokenizer
 
 
@@ -87,10 +85,7 @@ class RoutedPRM(PRM):
         self.engine = ReplicaEngineView(config, pool, infos)
         self._loop = pool
         self._loop_lock = threading.Lock()
-        own = {k: options.get(k, default) for k, default in _PRM_OPTIONS.items()}
-        self.nodes = NodeTable(own["handle_ttl"], own["max_handles"], on_drop=self._unpin)
-        self.recent = RecentEncodings(own["recent_encodings"])
-        self.step_split = split_rule(own["step_split"])
+        self._set_up_calls({k: options.get(k, default) for k, default in _PRM_OPTIONS.items()})
 
     @property
     def loop(self) -> ReplicaPool:  # type: ignore[override]
@@ -120,9 +115,12 @@ class RoutedPRM(PRM):
                     request.request_id = with_key(request.request_id, problem_key(problem))
         return jobs
 
-    def plan_extend(self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False) -> list[ScoringJob]:
+    def plan_extend(
+        self, handle: str, children: Sequence[Sequence[str]], priority: int = 0, keep: bool = False,
+        known: Mapping[str, list[int]] | None = None,
+    ) -> list[ScoringJob]:
         """`PRM.plan_extend`, the children routed as their node's handle is (to the replica that holds its prefix)."""
-        jobs = super().plan_extend(handle, children, priority, keep)
+        jobs = super().plan_extend(handle, children, priority, keep, known)
         for job in jobs:
             job.request.request_id = routed_like(job.request.request_id, handle)
         return jobs

@@ -1,0 +1,203 @@
+"""Async calls of one event-loop turn queued together: `SameTickBatcher`, and `PRM.score_async`/`extend_async` through it.
+
+A search's `asyncio.gather` over a level's calls must reach the engine as one submission (one tokenizer batch for the
+children), give each call exactly what it would get alone, and keep each call's errors and cancellation its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from prmserve import PRM
+from prmserve.errors import HandleNotFoundError, InvalidInputError, QueueFullError
+from prmserve.same_tick import SameTickBatcher
+from tiny_checkpoints import FORMAT_OF, build
+
+PROBLEM = "Tom has 3 apples and buys 2 more, then gives away 1. How many apples does he have?"
+NODES = [["Tom has 3 apples."], ["Tom has 3 apples.", "He buys 2 more: 3 + 2 = 5."]]
+CHILDREN = [[["He gives 1 away: 5 - 1 = 4."], ["The answer is 4."]], [["5 - 1 = 4 apples."], ["So 4.", "Done."]]]
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+# The batcher alone ------------------------------------------------------------------------------
+
+
+def test_calls_of_one_turn_form_one_batch_and_get_their_own_outcomes():
+    batches: list[list[int]] = []
+
+    def handle(calls: list[int]) -> list[int | Exception]:
+        batches.append(calls)
+        return [ValueError(f"no {c}") if c < 0 else c * 10 for c in calls]
+
+    async def main():
+        batcher = SameTickBatcher(handle, lambda outcome: None)
+        first = await asyncio.gather(batcher(1), batcher(-2), batcher(3), return_exceptions=True)
+        second = await asyncio.gather(batcher(4), batcher(5))
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert batches == [[1, -2, 3], [4, 5]]
+    assert first[0] == 10 and first[2] == 30 and isinstance(first[1], ValueError) and str(first[1]) == "no -2"
+    assert second == [40, 50]
+
+
+def test_a_failing_batch_fails_each_of_its_calls():
+    def handle(calls: list[int]) -> list[int]:
+        raise RuntimeError("the batch broke")
+
+    async def main():
+        batcher = SameTickBatcher(handle, lambda outcome: None)
+        return await asyncio.gather(batcher(1), batcher(2), return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert [str(o) for o in outcomes] == ["the batch broke", "the batch broke"]
+
+
+def test_a_call_cancelled_before_its_batch_is_left_out():
+    batches: list[list[int]] = []
+
+    async def main():
+        batcher = SameTickBatcher(lambda calls: batches.append(calls) or calls, lambda outcome: None)
+        cancelled = asyncio.ensure_future(batcher(1))
+        kept = asyncio.ensure_future(batcher(2))
+        await asyncio.sleep(0)  # both registered; the batch runs on the next turn
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        return await kept
+
+    assert asyncio.run(main()) == 2
+    assert batches == [[2]]
+
+
+def test_a_call_cancelled_after_its_batch_has_its_outcome_discarded():
+    discarded: list[int] = []
+
+    async def main():
+        batcher = SameTickBatcher(lambda calls: [c * 2 for c in calls], discarded.append)
+        task = asyncio.ensure_future(batcher(3))
+        await asyncio.sleep(0)  # registered; the batch is due this coming turn
+        asyncio.get_running_loop().call_soon(task.cancel)  # after the batch, before the caller resumes
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert discarded == [6]
+
+
+# Through PRM ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build("qwen_prm", tmp_path_factory.mktemp("same_tick") / "qwen_prm")
+
+
+@pytest.fixture
+def make_prm(checkpoint):
+    made: list[PRM] = []
+
+    def make(**options) -> PRM:
+        prm = PRM(str(checkpoint), format=FORMAT_OF["qwen_prm"], device="cpu", dtype="float32", **options)
+        made.append(prm)
+        return prm
+
+    yield make
+    for prm in made:
+        prm.close()
+
+
+def flat(results) -> list[float]:
+    return [reward for result in results for reward in result.step_rewards]
+
+
+def count_submissions(prm: PRM, monkeypatch) -> list[int]:
+    """The request count of each submission to the engine's queue."""
+    sizes: list[int] = []
+    original = prm.loop.submit_requests
+
+    def counted(requests):
+        sizes.append(len(requests))
+        return original(requests)
+
+    monkeypatch.setattr(prm.loop, "submit_requests", counted)
+    return sizes
+
+
+def test_gathered_extends_and_scores_reach_the_engine_as_one_submission(make_prm, monkeypatch):
+    prm = make_prm()
+    nodes = prm.score([{"problem": PROBLEM, "steps": steps} for steps in NODES], keep=True)
+    alone = [prm.extend(node.handle, kids) for node, kids in zip(nodes, CHILDREN)]
+    scored_alone = prm.score([{"problem": PROBLEM, "steps": ["3 + 2 = 5.", "5 - 1 = 4."]}])
+    sizes = count_submissions(prm, monkeypatch)
+
+    async def level():
+        return await asyncio.gather(*(prm.extend_async(node.handle, kids) for node, kids in zip(nodes, CHILDREN)),
+                                    prm.score_async([{"problem": PROBLEM, "steps": ["3 + 2 = 5.", "5 - 1 = 4."]}]))
+
+    *together, scored = asyncio.run(level())
+    assert sizes == [5]  # 2 + 2 children and 1 item, queued at once
+    for a, b in zip(together, alone):
+        assert flat(a) == pytest.approx(flat(b), abs=1e-6)
+    assert scored[0].step_rewards == pytest.approx(scored_alone[0].step_rewards, abs=1e-6)
+    full = prm.score([{"problem": PROBLEM, "steps": NODES[1] + kid} for kid in CHILDREN[1]])  # the ids as a whole item's
+    assert flat(together[1]) == pytest.approx(flat(full), abs=1e-6)
+    prm.release([node.handle for node in nodes])
+
+
+def test_each_gathered_call_keeps_its_own_error(make_prm, monkeypatch):
+    prm = make_prm()
+    node = prm.score([{"problem": PROBLEM, "steps": NODES[0]}], keep=True)[0]
+    sizes = count_submissions(prm, monkeypatch)
+
+    async def level():
+        return await asyncio.gather(
+            prm.extend_async("no-such-handle", CHILDREN[0]),
+            prm.extend_async(node.handle, "not a list of children"),
+            prm.extend_async(node.handle, [["ok"], [""]]),  # the second child's step is empty
+            prm.extend_async(node.handle, CHILDREN[0]),
+            prm.score_async([{"problem": PROBLEM, "steps": []}]),
+            return_exceptions=True)
+
+    missing, shapeless, empty_step, fine, no_steps = asyncio.run(level())
+    assert isinstance(missing, HandleNotFoundError)
+    assert isinstance(shapeless, InvalidInputError) and "children" in str(shapeless)
+    assert isinstance(empty_step, InvalidInputError) and "child 1" in str(empty_step)
+    assert isinstance(no_steps, InvalidInputError)
+    assert sizes == [2]  # only the good call's children were queued
+    assert flat(fine) == pytest.approx(flat(prm.extend(node.handle, CHILDREN[0])), abs=1e-6)
+
+
+def test_a_queue_too_small_for_the_batch_takes_each_call_alone(make_prm):
+    prm = make_prm(max_queue=3)
+    node = prm.score([{"problem": PROBLEM, "steps": NODES[0]}], keep=True)[0]
+    three = [["a step."], ["another step."], ["a third step."]]
+
+    async def level():
+        return await asyncio.gather(prm.extend_async(node.handle, three), prm.extend_async(node.handle, three),
+                                    return_exceptions=True)
+
+    first, second = asyncio.run(level())  # six requests at once exceed the queue; the first call's three fit
+    assert [len(r.step_rewards) for r in first] == [2, 2, 2]
+    assert isinstance(second, QueueFullError)
+    assert prm.num_pending == 0
+
+
+def test_a_gathered_call_cancelled_before_its_turn_queues_nothing(make_prm, monkeypatch):
+    prm = make_prm()
+    node = prm.score([{"problem": PROBLEM, "steps": NODES[0]}], keep=True)[0]
+    sizes = count_submissions(prm, monkeypatch)
+    handles = len(prm.nodes)
+
+    async def main():
+        task = asyncio.ensure_future(prm.extend_async(node.handle, CHILDREN[0], keep=True))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert sizes == [] and len(prm.nodes) == handles and prm.num_pending == 0
