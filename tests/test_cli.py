@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ServerProcess
-from prmserve import cli
+from prmserve import batch, cli
 from test_server import short_items
 
 SLOW = ["--batch-size", "8", "--max-num-batched-tokens", "16", "--no-prefix-caching"]
@@ -104,9 +104,9 @@ def test_score_against_a_server_gives_the_offline_records(uninterrupted: list[di
 def test_resume_point_cuts_a_torn_last_line(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_text('{"a": 1, "line": 1}\n{"error": "x", "line": 3}\n{"a": 2, "li')
-    assert cli.resume_point(out) == 3
+    assert batch.resume_point(out) == 3
     assert out.read_text() == '{"a": 1, "line": 1}\n{"error": "x", "line": 3}\n'
-    assert cli.resume_point(tmp_path / "missing.jsonl") == 0
+    assert batch.resume_point(tmp_path / "missing.jsonl") == 0
 
 
 def test_format_options_are_parsed_as_json_or_strings() -> None:

@@ -6,15 +6,24 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from prmserve import __version__, missing_dependency
-from prmserve.errors import FormatError, InvalidInputError, PRMServeError
-from prmserve.results import AGGREGATIONS, ScoreResult
+from prmserve.batch import (
+    OfflineScorer,
+    RemoteScorer,
+    Scorer,
+    count_lines,
+    line_batches,
+    resume_point,
+    score_batch,
+)
+from prmserve.errors import PRMServeError
+from prmserve.results import AGGREGATIONS
 
 if TYPE_CHECKING:
     from prmserve.prm import PRM
@@ -178,11 +187,11 @@ def run_score(args: argparse.Namespace) -> int:
         raise SystemExit(f"no such input file: {args.input}")
     done = resume_point(args.output)
     with _open_scorer(args) as scorer, args.input.open(encoding="utf-8") as source, args.output.open("a", encoding="utf-8") as out:
-        total = _count_lines(args.input)
+        total = count_lines(args.input)
         bad = 0
         with tqdm(total=total, initial=min(done, total), desc="scoring", unit="line") as bar:
-            for batch in _batches(source, start_after=done, size=args.batch_size):
-                for record in _score_batch(batch, scorer, args.aggregate):
+            for batch in line_batches(source, start_after=done, size=args.batch_size):
+                for record in score_batch(batch, scorer, args.aggregate):
                     if "error" in record:
                         bad += 1
                         print(f"{args.input}:{record['line']}: {record['error']}", file=sys.stderr)
@@ -194,138 +203,10 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def resume_point(output: Path) -> int:
-    """The last input line number fully written to `output`; a torn last line (a killed run) is cut off."""
-    if not output.exists():
-        return 0
-    data = output.read_bytes()
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial write
-    last = 0
-    lines = data[:keep].split(b"\n")[:-1]
-    while lines:
-        try:
-            last = int(json.loads(lines[-1])["line"])
-            break
-        except (ValueError, KeyError, TypeError):
-            keep -= len(lines.pop()) + 1  # a garbled complete line: rewrite it too
-    if keep < len(data):
-        with output.open("r+b") as f:
-            f.truncate(keep)
-    return last
-
-
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for _ in f)
-
-
-def _batches(source: IO[str], start_after: int, size: int) -> Iterator[list[tuple[int, str]]]:
-    """(line number, text) of the lines after `start_after`, `size` at a time."""
-    batch: list[tuple[int, str]] = []
-    for number, text in enumerate(source, start=1):
-        if number <= start_after:
-            continue
-        batch.append((number, text))
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _score_batch(batch: list[tuple[int, str]], scorer: "_Scorer", method: str) -> list[dict[str, Any]]:
-    """One output record per non-blank line: input fields + rewards, or an error record."""
-    records: dict[int, dict[str, Any]] = {}
-    items: list[tuple[int, dict[str, Any]]] = []
-    for number, text in batch:
-        if not text.strip():
-            continue
-        try:
-            item = json.loads(text)
-        except json.JSONDecodeError as exc:
-            records[number] = {"line": number, "error": f"bad JSON: {exc}"}
-            continue
-        if not isinstance(item, dict):
-            records[number] = {"line": number, "error": f"a line must be a JSON object, not {type(item).__name__}"}
-            continue
-        items.append((number, item))
-    outcomes = scorer.score([_scored_fields(item) for _, item in items])
-    for (number, item), outcome in zip(items, outcomes):
-        if isinstance(outcome, Exception):
-            records[number] = {"line": number, "error": str(outcome)}
-        else:
-            rewards = outcome.step_rewards
-            records[number] = {**item, "step_rewards": rewards, "aggregate": outcome.aggregate(method), "line": number}
-    return [records[n] for n in sorted(records)]
-
-
-def _scored_fields(item: dict[str, Any]) -> dict[str, Any]:
-    """The fields the PRM reads; the rest (ids, metadata) only travel to the output."""
-    return {k: item[k] for k in ("problem", "steps", "completion", "messages", "step_split", "text", "token_ids") if k in item}
-
-
-class _Scorer:
-    """Scores a batch; a bad item becomes its own exception instead of failing the batch."""
-
-    def score(self, items: list[dict[str, Any]]) -> list[ScoreResult | Exception]:
-        raise NotImplementedError
-
-    def __enter__(self) -> "_Scorer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-class _OfflineScorer(_Scorer):
-    def __init__(self, prm: Any) -> None:
-        self.prm = prm
-
-    def score(self, items: list[dict[str, Any]]) -> list[ScoreResult | Exception]:
-        planned: list[Any] = []
-        for item in items:
-            try:
-                planned.append(self.prm.plan_score([item]))
-            except (InvalidInputError, FormatError) as exc:  # alone in its call: drop the "which item" prefix
-                planned.append(type(exc)(str(exc).removeprefix("item 0: ")))
-        jobs = [job for p in planned if not isinstance(p, Exception) for job in p]
-        futures = self.prm.submit_jobs(jobs)  # all queued together: shared prefixes are computed once
-        results = iter(self.prm.collect(jobs, [f.result() for f in futures]))
-        return [p if isinstance(p, Exception) else next(results) for p in planned]
-
-    def __exit__(self, *exc: object) -> None:
-        self.prm.close()
-
-
-class _RemoteScorer(_Scorer):
-    def __init__(self, url: str, api_key: str | None, priority: int) -> None:
-        from prmserve.client import Client
-
-        self.client = Client(url, api_key=api_key)
-        self.priority = priority
-
-    def score(self, items: list[dict[str, Any]]) -> list[ScoreResult | Exception]:
-        if not items:
-            return []
-        try:
-            return list(self.client.score(items, priority=self.priority))
-        except InvalidInputError:  # some item is bad: score one by one to keep the good ones
-            return [self._one(item) for item in items]
-
-    def _one(self, item: dict[str, Any]) -> ScoreResult | Exception:
-        try:
-            return self.client.score([item], priority=self.priority)[0]
-        except InvalidInputError as exc:  # alone in its request: drop the server's "which item" prefix
-            return type(exc)(str(exc).removeprefix("items: item 0: "))
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.close()
-
-
-def _open_scorer(args: argparse.Namespace) -> _Scorer:
+def _open_scorer(args: argparse.Namespace) -> Scorer:
     if args.url:
-        return _RemoteScorer(args.url, args.api_key, args.priority)
-    return _OfflineScorer(load_prm(args, args.model))
+        return RemoteScorer(args.url, args.api_key, args.priority)
+    return OfflineScorer(load_prm(args, args.model))
 
 
 # demo -----------------------------------------------------------------------------------------
@@ -339,7 +220,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Print each step's reward and the best-of-N pick; the problems are checked before the model loads."""
-    from prmserve.demo import DEMO_PROBLEMS, load_problems, run_demo as demo
+    from prmserve.demo import DEMO_PROBLEMS, load_problems
+    from prmserve.demo import run_demo as demo
 
     problems = load_problems(args.problems or DEMO_PROBLEMS)
     with closing(load_prm(args, args.model)) as prm:

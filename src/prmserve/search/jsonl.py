@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prmserve.cli import resume_point
+from prmserve.batch import resume_point
 from prmserve.errors import FormatError, HandleNotFoundError, InvalidInputError
 from prmserve.problem_lines import parse_problem_line
 from prmserve.search.driver import Scorer, SearchConfig, search
