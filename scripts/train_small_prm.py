@@ -27,6 +27,7 @@ import collections
 import json
 import math
 import multiprocessing
+import os
 import random
 import sys
 import time
@@ -61,6 +62,7 @@ SPECIAL_TOKENS = [
     "<|repo_name|>", "<|file_sep|>", STEP_TOKEN,
 ]
 GROUP = 32  # steps whose batches are cut from one length-sorted pool (less padding); one worker's chunk
+CPU_ROWS = 32  # rows of a batch a forward takes at a time on the CPU (``losses``)
 CHAT_TEMPLATE = (
     "{%- if tools %}\n"
     "    {{- '<|im_start|>system\\n' }}\n"
@@ -162,9 +164,22 @@ class SmallPRM(nn.Module):
         self.score = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
         self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (causal; right padding needs no mask)."""
-        return self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states, causal; right padding needs no mask.
+
+        ``positions`` (a row holding several sequences, ``collate``'s packed drills): each token's position in
+        its own sequence, which starts where it is 0; attention then stays inside each sequence, so every one is
+        computed as if alone. The masks go in as the prepared per-layer-type mapping, which skips transformers'
+        own mask building (its check for packed rows would wait on the GPU every forward).
+        """
+        mask = None
+        if positions is not None:
+            seq = (positions == 0).cumsum(-1)
+            n = input_ids.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+            mask = ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]
+        return self.model(input_ids=input_ids, attention_mask={"full_attention": mask}, position_ids=positions,
+                          use_cache=False).last_hidden_state
 
 
 def token_at(offsets: list[tuple[int, int]], char: int) -> int:
@@ -225,46 +240,117 @@ def numeric_tokens(tok: Tokenizer) -> np.ndarray:
     return numeric
 
 
-def collate(items: list[dict], pad_id: int, numeric: np.ndarray) -> dict[str, np.ndarray]:
-    """Right-padded ids and every target as flat (row, position) indices, so the GPU never waits on a mask.
+def targets(item: dict, numeric: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One item's auxiliary targets, as positions in the item.
 
-    Step targets: each ``<extra_0>`` and its label. Next-token targets: the digits and operators of the
-    assistant's text up to the first wrong token (the arithmetic and the values carried, not the wording,
-    much of which is random by design), read at the token before. Per-token targets: every assistant token
-    and whether the text so far is still correct.
+    Next-token targets: the digits and operators of the assistant's text up to the first wrong token (the
+    arithmetic and the values carried, not the wording, much of which is random by design), read at the token
+    before. Per-token targets: every assistant token and whether the text so far is still correct.
     """
-    n = max(len(it["ids"]) for it in items)
-    ids = np.full((len(items), n), pad_id, dtype=np.int64)
-    lm_mask = np.zeros((len(items), n), dtype=bool)
-    tok_mask = np.zeros((len(items), n), dtype=bool)
-    tok_labels = np.zeros((len(items), n), dtype=np.int64)
-    rows, pos, labels = [], [], []
-    for b, it in enumerate(items):
-        ids[b, : len(it["ids"])] = it["ids"]
-        lo, hi = it["span"]
-        lm_mask[b, lo : min(hi, it["wrong"] - 1) + 1] = True
-        tok_mask[b, lo : hi + 1] = True
-        tok_labels[b, lo : it["wrong"]] = 1
-        rows += [b] * len(it["seps"])
-        pos += it["seps"]
-        labels += it["labels"]
-    lm_rows, lm_pos = np.nonzero(lm_mask[:, 1:] & numeric[ids[:, 1:]])
-    tok_rows, tok_pos = np.nonzero(tok_mask)
-    return {"ids": ids, "rows": np.array(rows, dtype=np.int64), "pos": np.array(pos, dtype=np.int64),
-            "labels": np.array(labels, dtype=np.int64), "lm_rows": lm_rows, "lm_pos": lm_pos, "lm_next": ids[lm_rows, lm_pos + 1],
-            "tok_rows": tok_rows, "tok_pos": tok_pos, "tok_labels": tok_labels[tok_rows, tok_pos]}
+    ids = np.asarray(item["ids"])
+    lo, hi = item["span"]
+    nxt = np.arange(max(lo, 1), min(hi, item["wrong"] - 1) + 1)
+    nxt = nxt[numeric[ids[nxt]]]
+    tok = np.arange(lo, hi + 1)
+    return nxt - 1, ids[nxt], tok, (tok < item["wrong"]).astype(np.int64)
 
 
-def losses(model: SmallPRM, batch: dict[str, np.ndarray], device: str) -> tuple[torch.Tensor, ...]:
-    """Step-label cross-entropy (zero for drills, which have no steps), next-token loss and per-token loss."""
-    pin = device.startswith("cuda")
-    t = {k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=True) for k, v in batch.items()}
-    hidden = model(t["ids"])
-    prm = (F.cross_entropy(model.score(hidden[t["rows"], t["pos"]]).float(), t["labels"]) if batch["rows"].size
-           else hidden.new_zeros((), dtype=torch.float32))
-    lm = F.cross_entropy(model.lm_head(hidden[t["lm_rows"], t["lm_pos"]]).float(), t["lm_next"])
-    tok = F.cross_entropy(model.score(hidden[t["tok_rows"], t["tok_pos"]]).float(), t["tok_labels"])
-    return prm, lm, tok
+def pack(items: list[dict], width: int) -> list[list[dict]]:
+    """``items`` laid side by side in rows of ``width`` tokens, longest first, each in the first row it fits."""
+    rows: list[list[dict]] = []
+    free: list[int] = []
+    for it in sorted(items, key=lambda it: -len(it["ids"])):
+        n = len(it["ids"])
+        r = next((r for r, f in enumerate(free) if f >= n), len(rows))
+        if r == len(rows):
+            rows.append([])
+            free.append(width)
+        rows[r].append(it)
+        free[r] -= n
+    return rows
+
+
+def collate(items: list[dict], pad_id: int, numeric: np.ndarray, drills: list[dict] = ()) -> dict:
+    """One step's batch: right-padded ids, and every target as flat (row, position) indices, so the GPU never
+    waits on a mask.
+
+    ``items`` (solutions) take a row each; ``drills``, several times shorter, are packed side by side into
+    rows of the same width (``pack``), with ``positions`` restarting at 0 for each (``SmallPRM.forward`` keeps
+    their attention apart), so solutions and drills go through one forward. Score-head targets, in this order:
+    each ``<extra_0>`` and its label, the solutions' per-token targets, the drills' per-token targets; then
+    the next-token targets of the solutions and of the drills (``targets``). ``sizes`` counts these five parts.
+    """
+    width = max(len(it["ids"]) for it in [*items, *drills])
+    rows = [[it] for it in items] + (pack(list(drills), width) if drills else [])
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    parts: dict[str, list[tuple[np.ndarray, ...]]] = collections.defaultdict(list)  # part: (rows, positions, labels)
+    for b, row in enumerate(rows):
+        at, kind = 0, "drill" if b >= len(items) else "solution"
+        for it in row:
+            n = len(it["ids"])
+            ids[b, at : at + n] = it["ids"]
+            positions[b, at : at + n] = np.arange(n)
+            lm_pos, lm_next, tok_pos, tok_labels = targets(it, numeric)
+            for part, pos, labels in (("steps", np.asarray(it["seps"], dtype=np.int64), np.asarray(it["labels"], dtype=np.int64)),
+                                      (f"{kind} tokens", tok_pos, tok_labels), (f"{kind} next", lm_pos, lm_next)):
+                parts[part].append((np.full(len(pos), b), pos + at, labels))
+            at += n
+        positions[b, at:] = np.arange(n, n + width - at)  # padding continues the row's last sequence
+
+    def flat(names: tuple[str, ...]) -> list[np.ndarray]:
+        found = [t for name in names for t in parts[name]]
+        return [np.concatenate([t[i] for t in found]).astype(np.int64) if found else np.zeros(0, np.int64) for i in range(3)]
+
+    score, lm = ("steps", "solution tokens", "drill tokens"), ("solution next", "drill next")
+    (score_rows, score_pos, score_labels), (lm_rows, lm_pos, lm_next) = flat(score), flat(lm)
+    return {"ids": ids, "positions": positions if drills else None, "score_rows": score_rows, "score_pos": score_pos,
+            "score_labels": score_labels, "lm_rows": lm_rows, "lm_pos": lm_pos, "lm_next": lm_next,
+            "sizes": tuple(sum(len(t[0]) for t in parts[name]) for name in score + lm)}
+
+
+def to_device(batch: dict, device: str) -> dict[str, torch.Tensor]:
+    """A batch's arrays on ``device``, through one (pinned) copy of them all."""
+    names = [k for k, v in batch.items() if isinstance(v, np.ndarray)]
+    flat = torch.from_numpy(np.concatenate([batch[k].ravel() for k in names]))
+    if device.startswith("cuda"):
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    out, at = {}, 0
+    for k in names:
+        out[k] = flat[at : at + batch[k].size].view(batch[k].shape)
+        at += batch[k].size
+    return out
+
+
+def per_target_losses(model: SmallPRM, ids: torch.Tensor, positions: torch.Tensor | None, score_rows: torch.Tensor,
+                      score_pos: torch.Tensor, score_labels: torch.Tensor, lm_rows: torch.Tensor, lm_pos: torch.Tensor,
+                      lm_next: torch.Tensor, rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of every score-head target and of every next-token target of a batch, unreduced; the
+    forward takes ``rows`` rows at a time (0: all at once)."""
+    if rows and len(ids) > rows:
+        hidden = torch.cat([model(ids[i : i + rows], None if positions is None else positions[i : i + rows])
+                            for i in range(0, len(ids), rows)])
+    else:
+        hidden = model(ids, positions)
+    score = F.cross_entropy(model.score(hidden[score_rows, score_pos]).float(), score_labels, reduction="none")
+    lm = F.cross_entropy(model.lm_head(hidden[lm_rows, lm_pos]).float(), lm_next, reduction="none")
+    return score, lm
+
+
+def losses(per_target, model: SmallPRM, batch: dict, device: str) -> tuple[torch.Tensor, ...]:
+    """Step-label cross-entropy; next-token and per-token losses of the solutions; of the drills: each the mean
+    over its targets (zero where a batch has none). ``per_target`` is ``per_target_losses``, maybe compiled.
+
+    On the GPU the whole batch is one forward (launch-bound); on the CPU, ``CPU_ROWS`` rows at a time, whose
+    activations stay in cache (one forward of it all took ~1.3x as long as the two of solutions and drills did).
+    """
+    t = to_device(batch, device)
+    score, lm = per_target(model, t["ids"], t.get("positions"), t["score_rows"], t["score_pos"], t["score_labels"],
+                           t["lm_rows"], t["lm_pos"], t["lm_next"], 0 if device.startswith("cuda") else CPU_ROWS)
+    n_steps, n_tok, n_drill_tok, n_lm, n_drill_lm = batch["sizes"]
+    prm, tok, drill_tok = score.split([n_steps, n_tok, n_drill_tok])
+    lm, drill_lm = lm.split([n_lm, n_drill_lm])
+    return tuple(x.mean() if x.numel() else x.new_zeros(()) for x in (prm, lm, tok, drill_lm, drill_tok))
 
 
 @torch.no_grad()
@@ -277,7 +363,8 @@ def step_rewards(model: SmallPRM, data: list[dict], pad_id: int, numeric: np.nda
     for i in range(0, len(data), batch):
         chunk = data[i : i + batch]
         b = collate(chunk, pad_id, numeric)
-        ids, rows, pos = (torch.from_numpy(b[k]).to(device) for k in ("ids", "rows", "pos"))
+        n = b["sizes"][0]  # the score-head targets start with every <extra_0>
+        ids, rows, pos = (torch.from_numpy(v).to(device) for v in (b["ids"], b["score_rows"][:n], b["score_pos"][:n]))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.score(model(ids)[rows, pos])
         probs = logits.float().softmax(-1)[:, 1].tolist()
@@ -287,6 +374,8 @@ def step_rewards(model: SmallPRM, data: list[dict], pad_id: int, numeric: np.nda
             k += len(it["seps"])
     model.train()
     return out
+
+
 def qwen_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int]) -> dict:
     """config.json in the Qwen2.5-Math-PRM-7B layout."""
     return {
@@ -409,26 +498,28 @@ _WORKER: dict = {}  # each data worker's tokenizer, special ids and numeric-toke
 
 
 def _init_worker(tokenizer_json: str) -> None:
+    # One thread a worker: the workers are the parallelism, and the training process (launch-bound) needs its core.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = Tokenizer.from_str(tokenizer_json)
     _WORKER.update(tok=tok, ids={t: tok.token_to_id(t) for t in SPECIAL_TOKENS}, numeric=numeric_tokens(tok))
 
 
-def make_chunk(spec: tuple) -> list[tuple[dict, dict | None]]:
-    """``GROUP`` steps' batches (solutions, drills), collated, drawn from the chunk's own seed."""
+def make_chunk(spec: tuple) -> list[dict]:
+    """``GROUP`` steps' batches (solutions and drills), collated, drawn from the chunk's own seed."""
     seed, index, scale, batch, drill_batch, p_slip = spec
     tok, ids, numeric = _WORKER["tok"], _WORKER["ids"], _WORKER["numeric"]
     pad_id = ids["<|endoftext|>"]
     rng = random.Random(f"chunk-{seed}-{index}")
     pairs = training_pairs(rng, GROUP * batch, scale)
     solutions = length_grouped(encode(tok, pairs, ids[STEP_TOKEN], ids["<|im_start|>"]), batch, rng)
-    drills: list = [None] * GROUP
+    drills: list[list[dict]] = [[]] * GROUP
     if drill_batch:
         made = [word_problems.make_drill(rng, p_slip=p_slip, scale=scale) for _ in range(GROUP * drill_batch)]
-        drills = [collate(d, pad_id, numeric) for d in length_grouped(encode_drills(tok, made), drill_batch, rng)]
-    return [(collate(s, pad_id, numeric), d) for s, d in zip(solutions, drills)]
+        drills = length_grouped(encode_drills(tok, made), drill_batch, rng)
+    return [collate(s, pad_id, numeric, d) for s, d in zip(solutions, drills)]
 
 
-def batches(args: argparse.Namespace, tokenizer_json: str, clock: Clock) -> Iterator[tuple[dict, dict | None]]:
+def batches(args: argparse.Namespace, tokenizer_json: str, clock: Clock) -> Iterator[dict]:
     """Every step's batches in order; ``--workers`` processes make chunks ahead (0: made here, in turn).
 
     A chunk's numbers follow the curriculum at its first step (or, in a time-bound run, at the time it is asked for).
@@ -488,6 +579,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-positions", type=int, default=1024)
     ap.add_argument("--device", default="cuda", help="cuda (bf16 autocast) for the shipped run; cpu (float32) reproduces it slowly")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training step's forward and losses "
+                    "(fused kernels; ~200 s of compiling first, so only for long runs: bench/notes/small_prm.md)")
     ap.add_argument("--workers", type=int, default=7, help="processes making batches ahead (0: in the training process)")
     ap.add_argument("--eval-every", type=int, default=0, help="print validation and held-out dev F1 every N steps (0: never)")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training early after this long (0: never); quality.json says so")
@@ -503,6 +596,10 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     autocast = args.device.startswith("cuda")
+    if autocast:
+        # cuDNN's attention plans each new batch shape anew (~0.1 s); the shapes change every step here, so the
+        # flash and memory-efficient kernels, which need no plan, are the fast ones (same arithmetic).
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     text_rng = random.Random(args.seed + 7)
     sample = training_pairs(text_rng, 4000, numbers.MAX_GIVEN)
@@ -535,7 +632,8 @@ def main() -> None:
     watched_data = {name: (encode(tok, pairs, step_id, im_start_id), pairs) for name, pairs in watched.items()}
     model.train()
     clock, trained, waited, ready = Clock(args), 0, 0.0, time.time()
-    for step, (solutions, drills) in enumerate(batches(args, tok.to_str(), clock)):
+    per_target = torch.compile(per_target_losses, dynamic=True) if args.compile else per_target_losses
+    for step, batch in enumerate(batches(args, tok.to_str(), clock)):
         if step == 0:
             clock.start = time.time()  # time spent training, not starting the workers
         else:
@@ -546,12 +644,9 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(progress + 0.5 / args.steps)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            prm_loss, lm_loss, tok_loss = losses(model, solutions, args.device)
-            loss = prm_loss + args.lm_weight * lm_loss + args.token_weight * tok_loss
-            drill_loss = torch.zeros((), device=args.device)
-            if drills is not None:
-                drill_loss = sum(losses(model, drills, args.device)[1:])
-                loss = loss + args.drill_weight * drill_loss
+            prm_loss, lm_loss, tok_loss, drill_lm_loss, drill_tok_loss = losses(per_target, model, batch, args.device)
+            drill_loss = drill_lm_loss + drill_tok_loss
+            loss = prm_loss + args.lm_weight * lm_loss + args.token_weight * tok_loss + args.drill_weight * drill_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -208,3 +208,58 @@ def test_drill_offset_is_where_it_departs_from_the_correct_drill():
         n_checked += 1
     drills = [word_problems.make_drill(rng) for _ in range(300)]
     assert 100 < sum(offset >= 0 for _, offset in drills) < 200
+
+
+def test_training_text_states_its_numbers_in_order(train):
+    """Whatever the wording (templates or ``grammar``), a problem's digits are its start and given numbers, in order,
+    so the labels its solutions carry stay right."""
+    from prmserve.word_problems.phrasing import STORIES
+
+    for p, _ in train:
+        assert numbers_in(p.text) == [p.start] + [op.arg for op in p.ops if not STORIES[op.story].args], p.text
+
+
+def test_training_never_writes_a_held_out_template():
+    """Held-out openings, joins, pairs, questions and clauses (filled with any training problem's fields) appear in no
+    training problem, from the templates or from ``grammar``; and ``grammar`` uses none of the held-out templates'
+    distinctive words."""
+    from prmserve.word_problems import grammar
+    from prmserve.word_problems.phrasing import STORIES
+
+    rng = random.Random(13)
+    problems = [word_problems.make_problem(rng) for _ in range(3000)]
+    worded = [(p, grammar.problem_text(rng, p)) for p in problems[:1000]] + [(p, p.text) for p in problems]
+    joins = [t.split("{")[0] for t in phrasing.JOINS_HELD_OUT]  # "Later on, ", "Soon after, "
+    pairs = [t.split("{c}")[1].split("{d}")[0] for t in phrasing.PAIRS_HELD_OUT]  # ", and after that "
+    for p, text in worded:
+        fields = p.fields()
+        assert not any(j in text for j in joins + pairs), text
+        assert not any(t.format(v=p.start, **fields)[:-1] in text for t in phrasing.OPENINGS_HELD_OUT), text
+        assert not any(q.format(**fields) in text for q in phrasing.QUESTIONS_HELD_OUT), text
+        for op in p.ops:
+            for c in STORIES[op.story].clauses_held_out:
+                assert c.format(n=op.arg, friend=op.friend, **fields) not in text, text
+    vocabulary = {w.lower() for part in (grammar.CLAUSES, grammar.LEADS, grammar.TAILS, grammar.OPENING_LEADS, grammar.ABOUT,
+                                         grammar.CONTAINERS, grammar.MONEY_CONTAINERS, grammar.OPENINGS, grammar.HAS, grammar.PAIRS,
+                                         grammar.QUESTIONS, grammar.QUESTIONS_LEFT, grammar.WHEN, grammar.ADVERBS, grammar.THINGS,
+                                         grammar.PILES)
+                  for w in re.findall(r"[A-Za-z]+", re.sub(r"\{[^}]*\}", " ", repr(part)))}
+    distinctive = {"discovers", "comes", "across", "collects", "donates", "charity", "divides", "evenly", "packs", "manages",
+                   "grows", "month", "week", "market", "lunch", "game", "school", "washing", "yard", "gift", "present", "soon"}
+    assert not vocabulary & distinctive, vocabulary & distinctive
+
+
+def test_grammar_wording_is_a_share_of_training_and_varied(train):
+    """About ``grammar.GRAMMAR_SHARE`` of training problems are worded by the grammar (their openings are not the
+    templates'), and its problems rarely repeat an opening's or a question's words."""
+    from prmserve.word_problems import grammar
+
+    def templated(p) -> bool:
+        return any(p.text.startswith(t.format(v=p.start, **p.fields())[:-1]) for t in phrasing.OPENINGS)
+
+    share = sum(not templated(p) for p, _ in train) / len(train)
+    assert grammar.GRAMMAR_SHARE - 0.1 < share < grammar.GRAMMAR_SHARE + 0.35  # random frames are not templated either
+    rng = random.Random(4)
+    texts = [grammar.problem_text(rng, word_problems.make_problem(rng)) for _ in range(300)]
+    shapes = {re.sub(r"\d+", "N", t.split(". ")[0]) for t in texts}
+    assert len(shapes) > 200

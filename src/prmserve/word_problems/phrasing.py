@@ -149,7 +149,8 @@ JOINS = ("{Pron} {c}.", "Then {pron} {c}.", "Next, {pron} {c}.", "After that {pr
 CLAUSE_TAILS = ("at the park", "at the fair", "in the morning", "on Sunday", "after dinner", "at the library", "in the kitchen",
                 "with a smile", "during the break", "for a party", "before lunch", "in the garage")
 # Words that name an operation wherever they stand in a clause: a clause that keeps one may lose its verb.
-CUE_WORDS = ("more", "another", "times", "half", "quarter", "equal")
+# ("quarter" is none: without its verb, a quarter might be kept or given away.)
+CUE_WORDS = ("more", "another", "extra", "times", "half", "equal")
 JOINS_HELD_OUT = ("Later on, {pron} {c}.", "Soon after, {pron} {c}.")
 QUESTIONS = ("How many {item} does {name} have now?", "How many {item} does {pron} have?", "How many?",
              "How many {item} does {pron} have at the end?")
@@ -189,13 +190,16 @@ def pseudo_word(rng: random.Random) -> str:
 # it judges their numbers, not their wording (the held-out templates' words are not among them).
 FRAME_WORDS = ("so", "then", "now", "the", "that", "is", "has", "makes", "gives", "total", "and", "we", "this",
                "of", "with", "all", "in", "at", "more", "number", "left", "count", "here", "which", "it", "are")
+# The frame words that name no operation and no total: what training slips into problem sentences (where a
+# "more" or "gives" slipped in would say that something else happens).
+FILLER_WORDS = tuple(w for w in FRAME_WORDS if w not in ("has", "makes", "gives", "total", "more", "number", "left", "count"))
 
 
-def random_frame(rng: random.Random, slot: str, mentions: tuple[str, ...] = ()) -> str:
-    """A step template of random words (real and made-up) around ``{slot}``, mentioning some of ``mentions``
-    (other fields, such as the operation's ``{n}``) before it, in random order."""
+def random_frame(rng: random.Random, slot: str, mentions: tuple[str, ...] = (), vocab: tuple[str, ...] = FRAME_WORDS) -> str:
+    """A step template of random words (``vocab``'s and made-up ones) around ``{slot}``, mentioning some of
+    ``mentions`` (other fields, such as the operation's ``{n}``) before it, in random order."""
     def words(most: int) -> list[str]:
-        return [rng.choice(FRAME_WORDS) if rng.random() < 0.5 else pseudo_word(rng) for _ in range(rng.randint(0, most))]
+        return [rng.choice(vocab) if rng.random() < 0.5 else pseudo_word(rng) for _ in range(rng.randint(0, most))]
 
     parts = words(3)
     for field in rng.sample(mentions, rng.randint(0, len(mentions))):
@@ -205,19 +209,19 @@ def random_frame(rng: random.Random, slot: str, mentions: tuple[str, ...] = ()) 
     return text[0].upper() + text[1:] + rng.choice([".", ".", ":", ""])
 
 
-def noisy(rng: random.Random, template: str) -> str:
-    """``template`` with 1-3 random words slipped in after its first word: a wording near the known ones,
-    as held-out templates are."""
+def noisy(rng: random.Random, template: str, vocab: tuple[str, ...] = FRAME_WORDS) -> str:
+    """``template`` with 1-3 random words (``vocab``'s or made-up ones) slipped in after its first word: a
+    wording near the known ones, as held-out templates are."""
     words = template.split(" ")
     for _ in range(rng.randint(1, 3)):
         at = rng.randint(1, len(words))
-        words.insert(at, rng.choice(FRAME_WORDS) if rng.random() < 0.5 else pseudo_word(rng))
+        words.insert(at, rng.choice(vocab) if rng.random() < 0.5 else pseudo_word(rng))
     return " ".join(words)
 
 
 def random_lead(rng: random.Random) -> str:
-    """1-3 random words (real and made-up) and a comma, to open a sentence: "Glorp the, "."""
-    words = [rng.choice(FRAME_WORDS) if rng.random() < 0.5 else pseudo_word(rng) for _ in range(rng.randint(1, 3))]
+    """1-3 random words (filler and made-up) and a comma, to open a sentence: "Glorp the, "."""
+    words = [rng.choice(FILLER_WORDS) if rng.random() < 0.5 else pseudo_word(rng) for _ in range(rng.randint(1, 3))]
     text = " ".join(words)
     return text[0].upper() + text[1:] + ", "
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from prmserve.word_problems import numbers, phrasing
+from prmserve.word_problems import grammar, numbers, phrasing
 from prmserve.word_problems.phrasing import STORIES, templates
 
 POSSESSIVE = {"she": "her", "he": "his"}
@@ -143,8 +143,12 @@ def make_problem(rng: random.Random, test: bool = False, n_ops: int | None = Non
 
 
 def _problem_text(rng: random.Random, p: Problem) -> str:
-    """The problem statement: an opening with the start, a sentence per operation (the first may join it), a question."""
+    """The problem statement: an opening with the start, a sentence per operation (the first may join it), a question.
+
+    A share of training problems is worded by ``grammar`` instead of the templates."""
     fields, test = p.fields(), p.test
+    if not test and rng.random() < grammar.GRAMMAR_SHARE:
+        return grammar.problem_text(rng, p)
     clauses = []
     for op in p.ops:
         story = STORIES[op.story]
@@ -153,12 +157,12 @@ def _problem_text(rng: random.Random, p: Problem) -> str:
             if rng.random() < 0.15:
                 clause = phrasing.disguised(rng, clause)
             if rng.random() < 0.35:
-                clause = phrasing.noisy(rng, clause)
+                clause = phrasing.noisy(rng, clause, phrasing.FILLER_WORDS)
             if rng.random() < 0.3:
                 clause += " " + rng.choice(phrasing.CLAUSE_TAILS)
         clauses.append(clause.format(n=op.arg, friend=op.friend, **fields))
     openings = templates(phrasing.OPENINGS, phrasing.OPENINGS_HELD_OUT, test)
-    opening = (phrasing.random_frame(rng, "v") + " {item}." if not test and rng.random() < 0.25 else rng.choice(openings))
+    opening = (phrasing.random_frame(rng, "v", vocab=phrasing.FILLER_WORDS) + " {item}." if not test and rng.random() < 0.25 else rng.choice(openings))
     opening = opening.replace(":.", ".").format(v=p.start, **fields)
     sentences = []
     if not test and rng.random() < 0.4 and opening.startswith(p.name + " has "):  # "Ava has 12 apples and finds 7 more."
@@ -177,5 +181,5 @@ def _problem_text(rng: random.Random, p: Problem) -> str:
     if p.ops[-1].kind in ("sub", "less_quarter") and not test:
         questions = questions + phrasing.QUESTIONS_LEFT
     question = rng.choice(questions)
-    question = (phrasing.noisy(rng, question) if not test and rng.random() < 0.2 else question).format(**fields)
+    question = (phrasing.noisy(rng, question, phrasing.FILLER_WORDS) if not test and rng.random() < 0.2 else question).format(**fields)
     return " ".join([opening, *sentences, question])
