@@ -493,10 +493,8 @@ class PRM:
         except (QueueFullError, InvalidInputError) as exc:
             return exc
 
-    def _boundaries(self, extends: list[AsyncCall]) -> Mapping[str, list[int]] | None:
+    def _boundaries(self, extends: list[AsyncCall]) -> Mapping[str, list[int]]:
         """The boundary ids of every child of these calls (`plan_extend`'s `known`), in one tokenizer batch."""
-        if len(extends) < 2:
-            return None
         pairs = []
         for call in extends:
             try:

@@ -30,14 +30,11 @@ class RLHFlowFormat(PRMFormat):
         self.good_id = self.single_token("+", "good token")
         self.bad_id = self.single_token("-", "bad token")
         # A one-step conversation whose rendering precedes any later turns: continuations are read after it.
-        self._base_ids = self._conversation_ids(_BASE_TURNS)
+        self._base_ids = self._conversations_ids([_BASE_TURNS])[0]
 
     @property
     def head(self) -> HeadSpec:
         return HeadSpec("lm_rows", rows=(self.good_id, self.bad_id))
-
-    def _conversation_ids(self, conversation: list[dict[str, str]]) -> list[int]:
-        return self._conversations_ids([conversation])[0]
 
     def _conversations_ids(self, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
         """Each conversation's ids, the chat template's own tokenisation, in one batched call."""
