@@ -111,10 +111,11 @@ def _draw_op(rng: random.Random, x: int, money: bool, friends: tuple[str, ...], 
 
 
 def make_problem(rng: random.Random, test: bool = False, n_ops: int | None = None,
-                 scale: int = numbers.MAX_GIVEN) -> Problem:
+                 scale: int = numbers.MAX_GIVEN, grammar_share: float = grammar.GRAMMAR_SHARE) -> Problem:
     """A word problem with ``n_ops`` operations (1-4 at random), worded for the test split or for training.
 
     ``scale`` caps its given numbers (results: ten times it); training's curriculum starts it small.
+    ``grammar_share`` of training problems are worded by ``grammar``, the rest by the templates.
     """
     n_ops = n_ops or rng.choice([1, 2, 2, 3, 3, 4])
     name, pronoun = rng.choice(templates(phrasing.NAMES, phrasing.NAMES_HELD_OUT, test))
@@ -138,16 +139,16 @@ def make_problem(rng: random.Random, test: bool = False, n_ops: int | None = Non
         if len(ops) == n_ops and (not test or any(numbers.held_out(g) for g in [start] + [op.arg for op in ops])):
             break
     problem = Problem("", name, pronoun, item, start, ops, x, test)
-    problem.text = _problem_text(rng, problem)
+    problem.text = _problem_text(rng, problem, grammar_share)
     return problem
 
 
-def _problem_text(rng: random.Random, p: Problem) -> str:
+def _problem_text(rng: random.Random, p: Problem, grammar_share: float) -> str:
     """The problem statement: an opening with the start, a sentence per operation (the first may join it), a question.
 
     A share of training problems is worded by ``grammar`` instead of the templates."""
     fields, test = p.fields(), p.test
-    if not test and rng.random() < grammar.GRAMMAR_SHARE:
+    if not test and rng.random() < grammar_share:
         return grammar.problem_text(rng, p)
     clauses = []
     for op in p.ops:
