@@ -13,20 +13,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prmserve import PRM, synthetic
+from prmserve import PRM, word_problems
 from prmserve.demo import load_problems
-from prmserve.evaluation import held_out_quality, prm_scorer
+from prmserve.evaluation import prm_scorer
+from prmserve.evaluation.word_problem_task import held_out_quality
 from prmserve.prm import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Floors the training recipe clears on every seed tried (worst of eight GPU seeds: F1 0.82, slip 0.39,
-# best-of-4 0.08 over majority vote; bench/notes/small_prm.md). The shipped checkpoint's full
-# held-out numbers are in quality.json (F1 0.97).
-MIN_F1 = 0.80
-MIN_ACCURACY_PER_ERROR_KIND = 0.30
-MIN_BEST_OF_4_GAIN_OVER_MAJORITY = 0.05
-MIN_BEST_OF_4_GAIN_OVER_RANDOM = 0.20
+# Floors below what the training recipe gave on every seed tried (seeds 1234 and 7, 4,000 steps on an H100:
+# F1 0.71 / 0.71, worst error kind 0.62, best-of-4 0.18 / 0.22 over majority vote and 0.38 / 0.40 over a random
+# pick, slip pairs 0.91 / 0.93; bench/notes/small_prm.md), on the smaller splits this test scores. Issue #16's
+# own floor for F1 (0.90) is not met yet; quality.json has the shipped checkpoint's full numbers.
+MIN_F1 = 0.65
+MIN_ACCURACY_PER_ERROR_KIND = 0.50
+MIN_BEST_OF_4_GAIN_OVER_MAJORITY = 0.10
+MIN_BEST_OF_4_GAIN_OVER_RANDOM = 0.25
+MIN_CORRECT_ABOVE_SLIP = 0.85
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +43,22 @@ def test_default_model_is_the_bundled_qwen_prm_layout(prm) -> None:
     config = json.loads((BUNDLED_MODEL / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForProcessRewardModel"]
     assert prm.format_name == "qwen_prm"
-    assert (BUNDLED_MODEL / "model.safetensors").stat().st_size <= 10 * 1024**2
+    assert (BUNDLED_MODEL / "model.safetensors").stat().st_size <= 20 * 1024**2
 
 
 def test_held_out_quality_clears_its_floor(prm) -> None:
-    seed = json.loads((BUNDLED_MODEL / "quality.json").read_text())["training"]["seed"]
-    report = held_out_quality(prm_scorer(prm), seed, n_val=300, n_test=400, n_best_of=150)
+    """Judged through `PRM` on the template hold-out (wording, names, items and number bands training never uses)."""
+    trained = json.loads((BUNDLED_MODEL / "quality.json").read_text())
+    assert trained["task"] == "word_problems"
+    report = held_out_quality(prm_scorer(prm), trained["training"]["seed"], n_val=300, n_test=400, n_best_of=150,
+                              n_slip_pairs=150)
     assert report["processbench"]["f1"] >= MIN_F1, report
-    for kind in synthetic.ERROR_KINDS:
+    for kind in word_problems.ERROR_KINDS:
         assert report["processbench"][f"acc_{kind}"] >= MIN_ACCURACY_PER_ERROR_KIND, (kind, report)
     best_of = report["best_of_4"]
     assert best_of["prm_min_step"] - best_of["majority_vote"] >= MIN_BEST_OF_4_GAIN_OVER_MAJORITY, report
     assert best_of["prm_min_step"] - best_of["random_pick"] >= MIN_BEST_OF_4_GAIN_OVER_RANDOM, report
+    assert report["slip_pairs"]["correct_above_slip"] >= MIN_CORRECT_ABOVE_SLIP, report
 
 
 def test_readme_main_command_prints_the_demo() -> None:
@@ -99,3 +106,35 @@ def test_the_curl_example_gets_what_it_shows(prm) -> None:
     (result,) = response.json()["results"]
     assert result["step_rewards"] == pytest.approx(shown["step_rewards"], abs=6e-3) and min(result["step_rewards"]) > 0.5
     assert result["aggregate"] == pytest.approx(shown["aggregate"], abs=6e-3)
+
+
+def readme_table_rows() -> list[tuple[str, list[str], list[float], str, bool]]:
+    """(problem, steps, rewards shown, note, marked as what it cannot judge) for each row of the README's table."""
+    section = readme_section("The bundled small PRM")
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[1].startswith("`"):
+            continue
+        problem, cannot = cells[0].removeprefix("*cannot:* "), cells[0].startswith("*cannot:* ")
+        steps = [step.replace("\\\\", "\\") for step in re.findall(r"`([^`]*)`", cells[1])]
+        shown = re.match(r"([0-9., ]+?)(?: \((.*)\))?$", cells[2])
+        rows.append((problem, steps, [float(x) for x in shown.group(1).split(",")], shown.group(2) or "", cannot))
+    return rows
+
+
+def test_the_readme_table_shows_what_the_model_gives(prm) -> None:
+    """Every row of the README's can/cannot table, to the 3 places shown; in the rows of what it can judge, a correct
+    solution's steps are above 0.5 and an erroneous one's (its error named in brackets) end below 0.5."""
+    rows = readme_table_rows()
+    assert len(rows) >= 10 and sum(cannot for *_, cannot in rows) >= 3
+    results = prm.score([{"problem": problem, "steps": steps} for problem, steps, *_ in rows])
+    for (problem, steps, shown, error, cannot), result in zip(rows, results):
+        assert len(shown) == len(steps), (problem, steps)
+        assert result.step_rewards == pytest.approx(shown, abs=6e-4), (problem, steps, result.step_rewards)
+        if cannot:
+            continue
+        if error:
+            assert result.step_rewards[-1] < 0.5, (problem, steps)
+        else:
+            assert min(result.step_rewards) > 0.5, (problem, steps)

@@ -185,6 +185,8 @@ def test_evaluate_runs_the_task_the_checkpoint_names(given: list[str], written: 
     quality = json.loads((model / "quality.json").read_text())
     if written:
         quality["task"] = written
+    else:  # a checkpoint written before quality.json named its task
+        del quality["task"]
     (model / "quality.json").write_text(json.dumps(quality))
     ran: list[tuple[str, int, list]] = []
 

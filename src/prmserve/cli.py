@@ -239,9 +239,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="checkpoint directory or hub ID (default: the bundled model)")
     parser.add_argument("--seed", type=int, help="training seed whose held-out splits to use (default: the checkpoint's)")
     parser.add_argument("--task", choices=EVALUATION_TASKS,
-                        help="synthetic: the shipped model's arithmetic task; word_problems: typed word problems with a "
-                             "template hold-out (issue #16's floors). Default: the task the checkpoint's quality.json "
-                             "names, else synthetic")
+                        help="synthetic: the first bundled model's arithmetic task; word_problems: typed word problems with a "
+                             "template hold-out (the bundled model's). Default: the task the checkpoint's quality.json "
+                             "names; synthetic for one that names none (written before tasks were named)")
     add_model_arguments(parser)
 
 

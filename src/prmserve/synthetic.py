@@ -1,4 +1,4 @@
-"""Synthetic arithmetic word problems with step-labelled solutions, for training and judging the bundled PRM.
+"""Synthetic arithmetic word problems with step-labelled solutions: the first bundled PRM's task (`prmserve evaluate --task synthetic`).
 
 Each problem tracks one quantity through 2-4 operations (+, -, x, /) on small numbers
 (every value in 1..30, at most 9 bought or given away at once).

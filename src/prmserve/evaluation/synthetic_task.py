@@ -1,7 +1,7 @@
 """Held-out quality of a PRM on the synthetic arithmetic task, whatever scores it (training model or `PRM`):
 a case of the ProcessBench and best-of-N evaluations, on generated data.
 
-The splits are the ones the shipped bundled model's quality.json reports (`prmserve.synthetic`): validation
+The splits are the ones the first bundled model's quality.json reports (`prmserve.synthetic`; commit 02084a6): validation
 (seed + 1) picks the ProcessBench threshold, test (seed + 2) measures it, and best-of-4 problems
 (seed + 3) compare picking by the minimum step reward with majority vote and a random pick. The word
 problems' evaluation (`word_problem_task`) shares the helpers below.

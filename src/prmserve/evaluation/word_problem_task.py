@@ -1,5 +1,5 @@
-"""Held-out quality of a PRM on the word problems (`prmserve.word_problems`), whatever scores it: what the next
-bundled model is trained and judged on (issue #16's floors), beside the shipped model's `synthetic_task`.
+"""Held-out quality of a PRM on the word problems (`prmserve.word_problems`), whatever scores it: what the
+bundled model is trained and judged on (issue #16's floors); `synthetic_task` is the first bundled model's.
 
 The threshold is chosen on the validation split (training's templates and numbers) or given; everything else
 is measured on the test split, written with held-out templates, names, items and number bands: ProcessBench
