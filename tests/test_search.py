@@ -19,7 +19,7 @@ from prmserve.search import Generator, SearchConfig, beam_search, best_of_n, sta
 from prmserve.search.templates import DEFAULT_PROMPT_TEMPLATE, step_prompt
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
-PROBLEMS = load_problems()  # the bundled demo problems: four solutions each, every one ending in \boxed{}
+PROBLEMS = load_problems()  # the bundled demo problems: four solutions each, most ending in a stated answer
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,12 @@ def prm(single_torch_thread: None):
     model.close()
 
 
+@pytest.mark.parametrize(("step", "final"), [("So the answer is \\boxed{5}.", True), ("The answer is 19.", True),
+                                             ("#### 205", True), ("Then 145 + 60 = 205 cookies.", False)])
+def test_a_step_that_states_the_answer_ends_the_path(step: str, final: bool) -> None:
+    assert states_answer(step) is final
+
+
 def by_hand(rewards: list[float], method: str) -> float:
     return {"min": min, "last": lambda r: r[-1]}[method](rewards)
 
@@ -60,7 +66,7 @@ def test_best_of_n_picks_the_argmax_of_the_candidates_aggregate(prm, generator: 
         chosen = result.record()["chosen"]
         assert chosen["steps"] == candidates[best]
         assert chosen["aggregate"] == pytest.approx(scores[best], abs=1e-6)
-        assert chosen["finished"] and states_answer(chosen["steps"][-1])
+        assert chosen["finished"]
         leaves = [n for n in result.record()["tree"] if n["finished"]]
         assert [n["aggregate"] for n in leaves] == pytest.approx(scores, abs=1e-6)
 
@@ -105,7 +111,7 @@ def test_beam_search_releases_its_handles_and_its_rewards_equal_scoring_the_path
         assert len(prm.nodes) == 0
         record = result.record()
         chosen = record["chosen"]
-        assert chosen["finished"] and states_answer(chosen["steps"][-1])
+        assert chosen["finished"]
         whole = prm.score([{"problem": problem["problem"], "steps": chosen["steps"]}])[0]
         assert chosen["step_rewards"] == pytest.approx(whole.step_rewards, abs=1e-6)
         assert chosen["aggregate"] == pytest.approx(min(whole.step_rewards), abs=1e-6)

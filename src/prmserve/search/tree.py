@@ -7,7 +7,7 @@ from typing import Any
 
 from prmserve.results import aggregate
 
-FINAL_MARKERS = ("\\boxed", "The answer is")  # a step holding one of these states the answer: the solution ends
+FINAL_MARKERS = ("\\boxed", "The answer is", "####")  # a step holding one of these states the answer (#### N: GSM8K's)
 
 
 def states_answer(step: str) -> bool:
