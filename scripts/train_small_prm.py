@@ -42,6 +42,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 
+try:  # SmallPRM.forward hands Qwen2Model a ready per-layer-type mask mapping, which needs masking_utils (4.53+)
+    import transformers.masking_utils  # noqa: F401
+except ImportError:
+    sys.exit("scripts/train_small_prm.py needs transformers 4.53 or newer (constraints.txt pins the tested one); "
+             "prmserve itself runs with 4.46+")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from prmserve import quality, word_problems  # noqa: E402
