@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from prmserve.engine.block_manager import BlockManager
 from prmserve.engine.request import Request
 
@@ -29,47 +31,30 @@ def compute_all(bm: BlockManager, request: Request, step: int = 1) -> None:
     bm.mark_ready(request)
 
 
-def check_invariants(bm: BlockManager) -> None:
-    free, cached = set(bm.free), set(bm.cached_free)
-    assert not free & cached
-    assert len(free) == len(bm.free) and len(cached) == len(bm.cached_free)
-    for block in bm.blocks:
-        assert block.ref_count >= 0
-        if block.ref_count == 0:
-            assert block.block_id in free | cached, block
-        else:
-            assert block.block_id not in free | cached, block
-        if block.block_id in cached:
-            assert block.ready and block.hash is not None
-            assert bm.by_hash[block.hash] == block.block_id
-    for block_hash, block_id in bm.by_hash.items():
-        assert bm.blocks[block_id].hash == block_hash
-
-
 def test_full_blocks_only_are_cached_and_shared():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
     a = req(list(range(10)))  # 2 full blocks + 2 tokens
     admit(bm, a)
     assert len(a.block_table) == 3 and a.num_cached == 0
     compute_all(bm, a)
-    bm.free_request(a)
-    check_invariants(bm)
-    assert len(bm.cached_free) == 2  # the partial block is not cached
+    bm.release(a)
+    bm.check_invariants()
+    assert len(bm.evictable) == 2  # the partial block is not cached
     assert bm.num_available == 8
 
     b = req(list(range(9)) + [99, 100])
     match = admit(bm, b, step=2)
     assert len(match.block_ids) == 2 and b.num_cached == b.num_done == 8
     assert b.block_table[:2] == a_table_prefix(bm, list(range(8)))
-    check_invariants(bm)
+    bm.check_invariants()
     compute_all(bm, b, step=2)
-    bm.free_request(b)
-    check_invariants(bm)
+    bm.release(b)
+    bm.check_invariants()
     assert all(block.ref_count == 0 for block in bm.blocks)
 
 
 def a_table_prefix(bm: BlockManager, tokens: list[int]) -> list[int]:
-    return [bm.by_hash[h] for h, _ in bm._chain_hashes(req(tokens))]
+    return [bm.hash_to_block_id[h] for h, _ in bm._chain_hashes(req(tokens))]
 
 
 def test_identical_prompt_of_whole_blocks_is_fully_cached():
@@ -77,12 +62,12 @@ def test_identical_prompt_of_whole_blocks_is_fully_cached():
     a = req(list(range(8)))
     admit(bm, a)
     compute_all(bm, a)
-    bm.free_request(a)
+    bm.release(a)
     b = req(list(range(8)))
     admit(bm, b, step=2)
     assert b.num_cached == 8 and b.num_remaining == 0
-    bm.free_request(b)
-    check_invariants(bm)
+    bm.release(b)
+    bm.check_invariants()
 
 
 def test_hash_chains_depend_on_the_whole_prefix():
@@ -90,7 +75,7 @@ def test_hash_chains_depend_on_the_whole_prefix():
     a = req([1, 2, 3, 4])
     admit(bm, a)
     compute_all(bm, a)
-    bm.free_request(a)
+    bm.release(a)
     # Same second block, different first block: nothing may be reused.
     b = req([9, 9, 3, 4])
     assert bm.match_prefix(b, 2).block_ids == []
@@ -122,7 +107,7 @@ def test_lru_eviction_of_unpinned_blocks_leaves_first():
     a = req([1, 2, 3, 4])
     admit(bm, a)
     compute_all(bm, a)
-    bm.free_request(a)
+    bm.release(a)
     b = req([5, 6, 7, 8])
     admit(bm, b)
     compute_all(bm, b)
@@ -131,18 +116,18 @@ def test_lru_eviction_of_unpinned_blocks_leaves_first():
     c = req([1, 2, 9, 9])  # reuses a's first block, needs one more: evicts a's leaf (the LRU tail first)
     admit(bm, c, step=2)
     assert c.num_cached == 2
-    check_invariants(bm)
+    bm.check_invariants()
     assert bm.match_prefix(req([1, 2, 3, 4]), 3).block_ids == [c.block_table[0]]  # a's leaf is gone
     # b's blocks are pinned: they stay cached even though memory is short.
     assert len(bm.match_prefix(req([5, 6, 7, 8]), 3).block_ids) == 2
     d = req([7, 7])
     assert not bm.can_allocate(d, bm.match_prefix(d, 3))
-    bm.free_request(b)
-    bm.free_request(c)
-    check_invariants(bm)
+    bm.release(b)
+    bm.release(c)
+    bm.check_invariants()
     assert all(block.ref_count == 0 for block in bm.blocks)
     admit(bm, d, step=3)
-    check_invariants(bm)
+    bm.check_invariants()
 
 
 def test_can_allocate_counts_reused_idle_blocks():
@@ -150,7 +135,7 @@ def test_can_allocate_counts_reused_idle_blocks():
     a = req([1, 2, 3, 4])
     admit(bm, a)
     compute_all(bm, a)
-    bm.free_request(a)
+    bm.release(a)
     # Reusing both cached blocks and taking the free one: exactly fits.
     b = req([1, 2, 3, 4, 5])
     assert bm.can_allocate(b, bm.match_prefix(b, 2))
@@ -164,8 +149,8 @@ def test_caching_disabled_never_shares_or_keeps_blocks():
     a = req([1, 2, 3, 4])
     admit(bm, a)
     compute_all(bm, a)
-    bm.free_request(a)
-    assert not bm.by_hash and not bm.cached_free and len(bm.free) == 4
+    bm.release(a)
+    assert not bm.hash_to_block_id and not bm.evictable and len(bm.free) == 4
     b = req([1, 2, 3, 4])
     admit(bm, b, step=2)
     assert b.num_cached == 0 and b.num_done == 0
@@ -178,8 +163,8 @@ def test_abort_of_half_computed_request_forgets_unready_blocks():
     bm.mark_filling(a, 0, 3, step=1)
     a.num_done = 3
     bm.mark_ready(a)
-    bm.free_request(a)  # aborted after one chunk
-    check_invariants(bm)
+    bm.release(a)  # aborted after one chunk
+    bm.check_invariants()
     assert all(block.ref_count == 0 for block in bm.blocks)
     # Only the computed block is still cached; nothing waits on the forgotten ones.
     match = bm.match_prefix(req([1, 2, 3, 4, 5, 6]), 2)
@@ -192,8 +177,8 @@ def test_eviction_takes_the_least_recently_used_entry():
     for r in (a, b):
         admit(bm, r)
         compute_all(bm, r)
-    bm.free_request(a)
-    bm.free_request(b)  # b is the most recently used
+    bm.release(a)
+    bm.release(b)  # b is the most recently used
     c = req([5, 6, 7, 8])  # two free blocks: no eviction yet
     admit(bm, c, step=2)
     d = req([9, 9])  # evicts a (least recently used), keeps b
@@ -201,15 +186,15 @@ def test_eviction_takes_the_least_recently_used_entry():
     assert bm.match_prefix(req([1, 2]), 3).block_ids == []
     assert len(bm.match_prefix(req([3, 4]), 3).block_ids) == 1
     # Reusing an entry makes it the most recently used again.
-    bm.free_request(d)  # d's block is now newest; b is the oldest
+    bm.release(d)  # d's block is now newest; b is the oldest
     e = req([3, 4])
     admit(bm, e, step=3)  # b reused
-    bm.free_request(e)  # b is the newest again; d is the oldest
+    bm.release(e)  # b is the newest again; d is the oldest
     f = req([7, 7])
     admit(bm, f, step=3)
     assert bm.match_prefix(req([9, 9]), 4).block_ids == []
     assert len(bm.match_prefix(req([3, 4]), 4).block_ids) == 1
-    check_invariants(bm)
+    bm.check_invariants()
 
 
 def test_a_steady_load_reuses_the_blocks_it_freed_instead_of_walking_the_pool():
@@ -222,6 +207,33 @@ def test_a_steady_load_reuses_the_blocks_it_freed_instead_of_walking_the_pool():
         admit(bm, r, step)
         compute_all(bm, r, step)
         used.add(r.block_table[1])
-        bm.free_request(r)
-    check_invariants(bm)
+        bm.release(r)
+    bm.check_invariants()
     assert used == {1}, f"partial blocks came from {len(used)} different slots of the pool"
+
+
+def test_the_debug_check_finds_broken_bookkeeping():
+    """check_invariants fails where a block is both free and evictable, or a pin count drifts; allocating a request
+    twice and releasing a block more often than it was taken are caught where they happen."""
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = req(list(range(8)))
+    admit(bm, a)
+    with pytest.raises(AssertionError, match="allocated twice"):
+        bm.allocate(a, bm.match_prefix(a, 1))
+    compute_all(bm, a)
+    bm.pin("node", a)
+    bm.check_invariants()
+    bm.num_pinned += 1
+    with pytest.raises(AssertionError):
+        bm.check_invariants()
+    bm.num_pinned -= 1
+    bm.release(a)
+    bm.unpin("node")
+    bm.check_invariants()
+    bm.free.append(next(iter(bm.evictable)))
+    with pytest.raises(AssertionError, match="both free and evictable"):
+        bm.check_invariants()
+    bm.free.pop()
+    a.block_table = [next(iter(bm.evictable))]  # a table released already: its blocks are held by no one
+    with pytest.raises(AssertionError, match="released more often"):
+        bm.release(a)

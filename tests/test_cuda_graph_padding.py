@@ -81,7 +81,7 @@ def test_padded_forward_writes_what_the_plain_step_writes(prm) -> None:
     padded_forward(prm.model, runner.kv_cache, runner.head_cache, packed, tokens, key_count, seqs)
     torch.testing.assert_close(runner.head_cache[slots], want, atol=1e-5, rtol=0)
     assert want.abs().sum() > 0
-    blocks.free_request(request)
+    blocks.release(request)
 
 
 def test_every_captured_shape_can_be_padded_to() -> None:

@@ -366,7 +366,7 @@ def test_prefix_caching_off_never_caches(make_prm):
         for r in results:
             assert r.usage.cached_tokens == 0 and r.usage.computed_tokens == scored_length(prm, items[results.index(r)])
     wait_idle(prm)
-    assert not prm.engine.blocks.by_hash and not prm.engine.blocks.cached_free
+    assert not prm.engine.blocks.hash_to_block_id and not prm.engine.blocks.evictable
     assert prm.engine.stats().cached_tokens == 0
     assert_no_block_pinned(prm.engine)
 
@@ -404,7 +404,7 @@ def test_blocks_pinned_while_running_and_released_after(paths):
     while engine.has_unfinished():
         engine.step()
     assert_no_block_pinned(engine)
-    assert len(engine.blocks.cached_free) == len(ids) // 4  # full blocks stay cached, unpinned
+    assert len(engine.blocks.evictable) == len(ids) // 4  # full blocks stay cached, unpinned
 
 
 @pytest.mark.parametrize("caching", [True, False])
@@ -485,7 +485,7 @@ def test_reset_prefix_cache_forgets_cached_prefixes(paths):
     engine2.step()
     engine2.reset_prefix_cache()
     engine.reset_prefix_cache()
-    assert not engine.blocks.by_hash and not engine.blocks.cached_free
+    assert not engine.blocks.hash_to_block_id and not engine.blocks.evictable
     run_engine(engine2, [])
     again = [Request(f"b{k}", e.token_ids, e.read_positions) for k, e in enumerate(encoded)]
     run_engine(engine, again[:1])

@@ -68,14 +68,10 @@ def random_workload(rng: random.Random, count: int) -> list[tuple[list[int], lis
 def check_bookkeeping(engine: Engine) -> None:
     blocks = engine.blocks
     holders = Counter(b for r in engine.scheduler.requests.values() for b in r.block_table)
-    free, cached = set(blocks.free), set(blocks.cached_free)
-    assert not free & cached
+    blocks.check_invariants()
     for block in blocks.blocks:
         assert block.ref_count == holders[block.block_id], block
-        assert (block.ref_count == 0) == (block.block_id in free | cached), block
-    for block_id in cached:
-        assert blocks.blocks[block_id].ready and blocks.by_hash[blocks.blocks[block_id].hash] == block_id
-    assert engine.stats().kv_blocks_in_use == blocks.num_blocks - len(free) - len(cached)
+    assert engine.stats().kv_blocks_in_use == blocks.num_blocks - len(blocks.free) - len(blocks.evictable)
     for r in engine.scheduler.requests.values():
         if r.status is RequestStatus.RUNNING:
             assert len(r.block_table) == blocks.blocks_needed(r.num_tokens)

@@ -49,8 +49,8 @@ class BlockManager:
         # blocks (on the CPU an untouched block costs no resident memory, so RSS stays flat instead of
         # creeping towards the whole pool as a FIFO walk through it would make it).
         self.free: deque[int] = deque(range(num_blocks))
-        self.cached_free: OrderedDict[int, None] = OrderedDict()  # unused but cached, oldest first
-        self.by_hash: dict[int, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unused but cached (KV intact), oldest first
+        self.hash_to_block_id: dict[int, int] = {}
         self.pins: OrderedDict[str, list[int]] = OrderedDict()  # pin key -> blocks it holds, oldest first
         self.num_pinned = 0  # block references held by pins
         self.max_pinned = int(num_blocks * max_pinned_fraction)
@@ -62,7 +62,7 @@ class BlockManager:
     @property
     def num_available(self) -> int:
         """Blocks that can be handed out now (free or evictable)."""
-        return len(self.free) + len(self.cached_free)
+        return len(self.free) + len(self.evictable)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -90,7 +90,7 @@ class BlockManager:
             return PrefixMatch([], False)
         matched: list[int] = []
         for block_hash, tokens in self._chain_hashes(request):
-            block_id = self.by_hash.get(block_hash)
+            block_id = self.hash_to_block_id.get(block_hash)
             if block_id is None:
                 break
             block = self.blocks[block_id]
@@ -109,10 +109,11 @@ class BlockManager:
 
     def allocate(self, request: Request, match: PrefixMatch) -> None:
         """Give the request its whole block table: matched blocks shared, the rest fresh."""
+        assert not request.block_table, f"{request.request_id} is allocated twice"
         for block_id in match.block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                self.cached_free.pop(block_id, None)
+                self.evictable.pop(block_id, None)
             block.ref_count += 1
         table = list(match.block_ids)
         for _ in range(self.blocks_needed(request.num_tokens) - len(table)):
@@ -121,9 +122,9 @@ class BlockManager:
         for index in range(len(match.block_ids), len(hashes)):
             block_hash, tokens = hashes[index]
             block = self.blocks[table[index]]
-            if block_hash not in self.by_hash:  # first writer owns the cache entry
+            if block_hash not in self.hash_to_block_id:  # first writer owns the cache entry
                 block.hash, block.tokens = block_hash, tokens
-                self.by_hash[block_hash] = block.block_id
+                self.hash_to_block_id[block_hash] = block.block_id
         request.block_table = table
         request.num_cached = request.num_done = len(match.block_ids) * self.block_size
 
@@ -131,15 +132,15 @@ class BlockManager:
         if self.free:
             block_id = self.free.popleft()
         else:
-            block_id, _ = self.cached_free.popitem(last=False)  # evict the least recently used
+            block_id, _ = self.evictable.popitem(last=False)  # evict the least recently used
             self._forget(self.blocks[block_id])
         block = self.blocks[block_id]
         block.ref_count, block.ready, block.filled_in_step = 1, False, -1
         return block_id
 
     def _forget(self, block: KVBlock) -> None:
-        if block.hash is not None and self.by_hash.get(block.hash) == block.block_id:
-            del self.by_hash[block.hash]
+        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
+            del self.hash_to_block_id[block.hash]
         block.hash, block.tokens = None, ()
 
     def mark_filling(self, request: Request, start: int, end: int, step: int) -> None:
@@ -154,7 +155,7 @@ class BlockManager:
         for index in range(request.num_done // self.block_size):
             self.blocks[request.block_table[index]].ready = True
 
-    def free_request(self, request: Request) -> None:
+    def release(self, request: Request) -> None:
         """Drop the request's references; cached blocks go to the LRU tail, leaves first to be evicted."""
         self._drop_references(request.block_table)
         request.block_table = []
@@ -164,11 +165,12 @@ class BlockManager:
         first), unused uncached ones free."""
         for block_id in reversed(block_ids):
             block = self.blocks[block_id]
+            assert block.ref_count > 0, f"block {block_id} released more often than it was taken"
             block.ref_count -= 1
             if block.ref_count > 0:
                 continue
             if block.hash is not None and block.ready:
-                self.cached_free[block_id] = None
+                self.evictable[block_id] = None
             else:
                 self._forget(block)
                 block.ready = False
@@ -180,8 +182,8 @@ class BlockManager:
             self.unpin(key)
         for block in self.blocks:
             self._forget(block)
-        self.free.extendleft(self.cached_free)
-        self.cached_free.clear()
+        self.free.extendleft(self.evictable)
+        self.evictable.clear()
 
     # Pins -----------------------------------------------------------------------------------------
 
@@ -194,7 +196,7 @@ class BlockManager:
         held = []
         for index in range(min(request.keep_tokens, request.num_tokens) // self.block_size):
             block = self.blocks[request.block_table[index]]
-            if block.hash is None or self.by_hash.get(block.hash) != block.block_id or not block.ready:
+            if block.hash is None or self.hash_to_block_id.get(block.hash) != block.block_id or not block.ready:
                 break  # not findable by a child's prefix match: pinning it (or what follows) buys nothing
             held.append(block.block_id)
         if not held:
@@ -219,6 +221,23 @@ class BlockManager:
     def unpin_oldest(self) -> bool:
         """Drop the oldest pin to make room for a request; False when nothing is pinned."""
         return bool(self.pins) and self.unpin(next(iter(self.pins)))
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError where the bookkeeping disagrees with itself (a debug check; tests call it)."""
+        free, evictable = set(self.free), set(self.evictable)
+        assert len(free) == len(self.free), "a block is free twice"
+        assert not free & evictable, f"blocks both free and evictable: {sorted(free & evictable)}"
+        for block in self.blocks:
+            assert block.ref_count >= 0, block
+            assert (block.ref_count == 0) == (block.block_id in free | evictable), block
+            if block.block_id in evictable:
+                assert block.ready and self.hash_to_block_id.get(block.hash) == block.block_id, block
+        for block_hash, block_id in self.hash_to_block_id.items():
+            assert self.blocks[block_id].hash == block_hash, (block_hash, self.blocks[block_id])
+        pinned = [b for held in self.pins.values() for b in held]
+        assert self.num_pinned == len(pinned), (self.num_pinned, len(pinned))
+        for block_id in set(pinned):
+            assert self.blocks[block_id].ref_count >= pinned.count(block_id), self.blocks[block_id]
 
     def slot(self, request: Request, position: int) -> int:
         """The KV pool slot holding the token at `position` of the request."""

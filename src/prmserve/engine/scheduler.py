@@ -180,7 +180,7 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         if request.block_table:
-            self.blocks.free_request(request)
+            self.blocks.release(request)
         if request.status is not RequestStatus.FINISHED:
             self._move(request, RequestStatus.FINISHED)
 
