@@ -10,8 +10,8 @@ import torch
 from prmserve import PRM
 from prmserve.engine import Engine, EngineConfig, Request
 from prmserve.errors import InputTooLongError
-from prmserve.models.attention import AttentionInputs
 from tiny_checkpoints import build
+from uncached import uncached_outputs
 
 TOLERANCE = 1e-5
 CHECKPOINTS = ("qwen_prm", "skywork_prm")
@@ -85,13 +85,6 @@ def tree_search(rng: random.Random, depth: int, width: int) -> list[list[dict]]:
     return rounds
 
 
-def plain_outputs(model, token_ids: list[int]) -> torch.Tensor:
-    """Head outputs of the model run directly on one whole sequence, no cache."""
-    n = len(token_ids)
-    with torch.inference_mode():
-        return model(torch.tensor(token_ids), torch.arange(n), AttentionInputs.uncached([n], "cpu"))
-
-
 _PLAIN: dict[tuple, list[float]] = {}
 
 
@@ -100,7 +93,7 @@ def plain_rewards(prm: PRM, item: dict) -> list[float]:
     encoded = prm.encode(item)
     key = (str(prm.path), prm.dtype, tuple(encoded.token_ids), tuple(encoded.read_positions))
     if key not in _PLAIN:
-        out = plain_outputs(prm.model, encoded.token_ids)
+        out = uncached_outputs(prm.model, encoded.token_ids)
         _PLAIN[key] = prm.format.rewards(out[encoded.read_positions])
     return _PLAIN[key]
 
@@ -287,7 +280,7 @@ def test_identical_item_of_whole_blocks_computes_nothing(paths):
     second = run_engine(engine, [Request("b", ids, reads)])[0]
     assert second.usage.computed_tokens == 0 and second.usage.cached_tokens == len(ids)
     torch.testing.assert_close(second.outputs, first.outputs, atol=0, rtol=0)
-    torch.testing.assert_close(second.outputs, plain_outputs(prm.model, ids)[reads], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(second.outputs, uncached_outputs(prm.model, ids)[reads], atol=TOLERANCE, rtol=0)
     assert_no_block_pinned(engine)
 
 
@@ -330,7 +323,7 @@ def test_shared_problem_is_computed_once(paths, one_step):
     assert computed < total - (n - 1) * (common - 8)
     assert shared_blocks_tokens > 0.5 * common
     for request in requests:
-        expected = plain_outputs(prm.model, request.token_ids)[request.read_positions]
+        expected = uncached_outputs(prm.model, request.token_ids)[request.read_positions]
         torch.testing.assert_close(request.outputs, expected, atol=TOLERANCE, rtol=0)
     assert_no_block_pinned(engine)
 
@@ -433,7 +426,7 @@ def test_abort_queued_and_half_computed_requests(paths, caching):
     again = [Request(f"s{k}", e.token_ids, e.read_positions) for k, e in enumerate(encoded)]
     run_engine(engine, again)
     for request in [requests[1]] + again:
-        expected = plain_outputs(prm.model, request.token_ids)[request.read_positions]
+        expected = uncached_outputs(prm.model, request.token_ids)[request.read_positions]
         torch.testing.assert_close(request.outputs, expected, atol=TOLERANCE, rtol=0)
     assert_no_block_pinned(engine)
 
@@ -452,7 +445,7 @@ def test_abort_of_the_prefix_owner_does_not_strand_waiters(paths):
     assert engine.abort("owner")
     done = run_engine(engine, [])
     assert [r.request_id for r in done] == ["waiter"]
-    expected = plain_outputs(prm.model, waiter.token_ids)[waiter.read_positions]
+    expected = uncached_outputs(prm.model, waiter.token_ids)[waiter.read_positions]
     torch.testing.assert_close(waiter.outputs, expected, atol=TOLERANCE, rtol=0)
     assert_no_block_pinned(engine)
 
@@ -492,7 +485,7 @@ def test_reset_prefix_cache_forgets_cached_prefixes(paths):
     assert again[0].usage.cached_tokens == 0
     run_engine(engine, again[1:])
     for request in first + again + [running]:
-        expected = plain_outputs(prm.model, request.token_ids)[request.read_positions]
+        expected = uncached_outputs(prm.model, request.token_ids)[request.read_positions]
         torch.testing.assert_close(request.outputs, expected, atol=TOLERANCE, rtol=0)
     assert_no_block_pinned(engine)
     assert_no_block_pinned(engine2)

@@ -13,8 +13,8 @@ import torch
 from prmserve import PRM
 from prmserve.engine import Engine, EngineConfig, EngineLoop
 from prmserve.errors import InputTooLongError, InvalidInputError, QueueFullError, RequestCancelledError
-from prmserve.models.attention import AttentionInputs
 from tiny_checkpoints import build
+from uncached import uncached_outputs
 
 TOLERANCE = 1e-5
 WAIT = 10.0  # seconds; generous for a busy host, never reached when things work
@@ -45,12 +45,6 @@ def start(prm: PRM, loops: list, **options) -> EngineLoop:
     loop = EngineLoop(Engine(prm.model, EngineConfig(**options)))
     loops.append(loop)
     return loop
-
-
-def plain(model, ids: list[int]) -> torch.Tensor:
-    n = len(ids)
-    with torch.inference_mode():
-        return model(torch.tensor(ids), torch.arange(n), AttentionInputs.uncached([n], "cpu"))
 
 
 def ids_of(n: int, seed: int) -> list[int]:
@@ -96,7 +90,7 @@ class Gate:
 
 def check_result(model, future, ids, reads) -> None:
     request = future.result(timeout=WAIT)
-    torch.testing.assert_close(request.outputs, plain(model, ids)[reads], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(request.outputs, uncached_outputs(model, ids)[reads], atol=TOLERANCE, rtol=0)
 
 
 def test_futures_resolve_to_finished_requests(prm, loops):

@@ -15,9 +15,9 @@ import torch
 from prmserve import PRM
 from prmserve.engine import Engine, EngineConfig, Request
 from prmserve.engine.request import RequestStatus
-from prmserve.models.attention import AttentionInputs
 from tiny_checkpoints import FORMAT_OF as FORMATS
 from tiny_checkpoints import build
+from uncached import uncached_outputs
 
 TOLERANCE = 1e-5
 
@@ -42,9 +42,7 @@ _PLAIN: dict[tuple, torch.Tensor] = {}
 def plain(model, ids: list[int]) -> torch.Tensor:
     key = (id(model), tuple(ids))
     if key not in _PLAIN:
-        n = len(ids)
-        with torch.inference_mode():
-            _PLAIN[key] = model(torch.tensor(ids), torch.arange(n), AttentionInputs.uncached([n], "cpu"))
+        _PLAIN[key] = uncached_outputs(model, ids)
     return _PLAIN[key]
 
 

@@ -9,9 +9,9 @@ import torch
 
 from prmserve.engine import Engine, EngineConfig, Request
 from prmserve.models import BackboneConfig, load_reward_model
-from prmserve.models.attention import AttentionInputs
 from prmserve.models.heads import HeadSpec
 from tiny_checkpoints import build
+from uncached import uncached_outputs
 
 TOLERANCE = 1e-5
 
@@ -42,12 +42,6 @@ def make_request(rid: str, ids: list[int], priority: int = 0) -> Request:
     return Request(rid, ids, list(range(0, len(ids), 3)) + [len(ids) - 1], priority)
 
 
-def plain(model, ids: list[int]) -> torch.Tensor:
-    n = len(ids)
-    with torch.inference_mode():
-        return model(torch.tensor(ids), torch.arange(n), AttentionInputs.uncached([n], "cpu"))
-
-
 def drain(engine: Engine, max_steps: int = 10_000) -> list[Request]:
     done: list[Request] = []
     for _ in range(max_steps):
@@ -59,7 +53,7 @@ def drain(engine: Engine, max_steps: int = 10_000) -> list[Request]:
 
 def check_outputs(model, requests: list[Request]) -> None:
     for r in requests:
-        torch.testing.assert_close(r.outputs, plain(model, r.token_ids)[r.read_positions], atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(r.outputs, uncached_outputs(model, r.token_ids)[r.read_positions], atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("caching", [True, False])
