@@ -1,6 +1,6 @@
 """Train the small PRM bundled with prmserve, in the Qwen2.5-Math-PRM checkpoint layout.
 
-The model judges steps of synthetic arithmetic word problems (``prmserve.word_problems``: the train split;
+The model judges steps of synthetic arithmetic word problems (``prmserve.bundled.word_problems``: the train split;
 the test split's templates, names, items and number bands are never generated here). It is a tiny Qwen2
 decoder plus the Qwen2.5-Math-PRM head (Linear(H,H), ReLU, Linear(H,2)); step k's reward is
 softmax(head logits at the k-th ``<extra_0>``)[1]. Training uses cross-entropy on those logits plus two
@@ -50,11 +50,12 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from prmserve import quality, word_problems  # noqa: E402
+from prmserve.bundled import word_problems  # noqa: E402
+from prmserve.evaluation import metrics  # noqa: E402
 from prmserve.evaluation.synthetic_task import accuracy_by_kind  # noqa: E402
 from prmserve.evaluation.word_problem_task import held_out_quality  # noqa: E402
-from prmserve.word_problems import numbers  # noqa: E402
-from prmserve.word_problems.grammar import GRAMMAR_SHARE  # noqa: E402
+from prmserve.bundled.word_problems import numbers  # noqa: E402
+from prmserve.bundled.word_problems.grammar import GRAMMAR_SHARE  # noqa: E402
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 STEP_TOKEN = "<extra_0>"
@@ -552,11 +553,11 @@ def batches(args: argparse.Namespace, tokenizer_json: str, clock: Clock) -> Iter
 def monitor(model: SmallPRM, sets: dict[str, tuple[list[dict], list]], pad_id: int, numeric: np.ndarray, autocast: bool) -> str:
     """F1 at the threshold chosen on validation, and first errors named by kind, on each monitored set."""
     rewards = {name: step_rewards(model, data, pad_id, numeric, autocast) for name, (data, _) in sets.items()}
-    threshold = quality.best_threshold(rewards["validation"], [s.first_error for _, s in sets["validation"][1]])
+    threshold = metrics.best_threshold(rewards["validation"], [s.first_error for _, s in sets["validation"][1]])
     line = [f"threshold {threshold:.2f}"]
     for name, (_, pairs) in sets.items():
         errors = [s.first_error for _, s in pairs]
-        pb = {**quality.processbench_scores(rewards[name], errors, threshold),
+        pb = {**metrics.processbench_scores(rewards[name], errors, threshold),
               **accuracy_by_kind(rewards[name], pairs, threshold, word_problems.ERROR_KINDS)}
         line.append(f"{name}: " + " ".join(f"{k.removeprefix('acc_')} {v:.2f}" for k, v in pb.items()))
     return " | ".join(line)
@@ -672,16 +673,16 @@ def main() -> None:
 
     train_seconds = time.time() - clock.start
     save_checkpoint(args.out, model.cpu(), tok, config, ids)
-    metrics = evaluate(model.to(args.device), tok, ids, numeric, args.seed)
-    metrics["task"] = "word_problems"  # what `prmserve evaluate` measures this checkpoint on
-    metrics["model"] = {"params": n_params, "safetensors_bytes": (args.out / "model.safetensors").stat().st_size}
-    metrics["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workers", "eval_every")}
-    metrics["training"].update(
+    quality = evaluate(model.to(args.device), tok, ids, numeric, args.seed)
+    quality["task"] = "word_problems"  # what `prmserve evaluate` measures this checkpoint on
+    quality["model"] = {"params": n_params, "safetensors_bytes": (args.out / "model.safetensors").stat().st_size}
+    quality["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workers", "eval_every")}
+    quality["training"].update(
         steps_trained=trained, train_seconds=round(train_seconds), seconds_waiting_for_batches=round(waited), total_seconds=round(time.time() - t0),
         device_name=torch.cuda.get_device_name() if autocast else "cpu", torch=torch.__version__,
     )
-    (args.out / "quality.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
+    (args.out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    print(json.dumps(quality, indent=2))
     check_chat_template(args.out, sample[:20])
     print(f"total {time.time() - t0:.0f}s")
 

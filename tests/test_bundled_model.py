@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prmserve import PRM, word_problems
-from prmserve.demo import load_problems
+from prmserve import PRM
+from prmserve.bundled import word_problems
+from prmserve.bundled.demo import load_problems
 from prmserve.evaluation import prm_scorer
 from prmserve.evaluation.word_problem_task import held_out_quality
 from prmserve.prm import BUNDLED_MODEL

@@ -176,7 +176,8 @@ def test_evaluate_runs_the_task_the_checkpoint_names(given: list[str], written: 
     by the template hold-out), `--task` overrides it, and the seed comes from its training record."""
     import shutil
 
-    from prmserve import evaluation, word_problems
+    from prmserve import evaluation
+    from prmserve.bundled import word_problems
     from prmserve.prm import BUNDLED_MODEL
     from prmserve.evaluation import word_problem_task
 

@@ -13,7 +13,7 @@ import pytest
 
 from fake_generator import MODEL, FakeGenerator
 from prmserve import cli
-from prmserve.demo import load_problems
+from prmserve.bundled.demo import load_problems
 from prmserve.results import ScoreResult
 from prmserve.search import Generator, SearchConfig, beam_search, best_of_n, states_answer
 from prmserve.search.templates import DEFAULT_PROMPT_TEMPLATE, step_prompt

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from prmserve import synthetic
+from prmserve.bundled import synthetic
 
 EXPR = re.compile(r"(\d+) ([+\-×÷]) (\d+) = (\d+)")
 BOXED = re.compile(r"\\boxed\{(\d+)\}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prmserve import word_problems
+from prmserve.bundled import word_problems
 from prmserve.evaluation.word_problem_task import held_out_quality, slip_pair_ranking
 
 

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from prmserve import word_problems
+from prmserve.bundled import word_problems
 from prmserve.errors import InvalidInputError
-from prmserve.word_problems import numbers, phrasing
-from prmserve.word_problems.solutions import eligible_steps, plan_solution, write_solution
+from prmserve.bundled.word_problems import numbers, phrasing
+from prmserve.bundled.word_problems.solutions import eligible_steps, plan_solution, write_solution
 
 NUMBER = r"(\d+)"
 CLAIM = re.compile(r"(\d+) ?([+\-−×*x÷/]) ?(\d+) ?= ?(\d+)")
@@ -193,7 +193,7 @@ def test_slip_pairs_differ_by_one_slipped_result():
 
 def test_drill_offset_is_where_it_departs_from_the_correct_drill():
     """Drills with an error, against the same drill written correctly: equal up to the offset, different there."""
-    from prmserve.word_problems.drills import drill_plan, write_drill
+    from prmserve.bundled.word_problems.drills import drill_plan, write_drill
 
     rng = random.Random(5)
     n_checked = 0
@@ -213,7 +213,7 @@ def test_drill_offset_is_where_it_departs_from_the_correct_drill():
 def test_training_text_states_its_numbers_in_order(train):
     """Whatever the wording (templates or ``grammar``), a problem's digits are its start and given numbers, in order,
     so the labels its solutions carry stay right."""
-    from prmserve.word_problems.phrasing import STORIES
+    from prmserve.bundled.word_problems.phrasing import STORIES
 
     for p, _ in train:
         assert numbers_in(p.text) == [p.start] + [op.arg for op in p.ops if not STORIES[op.story].args], p.text
@@ -223,8 +223,8 @@ def test_training_never_writes_a_held_out_template():
     """Held-out openings, joins, pairs, questions and clauses (filled with any training problem's fields) appear in no
     training problem, from the templates or from ``grammar``; and ``grammar`` uses none of the held-out templates'
     distinctive words."""
-    from prmserve.word_problems import grammar
-    from prmserve.word_problems.phrasing import STORIES
+    from prmserve.bundled.word_problems import grammar
+    from prmserve.bundled.word_problems.phrasing import STORIES
 
     rng = random.Random(13)
     problems = [word_problems.make_problem(rng) for _ in range(3000)]
@@ -252,7 +252,7 @@ def test_training_never_writes_a_held_out_template():
 def test_grammar_wording_is_a_share_of_training_and_varied(train):
     """About ``grammar.GRAMMAR_SHARE`` of training problems are worded by the grammar (their openings are not the
     templates'), and its problems rarely repeat an opening's or a question's words."""
-    from prmserve.word_problems import grammar
+    from prmserve.bundled.word_problems import grammar
 
     def templated(p) -> bool:
         return any(p.text.startswith(t.format(v=p.start, **p.fields())[:-1]) for t in phrasing.OPENINGS)

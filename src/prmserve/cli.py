@@ -220,8 +220,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Print each step's reward and the best-of-N pick; the problems are checked before the model loads."""
-    from prmserve.demo import DEMO_PROBLEMS, load_problems
-    from prmserve.demo import run_demo as demo
+    from prmserve.bundled.demo import DEMO_PROBLEMS, load_problems
+    from prmserve.bundled.demo import run_demo as demo
 
     problems = load_problems(args.problems or DEMO_PROBLEMS)
     with closing(load_prm(args, args.model)) as prm:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prmserve import quality
+from prmserve.evaluation import metrics
 from prmserve.errors import InvalidInputError
 
 Scorer = Callable[[list[dict[str, Any]]], list[list[float]]]
@@ -46,7 +46,7 @@ def evaluate(subsets: dict[str, list[dict[str, Any]]], score: Scorer, threshold:
     if threshold is None:
         if not calibration:
             raise InvalidInputError("choosing the threshold needs calibration records")
-        threshold = quality.best_threshold(score(calibration), [r["label"] for r in calibration])
+        threshold = metrics.best_threshold(score(calibration), [r["label"] for r in calibration])
         chosen_on = len(calibration)
     report: dict[str, Any] = {"threshold": threshold, "threshold_chosen_on": chosen_on, "subsets": {}}
     all_rewards, all_labels, skipped = [], [], 0
@@ -67,7 +67,7 @@ def _scores(rewards: list[list[float]], labels: Sequence[int], threshold: float)
     (a subset without one of the two groups has 0 accuracy there, and so F1 0)."""
     hits: dict[bool, list[bool]] = {True: [], False: []}
     for r, label in zip(rewards, labels):
-        hits[label >= 0].append(quality.predicted_first_error(r, threshold) == label)
+        hits[label >= 0].append(metrics.predicted_first_error(r, threshold) == label)
     acc_err = sum(hits[True]) / len(hits[True]) if hits[True] else 0.0
     acc_ok = sum(hits[False]) / len(hits[False]) if hits[False] else 0.0
     f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok else 0.0

@@ -1,7 +1,7 @@
 """Held-out quality of a PRM on the synthetic arithmetic task, whatever scores it (training model or `PRM`):
 a case of the ProcessBench and best-of-N evaluations, on generated data.
 
-The splits are the ones the first bundled model's quality.json reports (`prmserve.synthetic`; commit 02084a6): validation
+The splits are the ones the first bundled model's quality.json reports (`prmserve.bundled.synthetic`; commit 02084a6): validation
 (seed + 1) picks the ProcessBench threshold, test (seed + 2) measures it, and best-of-4 problems
 (seed + 3) compare picking by the minimum step reward with majority vote and a random pick. The word
 problems' evaluation (`word_problem_task`) shares the helpers below.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from prmserve import quality, synthetic
-from prmserve.evaluation import best_of_n, processbench
+from prmserve.bundled import synthetic
+from prmserve.evaluation import best_of_n, metrics, processbench
 
 Pairs = list[tuple[Any, Any]]  # (problem, solution): .text, .answer; .steps, .first_error, .error_kind, .final_answer
 Scorer = Callable[[Pairs], list[list[float]]]
@@ -50,7 +50,7 @@ def best_of_4(score: Scorer, candidates: list[tuple[Any, list[Any]]]) -> dict[st
     return {
         "prm_min_step": best["accuracy"]["prm_min"][4],
         "majority_vote": best["accuracy"]["majority_vote"][4],
-        "random_pick": quality.random_pick_accuracy(answers, [p.answer for p, _ in candidates]),
+        "random_pick": metrics.random_pick_accuracy(answers, [p.answer for p, _ in candidates]),
         "n_problems": len(candidates),
     }
 
@@ -65,7 +65,7 @@ def accuracy_by_kind(rewards: list[list[float]], pairs: Pairs, threshold: float,
     """Share of erroneous solutions whose first error is named exactly, per injected error kind."""
     out = {}
     for kind in kinds:
-        hits = [quality.predicted_first_error(r, threshold) == s.first_error
+        hits = [metrics.predicted_first_error(r, threshold) == s.first_error
                 for r, (_, s) in zip(rewards, pairs) if s.error_kind == kind]
         out[f"acc_{kind}"] = sum(hits) / max(1, len(hits))
     return out

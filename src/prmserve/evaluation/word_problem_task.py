@@ -1,4 +1,4 @@
-"""Held-out quality of a PRM on the word problems (`prmserve.word_problems`), whatever scores it: what the
+"""Held-out quality of a PRM on the word problems (`prmserve.bundled.word_problems`), whatever scores it: what the
 bundled model is trained and judged on (issue #16's floors); `synthetic_task` is the first bundled model's.
 
 The threshold is chosen on the validation split (training's templates and numbers) or given; everything else
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prmserve import word_problems
+from prmserve.bundled import word_problems
 from prmserve.evaluation import processbench
 from prmserve.evaluation.synthetic_task import Scorer, accuracy_by_kind, as_records, best_of_4
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 
-from prmserve.word_problems import numbers
-from prmserve.word_problems.problems import make_problem
-from prmserve.word_problems.solutions import Plan, PlannedStep, plan_solution, write_solution
+from prmserve.bundled.word_problems import numbers
+from prmserve.bundled.word_problems.problems import make_problem
+from prmserve.bundled.word_problems.solutions import Plan, PlannedStep, plan_solution, write_solution
 
 
 def drill_plan(rng: random.Random, scale: int = numbers.MAX_GIVEN) -> Plan:

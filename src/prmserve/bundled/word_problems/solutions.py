@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from prmserve.word_problems import numbers, phrasing
-from prmserve.word_problems.phrasing import STORIES, templates
-from prmserve.word_problems.problems import Problem, apply
+from prmserve.bundled.word_problems import numbers, phrasing
+from prmserve.bundled.word_problems.phrasing import STORIES, templates
+from prmserve.bundled.word_problems.problems import Problem, apply
 
 ERROR_KINDS = ("bad_operation", "slip", "wrong_carry", "wrong_final")
 SYMBOLS = {"add": ("+",), "sub": ("-", "-", "−"), "mul": ("×", "*", "x"), "div": ("÷", "/")}

@@ -16,7 +16,7 @@ from prmserve.errors import InvalidInputError
 from prmserve.problem_lines import parse_problem_line
 from prmserve.results import ScoreResult
 
-DEMO_PROBLEMS = Path(__file__).parent / "bundled" / "demo_problems.jsonl"
+DEMO_PROBLEMS = Path(__file__).parent / "demo_problems.jsonl"
 
 
 def load_problems(path: Path = DEMO_PROBLEMS) -> list[dict[str, Any]]:

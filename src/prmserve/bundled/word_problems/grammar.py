@@ -16,11 +16,11 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-from prmserve.word_problems import phrasing
-from prmserve.word_problems.phrasing import STORIES
+from prmserve.bundled.word_problems import phrasing
+from prmserve.bundled.word_problems.phrasing import STORIES
 
 if TYPE_CHECKING:
-    from prmserve.word_problems.problems import Op, Problem
+    from prmserve.bundled.word_problems.problems import Op, Problem
 
 GRAMMAR_SHARE = 0.5  # share of training problems worded by this grammar (the others: phrasing's templates)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from prmserve.word_problems import grammar, numbers, phrasing
-from prmserve.word_problems.phrasing import STORIES, templates
+from prmserve.bundled.word_problems import grammar, numbers, phrasing
+from prmserve.bundled.word_problems.phrasing import STORIES, templates
 
 POSSESSIVE = {"she": "her", "he": "his"}
 OBJECT = {"she": "her", "he": "him"}
