@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -47,12 +48,14 @@ def test_default_model_is_the_bundled_qwen_prm_layout(prm) -> None:
     assert (BUNDLED_MODEL / "model.safetensors").stat().st_size <= 20 * 1024**2
 
 
-def test_held_out_quality_clears_its_floor(prm) -> None:
-    """Judged through `PRM` on the template hold-out (wording, names, items and number bands training never uses)."""
+def test_held_out_quality_clears_its_floor() -> None:
+    """Judged through `PRM` on the template hold-out (wording, names, items and number bands training never uses);
+    with the CPU's batch-invariant kernels off, which halves the time and changes rewards only in the last bits."""
     trained = json.loads((BUNDLED_MODEL / "quality.json").read_text())
     assert trained["task"] == "word_problems"
-    report = held_out_quality(prm_scorer(prm), trained["training"]["seed"], n_val=300, n_test=400, n_best_of=150,
-                              n_slip_pairs=150)
+    with closing(PRM(deterministic=False)) as prm:
+        report = held_out_quality(prm_scorer(prm), trained["training"]["seed"], n_val=300, n_test=400, n_best_of=150,
+                                  n_slip_pairs=150)
     assert report["processbench"]["f1"] >= MIN_F1, report
     for kind in word_problems.ERROR_KINDS:
         assert report["processbench"][f"acc_{kind}"] >= MIN_ACCURACY_PER_ERROR_KIND, (kind, report)
