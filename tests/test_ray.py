@@ -14,7 +14,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from prmserve import PRM  # noqa: E402
-from prmserve.cli import _load_replicas, build_parser  # noqa: E402
+from prmserve.cli import build_parser  # noqa: E402
+from prmserve.cli.serve import _load_replicas  # noqa: E402
 from prmserve.ray import RoutedPRM  # noqa: E402
 from prmserve.ray.routing import home_of  # noqa: E402
 from prmserve.server import create_app  # noqa: E402

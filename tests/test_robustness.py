@@ -7,10 +7,11 @@ import gc
 
 import httpx
 import pytest
+from tiny_checkpoints import build
 
 import prmserve.engine.loop as loop_module
 from prmserve import PRM, cli, errors
-from tiny_checkpoints import build
+from prmserve.cli.common import load_prm
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_building_and_using_a_prm_leaves_the_callers_heap_alone(checkpoint):
 
 def test_the_commands_that_own_the_process_freeze_it_once_loaded(checkpoint, freezes, monkeypatch):
     args = cli.build_parser().parse_args(["demo", str(checkpoint), "--device", "cpu"])
-    cli.load_prm(args, args.model).close()
+    load_prm(args, args.model).close()
     assert freezes == [1]
     import prmserve.server.serve as serve_module
 

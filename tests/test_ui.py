@@ -67,7 +67,7 @@ def test_prmserve_ui_serves_and_opens_the_page_once_listening(monkeypatch: pytes
             browser_called.wait(5 if opened else 0.5)
         return 0
 
-    monkeypatch.setattr(cli, "run_serve", serve)
+    monkeypatch.setattr("prmserve.cli.ui.run_serve", serve)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -19,7 +19,7 @@ BATCH = 256  # items a scoring call, so the progress bar moves
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The two evaluations, each with the model options of `prmserve score`."""
-    from prmserve.cli import add_model_arguments
+    from prmserve.cli.common import add_model_arguments
 
     kinds = parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     processbench = kinds.add_parser("processbench", help="first-error F1 on ProcessBench-format files (one subset a file)")
@@ -69,7 +69,7 @@ def _scorer(args: argparse.Namespace, stack: ExitStack) -> Callable[[list[dict[s
 
         target = stack.enter_context(Client(args.url, api_key=args.api_key))
     else:
-        from prmserve.cli import load_prm
+        from prmserve.cli.common import load_prm
 
         target = load_prm(args, args.model)
         stack.callback(target.close)
