@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
              "(system_prompt, step_tag, ...), repeatable; README.md's 'Python API' lists them all; VALUE is read as "
              "JSON when it parses, else as a string",
     )
+
+
+def add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a command's scores come from: a checkpoint loaded here (`--model`) or a server (`--url`, `--api-key`)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--model", help="score offline with this checkpoint (default: the bundled model)")
+    where.add_argument("--url", help="score against a prmserve server at this URL")
+    parser.add_argument("--api-key", default=os.environ.get("PRMSERVE_API_KEY"), help="the server's key (with --url)")
 
 
 def load_prm(args: argparse.Namespace, model: str | None, **engine_options: Any) -> PRM:

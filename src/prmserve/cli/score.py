@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from prmserve.batch import (
     resume_point,
     score_batch,
 )
-from prmserve.cli.common import add_model_arguments, load_prm
+from prmserve.cli.common import add_model_arguments, add_scorer_arguments, load_prm
 from prmserve.results import AGGREGATIONS
 
 
@@ -25,10 +24,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     """`prmserve score INPUT -o OUTPUT`: offline (`--model`) or against a server (`--url`)."""
     parser.add_argument("input", type=Path, help="JSONL, one {problem, steps, ...} per line")
     parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results; resumed if it exists")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--model", help="score offline with this checkpoint (default: the bundled model)")
-    where.add_argument("--url", help="score against a prmserve server at this URL")
-    parser.add_argument("--api-key", default=os.environ.get("PRMSERVE_API_KEY"), help="the server's key (with --url)")
+    add_scorer_arguments(parser)
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="min")
     parser.add_argument("--priority", type=int, default=0, help="lower runs first")
     parser.add_argument("--batch-size", type=int, default=256, help="lines scored together")

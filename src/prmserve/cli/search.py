@@ -9,7 +9,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from prmserve.cli.common import add_model_arguments, load_prm
+from prmserve.cli.common import add_model_arguments, add_scorer_arguments, load_prm
 from prmserve.results import AGGREGATIONS
 
 
@@ -32,10 +32,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="most tokens in one step")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0, help="first generator seed (each request of a level adds its index)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--model", help="score offline with this checkpoint (default: the bundled model)")
-    where.add_argument("--url", help="score against a prmserve server at this URL")
-    parser.add_argument("--api-key", default=os.environ.get("PRMSERVE_API_KEY"), help="the server's key (with --url)")
+    add_scorer_arguments(parser)
     add_model_arguments(parser)
 
 
