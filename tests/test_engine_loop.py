@@ -299,3 +299,21 @@ def test_submit_racing_shutdown_never_leaves_a_future_unresolved(prm, monkeypatc
         pass  # failed as cancelled: also fine
     except TimeoutError:
         pytest.fail("the future of a submit accepted during shutdown never resolves")
+
+
+def test_request_ids_are_unique_and_a_forked_child_draws_its_own():
+    """Handles are request ids: one process never repeats one, and a forked worker never reissues its parent's."""
+    import os
+
+    from prmserve.engine.request import new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one id and leave at once
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    assert len(child) == len(ids[0]) and child[:20] != ids[0][:20]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 
 from prmserve.completions import DEFAULT_STEP_SPLIT, chat_to_completion, split_completion, split_rule
 from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
+from prmserve.engine.request import new_request_id
 from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
 from prmserve.errors import (
@@ -653,4 +653,4 @@ def _request(token_ids: list[int], read_positions: list[int], priority: int, **o
     so no reward depends on later tokens (Qwen2.5-Math-PRM's `<|im_end|>` and newline), and they are never computed."""
     end = max(max(read_positions) + 1, options.get("keep_tokens", 0))
     ids = token_ids if end >= len(token_ids) else token_ids[:end]
-    return Request(uuid.uuid4().hex, ids, read_positions, priority, input_tokens=len(token_ids), **options)
+    return Request(new_request_id(), ids, read_positions, priority, input_tokens=len(token_ids), **options)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import gc
 import queue
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 
 from prmserve.engine.engine import Engine
-from prmserve.engine.request import Request
+from prmserve.engine.request import Request, new_request_id
 from prmserve.engine.sleep import SleepReport
 from prmserve.errors import EngineSleepingError, InvalidInputError, QueueFullError, RequestCancelledError
 from prmserve.models.transformer import RewardModel
@@ -53,7 +52,7 @@ class EngineLoop:
         """Queue (token_ids, read_positions) pairs together: admitted or refused as a whole, and seen
         by the same scheduling step, so their shared prefix is computed once."""
         return self.submit_requests(
-            [Request(uuid.uuid4().hex, list(token_ids), list(read_positions), priority) for token_ids, read_positions in items]
+            [Request(new_request_id(), list(token_ids), list(read_positions), priority) for token_ids, read_positions in items]
         )
 
     def submit_requests(self, requests: Sequence[Request]) -> list[Future]:
