@@ -203,3 +203,12 @@ def test_evaluate_runs_the_task_the_checkpoint_names(given: list[str], written: 
     assert [(name, seed) for name, seed, _ in ran] == [(task, quality["training"]["seed"])]
     assert len(ran[0][2][0]) == len(word_problems.generate(1, 3, "test")[0][1].steps)  # one reward a step: it scored
     assert json.loads(capsys.readouterr().out) == {"task": task, "seed": quality["training"]["seed"], "f1": 0.5}
+
+
+@pytest.mark.parametrize("command", [["score", "in.jsonl", "-o", "out.jsonl"], ["eval", "best-of-n", "f.jsonl"],
+                                     ["eval", "processbench", "f.jsonl"]])
+def test_every_remote_command_reads_the_api_key_from_the_environment(command: list[str], monkeypatch) -> None:
+    """`--url` without `--api-key` uses PRMSERVE_API_KEY in every command that talks to a server; the flag wins."""
+    monkeypatch.setenv("PRMSERVE_API_KEY", "from-env")
+    assert cli.build_parser().parse_args([*command, "--url", "http://x"]).api_key == "from-env"
+    assert cli.build_parser().parse_args([*command, "--url", "http://x", "--api-key", "flag"]).api_key == "flag"

@@ -19,7 +19,7 @@ BATCH = 256  # items a scoring call, so the progress bar moves
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The two evaluations, each with the model options of `prmserve score`."""
-    from prmserve.cli.common import add_model_arguments
+    from prmserve.cli.common import add_model_arguments, add_scorer_arguments
 
     kinds = parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     processbench = kinds.add_parser("processbench", help="first-error F1 on ProcessBench-format files (one subset a file)")
@@ -32,10 +32,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     best.add_argument("--plot", type=Path, metavar="PNG", help="draw accuracy against N and reward by step (matplotlib)")
     for sub in (processbench, best):
         sub.add_argument("--report", type=Path, metavar="JSON", help="write the full report here")
-        where = sub.add_mutually_exclusive_group()
-        where.add_argument("--model", help="score offline with this checkpoint (default: the bundled model)")
-        where.add_argument("--url", help="score against a prmserve server at this URL")
-        sub.add_argument("--api-key", help="the server's key (with --url)")
+        add_scorer_arguments(sub)
         add_model_arguments(sub)
 
 
