@@ -613,7 +613,7 @@ def main() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
     text_rng = random.Random(args.seed + 7)
-    sample = training_pairs(text_rng, 4000, numbers.MAX_GIVEN)
+    sample = training_pairs(text_rng, 4000, numbers.MAX_GIVEN, args.grammar_share)
     drill_texts = [word_problems.make_drill(text_rng)[0] for _ in range(4000)]
     tok = train_tokenizer([render(p.text, s.steps) for p, s in sample] + drill_texts, args.vocab)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
