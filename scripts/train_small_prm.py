@@ -594,6 +594,8 @@ def parse_args() -> argparse.Namespace:
                     "(fused kernels; ~200 s of compiling first, so only for long runs: bench/notes/small_prm.md)")
     ap.add_argument("--workers", type=int, default=7, help="processes making batches ahead (0: in the training process)")
     ap.add_argument("--eval-every", type=int, default=0, help="print validation and held-out dev F1 every N steps (0: never)")
+    ap.add_argument("--ema", type=float, default=0, help="keep an exponential moving average of the weights with this "
+                    "decay (e.g. 0.999) and ship it; quality.json's raw_weights holds the last weights' quality (0: off)")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training early after this long (0: never); quality.json says so")
     return ap.parse_args()
 
@@ -642,6 +644,8 @@ def main() -> None:
                "held-out dev": word_problems.generate(400, args.seed + 1, "test")}
     watched_data = {name: (encode(tok, pairs, step_id, im_start_id), pairs) for name, pairs in watched.items()}
     model.train()
+    params = [p for p in model.parameters()]
+    ema = [p.detach().clone() for p in params] if args.ema else None
     clock, trained, waited, ready = Clock(args), 0, 0.0, time.time()
     per_target = torch.compile(per_target_losses, dynamic=True) if args.compile else per_target_losses
     for step, batch in enumerate(batches(args, tok.to_str(), clock)):
@@ -662,6 +666,9 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema is not None:  # the usual warm-up of the decay, so the first steps' weights fade fast
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1 - min(args.ema, (1 + step) / (10 + step)))
         trained = step + 1
         if step % 100 == 0:
             print(f"step {step:5d}  progress {progress:.3f}  scale {scale_at(progress, args):4d}  prm {prm_loss.item():.4f}  "
@@ -672,8 +679,16 @@ def main() -> None:
         ready = time.time()
 
     train_seconds = time.time() - clock.start
+    raw_quality = None
+    if ema is not None:  # the last weights' quality, for comparison, then the average is what ships
+        raw_quality = evaluate(model, tok, ids, numeric, args.seed)
+        print("raw weights:", json.dumps(raw_quality), flush=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params, ema)
     save_checkpoint(args.out, model.cpu(), tok, config, ids)
     quality = evaluate(model.to(args.device), tok, ids, numeric, args.seed)
+    if raw_quality is not None:
+        quality["raw_weights"] = raw_quality
     quality["task"] = "word_problems"  # what `prmserve evaluate` measures this checkpoint on
     quality["model"] = {"params": n_params, "safetensors_bytes": (args.out / "model.safetensors").stat().st_size}
     quality["training"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "workers", "eval_every")}
