@@ -62,6 +62,23 @@ def test_separator_inside_the_text(case: str, problem: str, steps: list[str], se
         score_one(served(name, **options), problem, steps)
 
 
+@pytest.mark.parametrize(
+    ("new_steps", "message"),
+    [([""], "step 2 is empty"), (["2 + 3 <extra_0> = 5"], "step 2 contains"), ([7], "step 2 is a int"),
+     ("So 5.", "list of strings")],
+    ids=["empty", "separator", "not-a-string", "steps-a-string"],
+)
+def test_bad_new_steps_after_a_recently_scored_prefix_are_refused(new_steps, message: str, served) -> None:
+    """A stateless call re-sending a recent prefix skips re-checking that prefix, never the steps it adds."""
+    name, options = CASES["qwen_prm"]
+    prm = served(name, **options)
+    problem, steps = "What is 2 + 3 + 4?", ["2 + 3 = 5", "5 + 4 = 9"]
+    score_one(prm, problem, steps)  # now a recent encoding
+    sent = new_steps if isinstance(new_steps, str) else steps + new_steps
+    with pytest.raises(InvalidInputError, match=message):
+        score_one(prm, problem, sent)
+
+
 def qwen_prm_length(ckpt: Path, problem: str, steps: list[str]) -> int:
     """Token count of a qwen_prm input, rendered as the reference (the model card) renders it."""
     tokenizer = tokenizer_of(str(ckpt))

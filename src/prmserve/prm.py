@@ -271,10 +271,15 @@ class PRM:
                 elif not self.format.extendable:
                     fresh.append((index, parts, None))
                 else:
-                    self.format.check_item(parts[0], parts[1])
-                    keys = prefix_keys(parts[0], parts[1])
-                    hit = self.recent.longest_prefix(parts[0], parts[1], keys)
+                    problem, steps = parts[0], parts[1]
+                    # A recent entry's problem and first steps are this very text, checked when it was encoded, and
+                    # `extend` checks the new steps: so a hit skips the item's checks (host work that would grow
+                    # with what the prefix holds).
+                    plain = isinstance(problem, str) and isinstance(steps, (list, tuple)) and all(type(t) is str for t in steps)
+                    keys = prefix_keys(problem, steps) if plain else None
+                    hit = self.recent.longest_prefix(problem, steps, keys) if plain else None
                     if hit is None:
+                        self.format.check_item(problem, steps)
                         fresh.append((index, parts, keys))
                     elif hit[0] == len(parts[1]):
                         out[index] = (self._checked_length(hit[1]), parts)
