@@ -12,7 +12,7 @@ than their share of the pool, or when a request needs their memory.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 from prmserve.engine.request import Request
@@ -227,17 +227,18 @@ class BlockManager:
         free, evictable = set(self.free), set(self.evictable)
         assert len(free) == len(self.free), "a block is free twice"
         assert not free & evictable, f"blocks both free and evictable: {sorted(free & evictable)}"
+        unused = free | evictable
         for block in self.blocks:
             assert block.ref_count >= 0, block
-            assert (block.ref_count == 0) == (block.block_id in free | evictable), block
+            assert (block.ref_count == 0) == (block.block_id in unused), block
             if block.block_id in evictable:
                 assert block.ready and self.hash_to_block_id.get(block.hash) == block.block_id, block
         for block_hash, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].hash == block_hash, (block_hash, self.blocks[block_id])
-        pinned = [b for held in self.pins.values() for b in held]
-        assert self.num_pinned == len(pinned), (self.num_pinned, len(pinned))
-        for block_id in set(pinned):
-            assert self.blocks[block_id].ref_count >= pinned.count(block_id), self.blocks[block_id]
+        pinned = Counter(b for held in self.pins.values() for b in held)
+        assert self.num_pinned == pinned.total(), (self.num_pinned, pinned.total())
+        for block_id, count in pinned.items():
+            assert self.blocks[block_id].ref_count >= count, self.blocks[block_id]
 
     def slot(self, request: Request, position: int) -> int:
         """The KV pool slot holding the token at `position` of the request."""
