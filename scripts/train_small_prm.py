@@ -644,7 +644,7 @@ def main() -> None:
                "held-out dev": word_problems.generate(400, args.seed + 1, "test")}
     watched_data = {name: (encode(tok, pairs, step_id, im_start_id), pairs) for name, pairs in watched.items()}
     model.train()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     ema = [p.detach().clone() for p in params] if args.ema else None
     clock, trained, waited, ready = Clock(args), 0, 0.0, time.time()
     per_target = torch.compile(per_target_losses, dynamic=True) if args.compile else per_target_losses

@@ -281,7 +281,7 @@ class PRM:
                     if hit is None:
                         self.format.check_item(problem, steps)
                         fresh.append((index, parts, keys))
-                    elif hit[0] == len(parts[1]):
+                    elif hit[0] == len(steps):
                         out[index] = (self._checked_length(hit[1]), parts)
                     else:
                         grown.append((index, parts, keys, hit))

@@ -387,8 +387,8 @@ def plain_ids(tokenizer: Any, text: str) -> list[int]:
 def plain_ids_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """`plain_ids` of many texts; a fast tokenizer's backend encodes them on its own threads, outside the GIL."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):  # tokenizers >= 0.21: no character offsets (~20% less time)
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    if backend is not None and hasattr(backend, "encode_batch"):
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast (tokenizers >= 0.21) leaves out the character offsets: ~20% less time, the same ids.
+    encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+    if encode is not None:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
     return [plain_ids(tokenizer, text) for text in texts]
