@@ -22,15 +22,18 @@ import bench_tree
 import prmserve.prm as prm_module
 from prmserve import PRM
 
-VARIANTS = ("defaults", "one part per call", "no graph cap", "one part, no graph cap")
+# name: (a call queued in one part, no graph-sized step cap)
+VARIANTS = {"defaults": (False, False), "one part per call": (True, False), "no graph cap": (False, True),
+            "one part, no graph cap": (True, True)}
 
 
 def run_variant(prm: PRM, name: str, graph_tokens: int | None, problems: list[str], levels: list, reps: int) -> dict:
     """Median seconds and engine steps of both replays with this variant's settings (restored afterwards)."""
     stream_after = prm_module.STREAM_AFTER
-    if "one part" in name:
+    one_part, no_cap = VARIANTS[name]
+    if one_part:
         prm_module.STREAM_AFTER = 10**9
-    prm.engine.scheduler.graph_tokens = None if "no graph cap" in name else graph_tokens
+    prm.engine.scheduler.graph_tokens = None if no_cap else graph_tokens
     out = {}
     try:
         for replay, call in (("score", lambda: bench_tree.beam_with_score(prm, problems, levels)),
@@ -63,7 +66,7 @@ def main() -> None:
     problems, levels = bench_tree.beam_levels(bench_tree.load_rows(args.assets))
     run_variant(prm, "defaults", graph_tokens, problems, levels, 1)  # warm: Triton and the allocator
     report = {"graph_tokens": graph_tokens, "stream_after": prm_module.STREAM_AFTER}
-    for name in VARIANTS + VARIANTS[:1]:  # the defaults again last: drift of the machine
+    for name in [*VARIANTS, "defaults"]:  # the defaults again last: drift of the machine
         report.setdefault(name, []).append(run_variant(prm, name, graph_tokens, problems, levels, args.reps))
         print(name, json.dumps(report[name][-1]), flush=True)
     if args.out:

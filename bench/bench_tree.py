@@ -310,7 +310,7 @@ def phase_http(args) -> dict:
         while time.perf_counter() - started < 540:
             if server.poll() is not None:  # its last log lines say why (a missing package, a port in use)
                 log.flush()
-                tail = args.out.with_suffix(".server.log").read_text().strip().splitlines()[-3:]
+                tail = Path(log.name).read_text().strip().splitlines()[-3:]
                 raise SystemExit(f"server exited {server.returncode}: " + " | ".join(tail))
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
