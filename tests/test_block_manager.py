@@ -31,21 +31,23 @@ def compute_all(bm: BlockManager, request: Request, step: int = 1) -> None:
     bm.mark_ready(request)
 
 
-def test_full_blocks_only_are_cached_and_shared():
+def test_full_blocks_are_shared_and_a_partial_blocks_tokens_copied():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
     a = req(list(range(10)))  # 2 full blocks + 2 tokens
     admit(bm, a)
-    assert len(a.block_table) == 3 and a.num_cached == 0
+    assert len(a.block_table) == 3 and a.num_cached == 0 and a.copy_in is None
     compute_all(bm, a)
     bm.release(a)
     bm.check_invariants()
-    assert len(bm.evictable) == 2  # the partial block is not cached
-    assert bm.num_available == 8
+    assert len(bm.evictable) == 3  # the partial block stays cached too, findable only for a copy
+    assert len(bm.hash_to_block_id) == 2 and bm.num_available == 8
+    partial = list(bm.evictable)[0]  # released last first: the leaf leads the LRU order
 
     b = req(list(range(9)) + [99, 100])
     match = admit(bm, b, step=2)
-    assert len(match.block_ids) == 2 and b.num_cached == b.num_done == 8
-    assert b.block_table[:2] == a_table_prefix(bm, list(range(8)))
+    assert len(match.block_ids) == 2 and b.block_table[:2] == a_table_prefix(bm, list(range(8)))
+    # Token 8 is a's too: copied from a's partial block into b's own third block, not computed again.
+    assert b.copy_in == (partial, b.block_table[2], 1) and b.num_cached == b.num_done == 9
     bm.check_invariants()
     compute_all(bm, b, step=2)
     bm.release(b)
@@ -200,10 +202,10 @@ def test_eviction_takes_the_least_recently_used_entry():
 def test_a_steady_load_reuses_the_blocks_it_freed_instead_of_walking_the_pool():
     """Uncached blocks are handed out most recently freed first: on the CPU a block never written costs no resident
     memory, so a server's RSS stays flat under load instead of creeping up until it has touched the whole pool."""
-    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True, share_partial_blocks=False)
     used: set[int] = set()
     for step in range(1, 200):
-        r = req([7, 7, 7, 7, step, step])  # a full block (a cache hit after the first) and a partial one (never cached)
+        r = req([7, 7, 7, 7, step, step])  # a full block (a cache hit after the first) and a partial one (not kept here)
         admit(bm, r, step)
         compute_all(bm, r, step)
         used.add(r.block_table[1])
@@ -237,3 +239,84 @@ def test_the_debug_check_finds_broken_bookkeeping():
     a.block_table = [next(iter(bm.evictable))]  # a table released already: its blocks are held by no one
     with pytest.raises(AssertionError, match="released more often"):
         bm.release(a)
+
+
+def test_partial_reuse_takes_the_longest_run_and_leaves_a_token_to_compute():
+    bm = BlockManager(num_blocks=12, block_size=4, enable_prefix_caching=True)
+    for tokens in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9]):  # a partial block [5, 6]; a full one [5, 6, 7, 8]
+        r = req(tokens)
+        admit(bm, r)
+        compute_all(bm, r)
+        bm.release(r)
+    child = req([1, 2, 3, 4, 5, 6, 7, 50, 51])
+    admit(bm, child, step=2)
+    source, own, count = child.copy_in
+    assert count == 3 and bm.blocks[source].tokens == (5, 6, 7, 8)  # a full block's first tokens count too
+    assert own == child.block_table[1] and child.num_cached == 7
+    bm.check_invariants()
+    same = req([1, 2, 3, 4, 5, 6])  # all of it is cached: the last token is still computed, for its output
+    admit(bm, same, step=2)
+    assert same.copy_in[2] == 1 and same.num_remaining == 1
+    bm.check_invariants()
+
+
+def test_partial_reuse_needs_a_ready_block_and_forgets_evicted_ones():
+    bm = BlockManager(num_blocks=3, block_size=2, enable_prefix_caching=True)
+    a = req([1, 2, 3])
+    admit(bm, a)
+    bm.mark_filling(a, 0, 3, step=1)  # in this step's forward: not ready
+    assert bm.match_prefix(req([1, 2, 3, 9]), 1).block_ids == [a.block_table[0]]
+    b = req([1, 2, 3, 9])
+    admit(bm, b, step=1)
+    assert b.copy_in is None and b.num_cached == 2  # a's block 1 is being computed and holds no full-block hash
+    a.num_done = 3
+    bm.mark_ready(a)
+    bm.release(a)
+    bm.release(b)
+    bm.check_invariants()
+    c = req([7, 7, 7, 7, 7, 7])  # needs every block: evicts the cached ones, partial one included
+    admit(bm, c, step=2)
+    bm.check_invariants()
+    assert not bm.by_parent.get(bm._chain_hashes(req([1, 2]))[0][0])
+    bm.release(c)
+
+
+@pytest.mark.parametrize("caching, share", [(True, False), (False, True)])
+def test_partial_reuse_off(caching, share):
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=caching, share_partial_blocks=share)
+    a = req(list(range(6)))
+    admit(bm, a)
+    compute_all(bm, a)
+    bm.release(a)
+    b = req(list(range(7)))
+    admit(bm, b, step=2)
+    assert b.copy_in is None and b.num_cached == (4 if caching else 0)
+    bm.check_invariants()
+
+
+def test_reset_forgets_partial_blocks():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = req(list(range(6)))
+    admit(bm, a)
+    compute_all(bm, a)
+    bm.release(a)
+    bm.reset_prefix_cache()
+    assert not bm.by_parent and len(bm.free) == 8
+    b = req(list(range(7)))
+    admit(bm, b, step=2)
+    assert b.copy_in is None and b.num_cached == 0
+    bm.check_invariants()
+
+
+def test_a_repeated_items_partial_block_is_kept_once():
+    """Re-sending an item copies its partial block's tokens; that copy is not cached again, so repeats do not
+    walk the pool (on the CPU, every block ever written stays resident)."""
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    for step in range(1, 6):
+        r = req([1, 2, 3, 4, 5, 6])
+        admit(bm, r, step)
+        compute_all(bm, r, step)
+        bm.release(r)
+        bm.check_invariants()
+    assert len(bm.evictable) == 2  # the full block and one partial block
+    assert len(bm.by_parent) == 2

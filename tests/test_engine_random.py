@@ -115,11 +115,14 @@ def run_trial(model, seed: int) -> dict:
         raise AssertionError("the engine did not finish")
     assert {r.request_id for r in finished} == {r.request_id for r in requests} - aborted
     assert len(finished) == len({r.request_id for r in finished})
+    partial = 0
     for r in finished:
         torch.testing.assert_close(r.outputs, plain(model, r.token_ids)[r.read_positions], atol=TOLERANCE, rtol=0)
         usage = r.usage
         assert usage.prompt_tokens == r.num_tokens == usage.computed_tokens + usage.cached_tokens
-        assert usage.cached_tokens % block_size == 0
+        # Whole cached blocks, and maybe the leading tokens of one more copied (which leaves a token to compute).
+        assert usage.cached_tokens % block_size == 0 or usage.computed_tokens > 0
+        partial += usage.cached_tokens % block_size != 0
         if not caching:
             assert usage.cached_tokens == 0
     assert all(b.ref_count == 0 for b in engine.blocks.blocks)
@@ -127,11 +130,11 @@ def run_trial(model, seed: int) -> dict:
     stats = engine.stats()
     assert stats.prompt_tokens == sum(r.num_tokens for r in finished)
     assert stats.prompt_tokens == stats.computed_tokens + stats.cached_tokens
-    return {"cached": stats.cached_tokens, "steps": stats.num_steps}
+    return {"cached": stats.cached_tokens, "steps": stats.num_steps, "partial": partial}
 
 
 def test_random_workloads_match_the_plain_path(model):
     totals = Counter()
     for seed in range(50):
         totals.update(run_trial(model, seed))
-    assert totals["cached"] > 0  # the cache really was exercised
+    assert totals["cached"] > 0 and totals["partial"] > 0  # the cache really was exercised, partial copies too

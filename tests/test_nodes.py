@@ -85,6 +85,43 @@ def test_children_equal_scoring_the_whole_item(name: str, make_prm) -> None:
         assert child.usage.prompt_tokens == len(prm.encode({"problem": PROBLEM, "steps": NODE + new}).token_ids)
 
 
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_a_child_computes_only_its_new_tokens(make_prm, block_size: int) -> None:
+    """The node's tokens in its last, partly filled block are copied, not computed again by every child."""
+    prm = make_prm("qwen_prm", block_size=block_size)
+    plain = make_prm("qwen_prm", enable_prefix_caching=False)
+    node = prm.score([{"problem": PROBLEM, "steps": NODE}], keep=True)[0]
+    body = prm.encode({"problem": PROBLEM, "steps": NODE}).body_len
+    assert body % block_size
+    for new in CHILDREN:  # one call each: siblings that begin alike would share more than the node
+        child = prm.extend(node.handle, [new])[0]
+        scored = prm.encode({"problem": PROBLEM, "steps": NODE + new}).read_positions[-1] + 1  # none after the last read
+        assert child.usage.cached_tokens == body
+        assert child.usage.computed_tokens == scored - body
+        assert_close(child.step_rewards, full_rewards(plain, NODE + new))
+        prm.reset_prefix_cache()
+        node = prm.score([{"problem": PROBLEM, "steps": NODE}], keep=True)[0]
+
+
+def test_stateless_items_share_cached_tokens_to_the_token(make_prm) -> None:
+    """A re-sent prefix is reused to the token, not to the last whole block: the tokens past it come out of a cached
+    block's leading slots."""
+    prm = make_prm("qwen_prm")
+    plain = make_prm("qwen_prm", enable_prefix_caching=False)
+    first = {"problem": PROBLEM, "steps": NODE[:1]}
+    prm.score([first])
+    for new in CHILDREN:
+        prm.reset_prefix_cache()
+        prm.score([first])  # alone in the cache (the children before share more with each other)
+        item = {"problem": PROBLEM, "steps": NODE[:1] + new}
+        ids, seen = prm.encode(item).token_ids, prm.encode(first).token_ids
+        common = next(i for i, (a, b) in enumerate(zip(ids, seen)) if a != b)
+        assert common % 16
+        result = prm.score([item])[0]
+        assert result.usage.cached_tokens == common
+        assert_close(result.step_rewards, full_rewards(plain, NODE[:1] + new))
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_extended_ids_equal_the_whole_items_ids_without_retokenising_the_node(name: str, make_prm) -> None:
     prm = make_prm(name)
@@ -121,7 +158,8 @@ def test_a_kept_node_is_pinned_until_released(make_prm) -> None:
     _sync(prm)
     body = prm.encode({"problem": PROBLEM, "steps": NODE}).body_len
     pinned = list(engine_blocks.pins[node.handle])
-    assert len(pinned) == engine_blocks.num_pinned == body // 16  # every full block of the node's body
+    assert body % 16  # so the block with the body's last tokens is pinned too
+    assert len(pinned) == engine_blocks.num_pinned == body // 16 + 1  # every block of the node's body
     # Unrelated work, one request at a time, cycles more blocks than the pool holds through the LRU
     # cache: it evicts everything unpinned, never the pinned blocks.
     for i in range(20):
@@ -129,7 +167,7 @@ def test_a_kept_node_is_pinned_until_released(make_prm) -> None:
     assert prm.engine.stats().computed_tokens > 64 * 16
     assert all(engine_blocks.blocks[b].ref_count >= 1 for b in pinned)
     kid = prm.extend(node.handle, [CHILDREN[0]])[0]
-    assert kid.usage.cached_tokens >= len(pinned) * 16
+    assert kid.usage.cached_tokens == body  # the last few copied out of the pinned partial block
     assert prm.release([node.handle, "no-such-handle"]) == 1
     _sync(prm)
     assert engine_blocks.num_pinned == 0 and node.handle not in engine_blocks.pins

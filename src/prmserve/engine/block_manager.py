@@ -5,6 +5,12 @@ stands for a whole token prefix. Blocks with no users stay cached (KV and head o
 in LRU order until memory is needed. A block registered by a request scheduled in the current
 step can be shared at once: every layer writes the step's new keys before any sequence reads them.
 
+A block is also indexed under its predecessor's hash, so a request whose next tokens begin like a cached
+block's (a child after its node's last, partly filled block; siblings after a shared prompt) copies those
+tokens' KV into its own block instead of computing them again: with 16-token blocks, every child of a node
+otherwise recomputes up to 15 of its parent's tokens. A finished request's last, partial block stays cached
+(evictable) for that. The copy is the runner's, before the step's forward writes anything.
+
 A pin (a tree-search node kept for its children) holds one reference on a finished request's
 cached blocks, so they are not evicted; pins are dropped oldest first when they would take more
 than their share of the pool, or when a request needs their memory.
@@ -25,7 +31,8 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     hash: int | None = None
-    tokens: tuple[int, ...] = ()
+    tokens: tuple[int, ...] = ()  # a partial block's are fewer than block_size
+    parent: int | None = None  # the hash before it, while indexed as a source of copies (ready hash owners, kept partial blocks)
     ready: bool = False  # its KV and head outputs are written
     filled_in_step: int = -1  # the step whose forward writes it, while not ready
 
@@ -38,12 +45,21 @@ class PrefixMatch:
     blocked: bool
 
 
+PARTIAL_CANDIDATES = 16  # cached blocks after one prefix looked at for a partial reuse, newest first (bounds the scan)
+
+
 class BlockManager:
     """Allocates blocks to requests, shares cached prefixes, evicts unused cached blocks LRU-first."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, max_pinned_fraction: float = 0.5) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool, max_pinned_fraction: float = 0.5,
+        share_partial_blocks: bool = True,
+    ) -> None:
+        """`share_partial_blocks`: reuse the leading tokens of cached blocks by copying (off where the runner
+        cannot copy, as with tensor parallelism's other ranks' pools)."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.share_partial_blocks = share_partial_blocks and enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Hold nothing reusable; the most recently freed first, so a steady load keeps reusing the same few
         # blocks (on the CPU an untouched block costs no resident memory, so RSS stays flat instead of
@@ -51,6 +67,7 @@ class BlockManager:
         self.free: deque[int] = deque(range(num_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unused but cached (KV intact), oldest first
         self.hash_to_block_id: dict[int, int] = {}
+        self.by_parent: dict[int, dict[int, None]] = {}  # predecessor hash -> blocks indexed after it, newest last
         self.pins: OrderedDict[str, list[int]] = OrderedDict()  # pin key -> blocks it holds, oldest first
         self.num_pinned = 0  # block references held by pins
         self.max_pinned = int(num_blocks * max_pinned_fraction)
@@ -110,6 +127,9 @@ class BlockManager:
     def allocate(self, request: Request, match: PrefixMatch) -> None:
         """Give the request its whole block table: matched blocks shared, the rest fresh."""
         assert not request.block_table, f"{request.request_id} is allocated twice"
+        # Looked up before new blocks are taken (taking may evict the source: its KV stays intact until this
+        # step's forward, which runs after the copy).
+        partial = self._partial_source(request, len(match.block_ids))
         for block_id in match.block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -127,6 +147,39 @@ class BlockManager:
                 self.hash_to_block_id[block_hash] = block.block_id
         request.block_table = table
         request.num_cached = request.num_done = len(match.block_ids) * self.block_size
+        if partial is not None:
+            source, count = partial
+            request.copy_in = (source, table[len(match.block_ids)], count)
+            request.num_cached = request.num_done = request.num_done + count
+
+    def _partial_source(self, request: Request, matched: int) -> tuple[int, int] | None:
+        """(block, count): a cached block after the request's matched blocks whose first `count` tokens are the
+        request's next ones (the most among the newest few), leaving at least one token to compute; None if none."""
+        if not self.share_partial_blocks:
+            return None
+        hashes = self._chain_hashes(request)
+        after = self.by_parent.get(hashes[matched - 1][0] if matched else 0)
+        if not after:
+            return None
+        start = matched * self.block_size
+        wanted = tuple(request.token_ids[start : min(start + self.block_size, request.num_tokens - 1)])
+        best, most = None, 0
+        for seen, block_id in enumerate(reversed(after)):
+            if seen == PARTIAL_CANDIDATES or most == len(wanted):
+                break
+            block = self.blocks[block_id]
+            theirs = block.tokens
+            if not block.ready or theirs[: most + 1] != wanted[: most + 1]:
+                continue  # cannot beat the best so far (one slice comparison: this runs per child on the hot path)
+            same = most + 1
+            while same < len(wanted) and same < len(theirs) and theirs[same] == wanted[same]:
+                same += 1
+            best, most = block_id, same
+        return None if best is None else (best, most)
+
+    def _index(self, block: KVBlock, parent: int) -> None:
+        block.parent = parent
+        self.by_parent.setdefault(parent, {})[block.block_id] = None
 
     def _take_block(self) -> int:
         if self.free:
@@ -141,7 +194,13 @@ class BlockManager:
     def _forget(self, block: KVBlock) -> None:
         if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
             del self.hash_to_block_id[block.hash]
-        block.hash, block.tokens = None, ()
+        if block.parent is not None:
+            after = self.by_parent.get(block.parent)
+            if after is not None:
+                after.pop(block.block_id, None)
+                if not after:
+                    del self.by_parent[block.parent]
+        block.hash, block.tokens, block.parent = None, (), None
 
     def mark_filling(self, request: Request, start: int, end: int, step: int) -> None:
         """Tokens [start, end) of the request are computed in `step`: note which blocks that completes."""
@@ -153,12 +212,38 @@ class BlockManager:
     def mark_ready(self, request: Request) -> None:
         """After a forward: blocks fully covered by the request's computed tokens hold valid KV."""
         for index in range(request.num_done // self.block_size):
-            self.blocks[request.block_table[index]].ready = True
+            block = self.blocks[request.block_table[index]]
+            if not block.ready:
+                block.ready = True
+                if block.hash is not None and self.share_partial_blocks:  # a hash owner: now a source for copies too
+                    self._index(block, request.block_hashes[index - 1][0] if index else 0)
 
     def release(self, request: Request) -> None:
-        """Drop the request's references; cached blocks go to the LRU tail, leaves first to be evicted."""
+        """Drop the request's references; cached blocks go to the LRU tail, leaves first to be evicted. A finished
+        request's last, partial block stays cached too (for partial reuse)."""
+        if self.share_partial_blocks and request.block_table and request.num_done == request.num_tokens:
+            self._keep_partial(request)
         self._drop_references(request.block_table)
         request.block_table = []
+
+    def _keep_partial(self, request: Request) -> None:
+        """Index a finished request's partly filled last block under the hash of the full blocks before it."""
+        full = request.num_tokens // self.block_size
+        hashes = request.block_hashes or []
+        if request.num_tokens % self.block_size == 0 or len(request.block_table) <= full or len(hashes) < full:
+            return
+        block = self.blocks[request.block_table[full]]
+        if block.parent is not None or block.ref_count != 1:
+            return
+        parent, tokens = hashes[full - 1][0] if full else 0, tuple(request.token_ids[full * self.block_size :])
+        for seen, block_id in enumerate(reversed(self.by_parent.get(parent, {}))):
+            if seen == PARTIAL_CANDIDATES:
+                break
+            if self.blocks[block_id].tokens[: len(tokens)] == tokens:
+                return  # a cached block begins with these tokens already (a repeated item): keep one copy
+        block.tokens = tokens
+        block.ready = True
+        self._index(block, parent)
 
     def _drop_references(self, block_ids: list[int]) -> None:
         """One reference less on each block, last first: unused cached blocks become evictable (leaves
@@ -169,7 +254,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count > 0:
                 continue
-            if block.hash is not None and block.ready:
+            if (block.hash is not None or block.parent is not None) and block.ready:  # a hash owner or a kept partial block
                 self.evictable[block_id] = None
             else:
                 self._forget(block)
@@ -182,23 +267,31 @@ class BlockManager:
             self.unpin(key)
         for block in self.blocks:
             self._forget(block)
+        self.by_parent.clear()
         self.free.extendleft(self.evictable)
         self.evictable.clear()
 
     # Pins -----------------------------------------------------------------------------------------
 
     def pin(self, key: str, request: Request) -> int:
-        """Hold the cached full blocks of the request's first `keep_tokens` tokens under `key`.
+        """Hold the cached full blocks of the request's first `keep_tokens` tokens under `key`, and the block with
+        the last few of them (children copy those).
 
         Call before the request's own references are freed. Older pins (this one too, if alone it is
         over the share) are dropped until pins hold at most `max_pinned` blocks. Returns blocks pinned.
         """
         held = []
-        for index in range(min(request.keep_tokens, request.num_tokens) // self.block_size):
+        keep = min(request.keep_tokens, request.num_tokens)
+        for index in range(keep // self.block_size):
             block = self.blocks[request.block_table[index]]
             if block.hash is None or self.hash_to_block_id.get(block.hash) != block.block_id or not block.ready:
                 break  # not findable by a child's prefix match: pinning it (or what follows) buys nothing
             held.append(block.block_id)
+        if self.share_partial_blocks and keep % self.block_size and len(held) == keep // self.block_size:
+            self._keep_partial(request)  # the block holding the kept tokens' last few: children copy them
+            block = self.blocks[request.block_table[len(held)]]
+            if block.parent is not None and block.ready:
+                held.append(block.block_id)
         if not held:
             return 0
         for block_id in held:
@@ -232,7 +325,13 @@ class BlockManager:
             assert block.ref_count >= 0, block
             assert (block.ref_count == 0) == (block.block_id in unused), block
             if block.block_id in evictable:
-                assert block.ready and self.hash_to_block_id.get(block.hash) == block.block_id, block
+                assert block.ready and (block.hash is not None or block.parent is not None), block
+                assert block.hash is None or self.hash_to_block_id.get(block.hash) == block.block_id, block
+            if block.parent is not None:
+                assert block.block_id in self.by_parent.get(block.parent, {}), block
+        for parent, after in self.by_parent.items():
+            for block_id in after:
+                assert self.blocks[block_id].parent == parent, (parent, self.blocks[block_id])
         for block_hash, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].hash == block_hash, (block_hash, self.blocks[block_id])
         pinned = Counter(b for held in self.pins.values() for b in held)

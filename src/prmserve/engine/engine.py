@@ -64,7 +64,8 @@ class Engine:
         self.model = model
         param = next(model.parameters())
         num_blocks = config.num_kv_blocks or _pool_blocks(model, config, param.device, param.dtype, workers)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, config.max_pinned_fraction)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, config.max_pinned_fraction,
+                                   share_partial_blocks=workers is None)  # the other ranks' pools get no copies
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, self.blocks, workers)
         self.step_observers: list[Callable[[StepStats], None]] = []

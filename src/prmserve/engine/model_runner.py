@@ -107,6 +107,7 @@ class ModelRunner:
 
         Index arrays cross to the device in one copy (or fill a CUDA graph's inputs); nothing waits for the GPU.
         """
+        self._copy_partial_blocks(chunks)
         step = self.step_arrays(chunks)
         if self.graphs is not None and self.graphs.run(step):
             return
@@ -126,6 +127,24 @@ class ModelRunner:
         )
         out = self._forward(ids, positions_t, inputs)
         self.head_cache[inputs.slot_mapping] = out.float()
+
+    def _copy_partial_blocks(self, chunks: list[ScheduledChunk]) -> None:
+        """KV and head outputs of tokens a request shares with part of a cached block, copied into its own block
+        (one gather and one scatter for the step), before the forward writes anything."""
+        copies = []
+        for c in chunks:
+            if c.request.copy_in is not None:
+                copies.append(c.request.copy_in)
+                c.request.copy_in = None
+        if not copies:
+            return
+        size = self.blocks.block_size
+        source = np.concatenate([np.arange(s * size, s * size + n, dtype=np.int64) for s, _, n in copies])
+        target = np.concatenate([np.arange(t * size, t * size + n, dtype=np.int64) for _, t, n in copies])
+        index = torch.from_numpy(np.concatenate([source, target])).to(self.device, non_blocking=True)
+        source_t, target_t = index.split(len(source))
+        self.kv_cache[:, :, target_t] = self.kv_cache[:, :, source_t]
+        self.head_cache[target_t] = self.head_cache[source_t]
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """The model's forward; with tensor parallelism the workers run the same step beside it."""

@@ -60,6 +60,9 @@ class Request:
     # Prefix-cache keys of its full blocks; may start as a parent's keys, continued for the rest.
     block_hashes: list[tuple[int, tuple[int, ...]]] | None = None
     keep_tokens: int = 0  # once finished, pin the cached blocks of its first keep_tokens tokens
+    # (source block, own block, count): the first `count` slots of a cached block hold this request's next tokens;
+    # the runner copies them into its own block before the step that computes the rest (then clears this).
+    copy_in: tuple[int, int, int] | None = None
     input_tokens: int | None = None  # the input's length, where tokens after the last read position were left out
     created_at: float = field(default_factory=time.monotonic)  # when it was built, just before submission
     scheduled_at: float | None = None  # when the scheduler first admitted it (set once)
