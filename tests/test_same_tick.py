@@ -1,7 +1,8 @@
 """Async calls of one event-loop turn queued together: `SameTickBatcher`, and `PRM.score_async`/`extend_async` through it.
 
 A search's `asyncio.gather` over a level's calls must reach the engine as one submission (one tokenizer batch for the
-children), give each call exactly what it would get alone, and keep each call's errors and cancellation its own.
+children; a big level in growing parts, so the GPU starts early), give each call exactly what it would get alone, and
+keep each call's errors and cancellation its own.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import pytest
 
 from prmserve import PRM
-from prmserve.errors import HandleNotFoundError, InvalidInputError, QueueFullError
+from prmserve.errors import EngineSleepingError, HandleNotFoundError, InvalidInputError, QueueFullError
 from prmserve.same_tick import SameTickBatcher
 from tiny_checkpoints import FORMAT_OF, build
 
@@ -201,3 +202,76 @@ def test_a_gathered_call_cancelled_before_its_turn_queues_nothing(make_prm, monk
 
     asyncio.run(main())
     assert sizes == [] and len(prm.nodes) == handles and prm.num_pending == 0
+
+
+def count_enqueued(prm: PRM, monkeypatch, fail_after: int | None = None) -> list[int]:
+    """The request count of each message to the engine's queue (whole submissions and reserved parts alike);
+    `fail_after`: later ones are refused as if the engine fell asleep."""
+    sizes: list[int] = []
+    original = prm.loop._enqueue
+
+    def counted(requests):
+        if fail_after is not None and len(sizes) >= fail_after:
+            raise EngineSleepingError("asleep")
+        sizes.append(len(requests))
+        return original(requests)
+
+    monkeypatch.setattr(prm.loop, "_enqueue", counted)
+    return sizes
+
+
+FOUR = [["5 - 1 = 4."], ["He has 4 apples."], ["The answer is 4."], ["So 4 apples remain."]]
+
+
+def test_a_big_level_goes_in_growing_parts_of_whole_calls(make_prm, monkeypatch):
+    prm = make_prm()
+    node = prm.score([{"problem": PROBLEM, "steps": NODES[1]}], keep=True)[0]
+    kids = [[[f"({call}) {steps[0]}"] for steps in FOUR] for call in range(20)]  # 80 children: more than one part
+    alone = [prm.extend(node.handle, k) for k in kids[:3]]
+    prm.reset_prefix_cache()
+    node = prm.score([{"problem": PROBLEM, "steps": NODES[1]}], keep=True)[0]
+    sizes = count_enqueued(prm, monkeypatch)
+
+    async def level():
+        return await asyncio.gather(*(prm.extend_async(node.handle, k) for k in kids))
+
+    together = asyncio.run(level())
+    assert sizes == [32, 48]  # 8 calls of 4 children (the first part's 32), then the other 12 calls
+    assert [len(r) for r in together] == [4] * 20
+    for a, b in zip(together, alone):
+        assert flat(a) == pytest.approx(flat(b), abs=1e-6)
+    full = prm.score([{"problem": PROBLEM, "steps": NODES[1] + k} for k in kids[19]])
+    assert flat(together[19]) == pytest.approx(flat(full), abs=1e-6)
+    assert prm.num_pending == 0
+
+
+def test_a_part_refused_midway_fails_only_the_calls_not_yet_queued(make_prm, monkeypatch):
+    prm = make_prm()
+    node = prm.score([{"problem": PROBLEM, "steps": NODES[1]}], keep=True)[0]
+    kids = [[[f"({call}) {steps[0]}"] for steps in FOUR] for call in range(20)]
+    sizes = count_enqueued(prm, monkeypatch, fail_after=1)
+
+    async def level():
+        return await asyncio.gather(*(prm.extend_async(node.handle, k, keep=True) for k in kids), return_exceptions=True)
+
+    handles = len(prm.nodes)
+    outcomes = asyncio.run(level())
+    assert sizes == [32]
+    assert all(isinstance(o, list) and len(o) == 4 and all(r.handle for r in o) for o in outcomes[:8])
+    assert all(isinstance(o, EngineSleepingError) for o in outcomes[8:])
+    assert len(prm.nodes) == handles + 32  # only the queued calls' children were kept
+    assert prm.num_pending == 0  # the refused parts' reserved room was given back
+
+
+def test_a_queue_too_small_for_a_big_level_takes_each_call_alone(make_prm):
+    prm = make_prm(max_queue=70)
+    node = prm.score([{"problem": PROBLEM, "steps": NODES[1]}], keep=True)[0]
+    kids = [[[f"({call}) {steps[0]}"] for steps in FOUR] for call in range(20)]
+
+    async def level():
+        return await asyncio.gather(*(prm.extend_async(node.handle, k) for k in kids), return_exceptions=True)
+
+    outcomes = asyncio.run(level())  # 80 at once exceed the queue of 70: each call alone, so 17 fit and 3 are refused
+    assert sum(isinstance(o, list) for o in outcomes) == 17
+    assert all(isinstance(o, QueueFullError) for o in outcomes[17:])
+    assert prm.num_pending == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +14,7 @@ import torch
 
 from prmserve.completions import DEFAULT_STEP_SPLIT, chat_to_completion, split_completion, split_rule
 from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
+from prmserve.engine.futures import all_done
 from prmserve.engine.request import new_request_id
 from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
@@ -473,8 +473,34 @@ class PRM:
         return await self._wait_async(*await self._same_tick(AsyncCall(priority, keep, handle=handle, children=children)))
 
     def _plan_and_submit_calls(self, calls: list[AsyncCall]) -> list[tuple[list[ScoringJob], list[Future]] | Exception]:
-        """Plan each call (the extends' children tokenised in one batch), then queue them all in one submission;
-        where the queue refuses the whole, each call is queued alone, so each gets its own outcome."""
+        """Plan the calls (each part's extend children tokenised in one batch) and queue them together. A turn of more
+        than `STREAM_AFTER` children and items goes in growing parts of whole calls against one reservation, so the
+        GPU starts on the first part while the rest are tokenised, as a big `score` call does. Where the queue refuses
+        the whole, each call is queued alone, so each gets its own outcome."""
+        units = sum(_call_size(call) for call in calls)
+        reserve = getattr(self.loop, "reserve", None)  # a RoutedPRM's replica pool queues a call whole
+        if units <= STREAM_AFTER or reserve is None or hasattr(self.format, "prefixes"):
+            planned = self._plan_calls(calls)
+            try:
+                return _submitted_together(planned, self.loop.submit_requests)
+            except (QueueFullError, InvalidInputError):
+                return [jobs if isinstance(jobs, Exception) else self._submitted_alone(jobs) for jobs in planned]
+        try:
+            room = reserve(units)
+        except (QueueFullError, InvalidInputError):
+            return [jobs if isinstance(jobs, Exception) else self._submitted_alone(jobs) for jobs in self._plan_calls(calls)]
+        outcomes: list[tuple[list[ScoringJob], list[Future]] | Exception] = []
+        with room:
+            for part in _call_parts(calls):
+                planned = self._plan_calls(part)
+                try:
+                    outcomes += _submitted_together(planned, room.submit)
+                except Exception as exc:  # the engine stopped or fell asleep: this part and the rest are refused
+                    return outcomes + [exc] * (len(calls) - len(outcomes))
+        return outcomes
+
+    def _plan_calls(self, calls: list[AsyncCall]) -> list[list[ScoringJob] | Exception]:
+        """Each call's jobs, or the error that refuses it; the extends' children are tokenised in one batch."""
         known = self._boundaries([call for call in calls if call.handle is not None])
         planned: list[list[ScoringJob] | Exception] = []
         for call in calls:
@@ -485,12 +511,7 @@ class PRM:
                     planned.append(self.plan_extend(call.handle, call.children, call.priority, call.keep, known))
             except Exception as exc:
                 planned.append(exc)
-        try:
-            futures = iter(self.submit_jobs([job for jobs in planned if not isinstance(jobs, Exception) for job in jobs]))
-            return [jobs if isinstance(jobs, Exception) else (jobs, [next(futures) for job in jobs for _ in job.requests])
-                    for jobs in planned]
-        except (QueueFullError, InvalidInputError):
-            return [jobs if isinstance(jobs, Exception) else self._submitted_alone(jobs) for jobs in planned]
+        return planned
 
     def _submitted_alone(self, jobs: list[ScoringJob]) -> tuple[list[ScoringJob], list[Future]] | Exception:
         try:
@@ -529,7 +550,7 @@ class PRM:
 
     async def _wait_async(self, jobs: list[ScoringJob], futures: list[Future]) -> list[ScoreResult]:
         try:
-            finished = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            finished = await all_done(futures)
         except BaseException:
             self.drop(jobs, futures)
             raise
@@ -600,6 +621,33 @@ def _parts(count: int) -> list[tuple[int, int]]:
         bounds.append((start, min(count, start + size)))
         start += size
     return bounds
+
+
+def _call_size(call: AsyncCall) -> int:
+    """Requests an async call can queue (one per item or child; what is not a list fails when planned)."""
+    given = call.items if call.handle is None else call.children
+    return len(given) if isinstance(given, Sequence) and not isinstance(given, str) else 0
+
+
+def _call_parts(calls: list[AsyncCall]) -> list[list[AsyncCall]]:
+    """Whole calls in parts that grow as `_parts` does (a part closes once it holds its size of items or children)."""
+    parts, part, held, sizes = [], [], 0, iter(PART_SIZES)
+    size = next(sizes)
+    for call in calls:
+        part.append(call)
+        held += _call_size(call)
+        if held >= size:
+            parts.append(part)
+            part, held, size = [], 0, next(sizes, size)
+    return parts + ([part] if part else [])
+
+
+def _submitted_together(
+    planned: list[list[ScoringJob] | Exception], submit: Callable[[list[Request]], list[Future]]
+) -> list[tuple[list[ScoringJob], list[Future]] | Exception]:
+    """Queue every planned call's requests in one submission; each call's jobs with its own futures."""
+    futures = iter(submit([request for jobs in planned if not isinstance(jobs, Exception) for job in jobs for request in job.requests]))
+    return [jobs if isinstance(jobs, Exception) else (jobs, [next(futures) for job in jobs for _ in job.requests]) for jobs in planned]
 
 
 def _is_step_lists(children: Any) -> bool:

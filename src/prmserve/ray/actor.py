@@ -13,6 +13,7 @@ import ray
 import torch
 
 from prmserve.engine import EngineStats, Request
+from prmserve.engine.futures import all_done
 from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
 from prmserve.prm import PRM
@@ -110,7 +111,7 @@ class PRMActor:
         futures = self.prm.loop.submit_requests(requests)
         self._inflight.update((r.request_id, f) for r, f in zip(requests, futures))
         try:
-            done = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            done = await all_done(futures)
         finally:
             for request, future in zip(requests, futures):
                 future.cancel()  # a no-op once finished; aborts the rest

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 
 from prmserve.engine import Request as EngineRequest
+from prmserve.engine.futures import all_done
 from prmserve.engine.readout import reading
 from prmserve.errors import (
     EngineSleepingError,
@@ -375,8 +376,7 @@ async def _run(
     """
     finished = False
     try:
-        # return_exceptions: work cancelled below ends the gather quietly instead of as an unread error.
-        gathered = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+        gathered = all_done(futures)  # cancelled below unless it is the outcome, so no error goes unread
         left = asyncio.ensure_future(_client_left(request))
         expired = asyncio.ensure_future(shutdown.expired.wait())
         try:
@@ -385,10 +385,7 @@ async def _run(
             left.cancel()
             expired.cancel()
         if gathered in done:
-            requests = gathered.result()
-            failed = next((r for r in requests if isinstance(r, BaseException)), None)
-            if failed is not None:
-                raise failed
+            requests = gathered.result()  # the engine's refusal, if any, raised
             finished = True
             return requests
         if left in done:
@@ -398,6 +395,7 @@ async def _run(
             raise APIError(503, message, "shutting_down", retry_after=RETRY_AFTER_S)
         raise APIError(504, f"not finished within the timeout of {timeout} s; the work was dropped", "timeout", "timeout")
     finally:
+        gathered.cancel()
         for f in futures:
             f.cancel()  # no-op for finished work; aborts and frees the rest
         if not finished:
