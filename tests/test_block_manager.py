@@ -20,7 +20,7 @@ def admit(bm: BlockManager, request: Request, step: int = 1):
     match = bm.match_prefix(request, step)
     assert not match.blocked
     assert bm.can_allocate(request, match)
-    bm.allocate(request, match)
+    bm.allocate(request, match, step)
     return match
 
 
@@ -320,3 +320,37 @@ def test_a_repeated_items_partial_block_is_kept_once():
         bm.check_invariants()
     assert len(bm.evictable) == 2  # the full block and one partial block
     assert len(bm.by_parent) == 2
+
+
+def test_a_block_the_same_step_computes_is_shared_after_its_forward():
+    bm = BlockManager(num_blocks=12, block_size=4, enable_prefix_caching=True)
+    a = req([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    admit(bm, a, step=1)
+    bm.mark_filling(a, 0, 9, step=1)
+    b = req([1, 2, 3, 4, 5, 6, 70, 71, 72])  # a sibling in the same step: 5, 6 are a's block 1's first tokens
+    admit(bm, b, step=1)
+    assert b.block_table[0] == a.block_table[0]  # the full block, shared at once (every layer writes before reading)
+    assert b.copy_in is None and b.share_in == (a.block_table[1], b.block_table[1], 2) and b.num_cached == 6
+    bm.mark_filling(b, 6, 9, step=1)
+    assert bm.blocks[b.block_table[1]].filled_in_step != 1  # its first tokens arrive after the forward
+    c = req([1, 2, 3, 4, 5, 6, 70, 71, 99])
+    assert bm.match_prefix(c, 1).blocked  # so nobody else in the step reads b's block 1
+    bm.check_invariants()
+    for r in (a, b):
+        r.num_done = r.num_tokens
+        bm.mark_ready(r)
+    match = admit(bm, c, step=2)
+    assert match.block_ids == b.block_table[:2] and c.share_in is None
+    bm.check_invariants()
+
+
+def test_a_block_another_step_computes_is_no_source():
+    bm = BlockManager(num_blocks=12, block_size=4, enable_prefix_caching=True)
+    a = req([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    admit(bm, a, step=1)
+    bm.mark_filling(a, 0, 6, step=1)  # a chunk that ends inside block 1: it is completed in a later step
+    b = req([1, 2, 3, 4, 5, 6, 70, 71, 72])
+    assert bm.match_prefix(b, 1).block_ids == a.block_table[:1]
+    admit(bm, b, step=1)
+    assert b.share_in is None and b.copy_in is None and b.num_cached == 4
+    bm.check_invariants()

@@ -92,6 +92,15 @@ def run_trial(model, seed: int) -> dict:
         enable_prefix_caching=caching,
     )
     engine = Engine(model, config)
+    shared = 0  # requests that read their first tokens from a block the same step computes (`share_in`)
+    allocate = engine.blocks.allocate
+
+    def counted(request, match, step=None):
+        nonlocal shared
+        allocate(request, match, step)
+        shared += request.share_in is not None
+
+    engine.blocks.allocate = counted
     requests = [Request(f"{seed}-{i}", ids, reads, prio) for i, (ids, reads, prio) in enumerate(work)]
     pending = list(requests)
     aborted: set[str] = set()
@@ -130,7 +139,7 @@ def run_trial(model, seed: int) -> dict:
     stats = engine.stats()
     assert stats.prompt_tokens == sum(r.num_tokens for r in finished)
     assert stats.prompt_tokens == stats.computed_tokens + stats.cached_tokens
-    return {"cached": stats.cached_tokens, "steps": stats.num_steps, "partial": partial}
+    return {"cached": stats.cached_tokens, "steps": stats.num_steps, "partial": partial, "shared": shared}
 
 
 def test_random_workloads_match_the_plain_path(model):
@@ -138,3 +147,4 @@ def test_random_workloads_match_the_plain_path(model):
     for seed in range(50):
         totals.update(run_trial(model, seed))
     assert totals["cached"] > 0 and totals["partial"] > 0  # the cache really was exercised, partial copies too
+    assert totals["shared"] > 0  # and copies from blocks of the same step

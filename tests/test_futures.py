@@ -6,8 +6,6 @@ import asyncio
 import threading
 from concurrent.futures import Future
 
-import pytest
-
 from prmserve.engine.futures import all_done
 
 
@@ -23,8 +21,7 @@ def resolve_later(futures: list[Future], outcomes: list) -> threading.Thread:
             else:
                 f.set_result(outcome)
 
-    thread = threading.Thread(target=settle)
-    return thread
+    return threading.Thread(target=settle)
 
 
 def run_with_wakeups(futures: list[Future], outcomes: list):

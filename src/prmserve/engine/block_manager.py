@@ -9,7 +9,10 @@ A block is also indexed under its predecessor's hash, so a request whose next to
 block's (a child after its node's last, partly filled block; siblings after a shared prompt) copies those
 tokens' KV into its own block instead of computing them again: with 16-token blocks, every child of a node
 otherwise recomputes up to 15 of its parent's tokens. A finished request's last, partial block stays cached
-(evictable) for that. The copy is the runner's, before the step's forward writes anything.
+(evictable) for that. The copy is the runner's, before the step's forward writes anything. Where the source
+block is being computed in the same step (siblings that arrive together), the request's attention reads those
+tokens' keys from the source's slots and the copy follows the forward (`Request.share_in`); until then its own
+block is not offered to other requests of the step.
 
 A pin (a tree-search node kept for its children) holds one reference on a finished request's
 cached blocks, so they are not evicted; pins are dropped oldest first when they would take more
@@ -124,12 +127,13 @@ class BlockManager:
         new = self.blocks_needed(request.num_tokens) - len(match.block_ids)
         return new <= self.num_available - reused_idle
 
-    def allocate(self, request: Request, match: PrefixMatch) -> None:
-        """Give the request its whole block table: matched blocks shared, the rest fresh."""
+    def allocate(self, request: Request, match: PrefixMatch, step: int | None = None) -> None:
+        """Give the request its whole block table: matched blocks shared, the rest fresh. `step`: the step it is
+        scheduled in (blocks that step completes can be copied from)."""
         assert not request.block_table, f"{request.request_id} is allocated twice"
         # Looked up before new blocks are taken (taking may evict the source: its KV stays intact until this
         # step's forward, which runs after the copy).
-        partial = self._partial_source(request, len(match.block_ids))
+        partial = self._partial_source(request, len(match.block_ids), step)
         for block_id in match.block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -145,16 +149,23 @@ class BlockManager:
             if block_hash not in self.hash_to_block_id:  # first writer owns the cache entry
                 block.hash, block.tokens = block_hash, tokens
                 self.hash_to_block_id[block_hash] = block.block_id
+                if self.share_partial_blocks:  # a source for copies once ready, or while its step computes it
+                    self._index(block, hashes[index - 1][0] if index else 0)
         request.block_table = table
         request.num_cached = request.num_done = len(match.block_ids) * self.block_size
         if partial is not None:
-            source, count = partial
-            request.copy_in = (source, table[len(match.block_ids)], count)
+            source, count, same_step = partial
+            copy = (source, table[len(match.block_ids)], count)
+            if same_step:
+                request.share_in = copy
+            else:
+                request.copy_in = copy
             request.num_cached = request.num_done = request.num_done + count
 
-    def _partial_source(self, request: Request, matched: int) -> tuple[int, int] | None:
-        """(block, count): a cached block after the request's matched blocks whose first `count` tokens are the
-        request's next ones (the most among the newest few), leaving at least one token to compute; None if none."""
+    def _partial_source(self, request: Request, matched: int, step: int | None) -> tuple[int, int, bool] | None:
+        """(block, count, same step): a cached block after the request's matched blocks whose first `count` tokens
+        are the request's next ones (the most among the newest few), leaving at least one token to compute; ready,
+        or completed by `step` itself (same step); None if none."""
         if not self.share_partial_blocks:
             return None
         hashes = self._chain_hashes(request)
@@ -169,13 +180,13 @@ class BlockManager:
                 break
             block = self.blocks[block_id]
             theirs = block.tokens
-            if not block.ready or theirs[: most + 1] != wanted[: most + 1]:
+            if not (block.ready or block.filled_in_step == step) or theirs[: most + 1] != wanted[: most + 1]:
                 continue  # cannot beat the best so far (one slice comparison: this runs per child on the hot path)
             same = most + 1
             while same < len(wanted) and same < len(theirs) and theirs[same] == wanted[same]:
                 same += 1
             best, most = block_id, same
-        return None if best is None else (best, most)
+        return None if best is None else (best, most, not self.blocks[best].ready)
 
     def _index(self, block: KVBlock, parent: int) -> None:
         block.parent = parent
@@ -203,20 +214,20 @@ class BlockManager:
         block.hash, block.tokens, block.parent = None, (), None
 
     def mark_filling(self, request: Request, start: int, end: int, step: int) -> None:
-        """Tokens [start, end) of the request are computed in `step`: note which blocks that completes."""
+        """Tokens [start, end) of the request are computed in `step`: note which blocks that completes (not a block
+        whose first tokens are copied in after the forward: others in the step cannot read it)."""
+        shared_into = request.share_in[1] if request.share_in is not None else None
         for index in range(start // self.block_size, self.blocks_needed(end)):
             block = self.blocks[request.block_table[index]]
-            if not block.ready and (index + 1) * self.block_size <= end:
+            if not block.ready and (index + 1) * self.block_size <= end and block.block_id != shared_into:
                 block.filled_in_step = step
 
     def mark_ready(self, request: Request) -> None:
         """After a forward: blocks fully covered by the request's computed tokens hold valid KV."""
         for index in range(request.num_done // self.block_size):
             block = self.blocks[request.block_table[index]]
-            if not block.ready:
-                block.ready = True
-                if block.hash is not None and self.share_partial_blocks:  # a hash owner: now a source for copies too
-                    self._index(block, request.block_hashes[index - 1][0] if index else 0)
+            block.ready = True
+            block.filled_in_step = -1
 
     def release(self, request: Request) -> None:
         """Drop the request's references; cached blocks go to the LRU tail, leaves first to be evicted. A finished

@@ -90,6 +90,10 @@ class ModelRunner:
             span = np.arange(0 if gather else c.start, c.end, dtype=np.int64)
             span_slots = table[span // size] * size + span % size
             own = span_slots[c.start:] if gather else span_slots  # this chunk's new tokens
+            if c.request.share_in is not None:  # its first tokens after the cache: a block this step computes
+                source, _, count = c.request.share_in
+                first = c.start - count
+                span_slots[first : c.start] = source * size + np.arange(count)
             tokens.append(np.asarray(c.request.token_ids[start : c.end], dtype=np.int64))
             positions.append(np.arange(start, c.end, dtype=np.int64))
             slots.append(np.concatenate([np.full(c.start - start, self.scratch, np.int64), own]) if start < c.start else own)
@@ -107,10 +111,14 @@ class ModelRunner:
 
         Index arrays cross to the device in one copy (or fill a CUDA graph's inputs); nothing waits for the GPU.
         """
-        self._copy_partial_blocks(chunks)
+        self._copy_slots(_taken(chunks, "copy_in"))
         step = self.step_arrays(chunks)
-        if self.graphs is not None and self.graphs.run(step):
-            return
+        shares = _taken(chunks, "share_in")
+        if self.graphs is None or not self.graphs.run(step):
+            self._run_eager(step)
+        self._copy_slots(shares)  # their sources were written by this forward
+
+    def _run_eager(self, step: StepArrays) -> None:
         parts = [step.tokens, step.positions, step.slots, step.keys, _cumulative(step.lens_q), _cumulative(step.lens_k)]
         packed = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
         ids, positions_t, slot_mapping, key_slots, cu_q, cu_k = packed.split([len(p) for p in parts])
@@ -128,14 +136,9 @@ class ModelRunner:
         out = self._forward(ids, positions_t, inputs)
         self.head_cache[inputs.slot_mapping] = out.float()
 
-    def _copy_partial_blocks(self, chunks: list[ScheduledChunk]) -> None:
-        """KV and head outputs of tokens a request shares with part of a cached block, copied into its own block
-        (one gather and one scatter for the step), before the forward writes anything."""
-        copies = []
-        for c in chunks:
-            if c.request.copy_in is not None:
-                copies.append(c.request.copy_in)
-                c.request.copy_in = None
+    def _copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
+        """KV and head outputs of tokens a request shares with part of another block, copied into its own block
+        (one gather and one scatter for the step): (source block, own block, count) each."""
         if not copies:
             return
         size = self.blocks.block_size
@@ -204,6 +207,17 @@ class ModelRunner:
         index = _index_tensor(slots).to(self.device, non_blocking=True)
         values = self.head_cache[index].to(self.dtype)
         return list(values.split([len(r.read_positions) for r in requests]))
+
+
+def _taken(chunks: list[ScheduledChunk], name: str) -> list[tuple[int, int, int]]:
+    """The chunks' block copies of one kind (`copy_in` or `share_in`), cleared on their requests: each is done once."""
+    copies = []
+    for c in chunks:
+        copy = getattr(c.request, name)
+        if copy is not None:
+            copies.append(copy)
+            setattr(c.request, name, None)
+    return copies
 
 
 def _cumulative(lengths: list[int]) -> np.ndarray:

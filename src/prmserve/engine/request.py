@@ -63,6 +63,9 @@ class Request:
     # (source block, own block, count): the first `count` slots of a cached block hold this request's next tokens;
     # the runner copies them into its own block before the step that computes the rest (then clears this).
     copy_in: tuple[int, int, int] | None = None
+    # The same, from a block the same step computes: attention reads those keys from the source's slots, and the
+    # runner copies them into its own block after the forward (then clears this).
+    share_in: tuple[int, int, int] | None = None
     input_tokens: int | None = None  # the input's length, where tokens after the last read position were left out
     created_at: float = field(default_factory=time.monotonic)  # when it was built, just before submission
     scheduled_at: float | None = None  # when the scheduler first admitted it (set once)

@@ -134,7 +134,7 @@ class Scheduler:
                 if not self._make_room(request, match):
                     admitting = False
                     continue
-                self.blocks.allocate(request, match)
+                self.blocks.allocate(request, match, self.step)
                 self._move(request, RequestStatus.RUNNING)
                 request.scheduled_at = time.monotonic()
                 if request.num_remaining == 0:
