@@ -252,13 +252,15 @@ def test_a_part_refused_midway_fails_only_the_calls_not_yet_queued(make_prm, mon
     sizes = count_enqueued(prm, monkeypatch, fail_after=1)
 
     async def level():
-        return await asyncio.gather(*(prm.extend_async(node.handle, k, keep=True) for k in kids), return_exceptions=True)
+        return await asyncio.gather(*(prm.extend_async("no-such-handle" if i == 10 else node.handle, k, keep=True)
+                                      for i, k in enumerate(kids)), return_exceptions=True)
 
     handles = len(prm.nodes)
     outcomes = asyncio.run(level())
     assert sizes == [32]
     assert all(isinstance(o, list) and len(o) == 4 and all(r.handle for r in o) for o in outcomes[:8])
-    assert all(isinstance(o, EngineSleepingError) for o in outcomes[8:])
+    assert isinstance(outcomes[10], HandleNotFoundError)  # its own error, not the refusal of its part
+    assert all(isinstance(o, EngineSleepingError) for i, o in enumerate(outcomes[8:], 8) if i != 10)
     assert len(prm.nodes) == handles + 32  # only the queued calls' children were kept
     assert prm.num_pending == 0  # the refused parts' reserved room was given back
 

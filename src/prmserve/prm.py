@@ -496,6 +496,7 @@ class PRM:
                 try:
                     outcomes += _submitted_together(planned, room.submit)
                 except Exception as exc:  # the engine stopped or fell asleep: this part and the rest are refused
+                    outcomes += [jobs if isinstance(jobs, Exception) else exc for jobs in planned]
                     return outcomes + [exc] * (len(calls) - len(outcomes))
         return outcomes
 
