@@ -2,8 +2,9 @@
 
 A search scores a level with `asyncio.gather` over one `extend_async` call per live beam: handled one by one, the
 engine starts a step on the first call's children while the others are still being tokenised, and a 12-level
-replay ran 80-110 steps where 15 would do (each re-reads the weights). Batched, the level reaches the engine
-whole, its children tokenised together. A lone call waits one loop turn (microseconds) for company.
+replay ran 80-110 steps where 15 would do (each re-reads the weights). Batched, the level's calls are planned
+together, their children tokenised in a few batches (`PRM` queues a big level in growing parts of whole calls, so
+the GPU starts on the first while the rest are tokenised). A lone call waits one loop turn (microseconds) for company.
 """
 
 from __future__ import annotations
