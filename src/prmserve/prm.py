@@ -484,14 +484,14 @@ class PRM:
             try:
                 return _submitted_together(planned, self.loop.submit_requests)
             except (QueueFullError, InvalidInputError):
-                return [jobs if isinstance(jobs, Exception) else self._submitted_alone(jobs) for jobs in planned]
+                return self._each_alone(planned)
         try:
             room = reserve(units)
         except (QueueFullError, InvalidInputError):
-            return [jobs if isinstance(jobs, Exception) else self._submitted_alone(jobs) for jobs in self._plan_calls(calls)]
+            return self._each_alone(self._plan_calls(calls))
         outcomes: list[tuple[list[ScoringJob], list[Future]] | Exception] = []
         with room:
-            for part in _call_parts(calls):
+            for part in _call_parts(calls, units):
                 planned = self._plan_calls(part)
                 try:
                     outcomes += _submitted_together(planned, room.submit)
@@ -513,6 +513,10 @@ class PRM:
             except Exception as exc:
                 planned.append(exc)
         return planned
+
+    def _each_alone(self, planned: list[list[ScoringJob] | Exception]) -> list[tuple[list[ScoringJob], list[Future]] | Exception]:
+        """Queue each planned call on its own (the queue refused them together), so each gets its own outcome."""
+        return [jobs if isinstance(jobs, Exception) else self._submitted_alone(jobs) for jobs in planned]
 
     def _submitted_alone(self, jobs: list[ScoringJob]) -> tuple[list[ScoringJob], list[Future]] | Exception:
         try:
@@ -630,16 +634,18 @@ def _call_size(call: AsyncCall) -> int:
     return len(given) if isinstance(given, Sequence) and not isinstance(given, str) else 0
 
 
-def _call_parts(calls: list[AsyncCall]) -> list[list[AsyncCall]]:
-    """Whole calls in parts that grow as `_parts` does (a part closes once it holds its size of items or children)."""
-    parts, part, held, sizes = [], [], 0, iter(PART_SIZES)
-    size = next(sizes)
+def _call_parts(calls: list[AsyncCall], units: int) -> list[list[AsyncCall]]:
+    """Whole calls in the growing parts of `_parts(units)`: a part closes once the calls so far reach its end."""
+    ends = iter(end for _, end in _parts(units))
+    parts, part, held, end = [], [], 0, next(ends)
     for call in calls:
         part.append(call)
         held += _call_size(call)
-        if held >= size:
+        if held >= end:
             parts.append(part)
-            part, held, size = [], 0, next(sizes, size)
+            part = []
+            while held >= end:
+                end = next(ends, units + 1)
     return parts + ([part] if part else [])
 
 

@@ -225,9 +225,7 @@ class BlockManager:
     def mark_ready(self, request: Request) -> None:
         """After a forward: blocks fully covered by the request's computed tokens hold valid KV."""
         for index in range(request.num_done // self.block_size):
-            block = self.blocks[request.block_table[index]]
-            block.ready = True
-            block.filled_in_step = -1
+            self.blocks[request.block_table[index]].ready = True
 
     def release(self, request: Request) -> None:
         """Drop the request's references; cached blocks go to the LRU tail, leaves first to be evicted. A finished

@@ -375,8 +375,8 @@ async def _run(
     The engine's refusals (too long for the KV pool, shutting down) propagate to the app's handlers.
     """
     finished = False
+    gathered = all_done(futures)  # cancelled below unless it is the outcome, so no error goes unread
     try:
-        gathered = all_done(futures)  # cancelled below unless it is the outcome, so no error goes unread
         left = asyncio.ensure_future(_client_left(request))
         expired = asyncio.ensure_future(shutdown.expired.wait())
         try:
