@@ -1,14 +1,16 @@
 """Where a small tree-search call spends its time: a timeline of `PRM.extend` (plan, submit, engine step
 host and GPU parts, wake-up, collect) for 1 and 16 children on a cached node, the kernels of one 16-children
 step, the server's share of an HTTP round trip (asyncio/h11 and uvloop/httptools), a stateless beam replay level
-by level, plus torch.profiler's top ops.
+by level, plus torch.profiler's top ops; `--beam-only`: the beam replay through `extend`, where the GPU waits.
 
-    python bench/profile_tree.py --checkpoint /tmp/prmserve-bench-ckpt-qwen2.5-math-prm-7b [--threads 1] [--eager] [--http-only]
+    python bench/profile_tree.py --checkpoint /tmp/prmserve-bench-ckpt-qwen2.5-math-prm-7b [--threads 1] [--eager] [--http-only | --beam-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--http-only", action="store_true", help="only the HTTP round trip's parts")
+    parser.add_argument("--beam-only", action="store_true", help="only the beam replay through extend: GPU busy and idle time")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +74,9 @@ def main() -> None:
     rows = bench_tree.load_rows(args.assets)
     problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
+    if args.beam_only:
+        beam_gaps(prm, rows)
+        return
     if args.http_only:
         prm.extend(node.handle, bench_tree.children_for(pool, 16, 4100))
         offline = []
@@ -144,6 +150,43 @@ def main() -> None:
           f"({gpu / took:.2f} of the wall time)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16))
     prm.close()
+
+
+def beam_gaps(prm: PRM, rows: list[dict]) -> None:
+    """bench_tree's beam replay through `extend`, twice; the second under the profiler (GPU activity only): the
+    wall time against the union of kernel intervals, the idle gaps between them, and the host parts per level."""
+    problems, levels = bench_tree.beam_levels(rows)
+    for rep in range(2):
+        prm.reset_prefix_cache()
+        STAMPS.clear()
+        profiling = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) \
+            if rep and torch.cuda.is_available() else contextlib.nullcontext()
+        with profiling as prof:
+            began = time.perf_counter()
+            asyncio.run(bench_tree.beam_with_extend(prm, problems, levels))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            took = time.perf_counter() - began
+    print(f"\n== beam replay through extend, its second run: {took * 1e3:.0f} ms for {len(levels)} levels")
+    for name, values in STAMPS.items():
+        print(f"  {name:24s} median {statistics.median(values):7.2f} ms  sum {sum(values):8.1f} ms  x{len(values)}")
+    if prof is None:
+        return
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    busy = sum(end - start for start, end in merged) / 1e3
+    gaps = sorted(((b[0] - a[1]) / 1e3 for a, b in zip(merged, merged[1:])), reverse=True)
+    window = (merged[-1][1] - merged[0][0]) / 1e3
+    print(f"  GPU busy {busy:.0f} ms of the {window:.0f} ms from its first kernel to its last ({busy / window:.2f}); "
+          f"idle {window - busy:.0f} ms: {sum(g for g in gaps if g >= 1):.0f} ms in {sum(g >= 1 for g in gaps)} gaps of >= 1 ms, "
+          f"{sum(g for g in gaps if 0.1 <= g < 1):.0f} ms in gaps of 0.1-1 ms; the largest: "
+          + ", ".join(f"{g:.1f}" for g in gaps[:12]))
 
 
 def http_rounds(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int) -> None:
