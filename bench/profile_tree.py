@@ -153,25 +153,36 @@ def main() -> None:
 
 
 def beam_gaps(prm: PRM, rows: list[dict]) -> None:
-    """bench_tree's beam replay through `extend`, twice; the second under the profiler (GPU activity only): the
-    wall time against the union of kernel intervals, the idle gaps between them, and the host parts per level."""
+    """bench_tree's beam replay through `extend`, three times: a warm-up; under the profiler (GPU activity only),
+    the wall time against the union of kernel intervals and the idle gaps between them; with a step timeline
+    (host moments and CUDA events on one clock), what each gap before a step was spent on."""
     problems, levels = bench_tree.beam_levels(rows)
-    for rep in range(2):
+    cuda = torch.cuda.is_available()
+    for rep in range(3 if cuda else 1):
         prm.reset_prefix_cache()
         STAMPS.clear()
-        profiling = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) \
-            if rep and torch.cuda.is_available() else contextlib.nullcontext()
-        with profiling as prof:
+        profiling = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if rep == 1 else contextlib.nullcontext()
+        timeline = StepTimeline(prm) if rep == 2 else contextlib.nullcontext()
+        with profiling as prof, timeline:
             began = time.perf_counter()
             asyncio.run(bench_tree.beam_with_extend(prm, problems, levels))
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.synchronize()
             took = time.perf_counter() - began
-    print(f"\n== beam replay through extend, its second run: {took * 1e3:.0f} ms for {len(levels)} levels")
-    for name, values in STAMPS.items():
-        print(f"  {name:24s} median {statistics.median(values):7.2f} ms  sum {sum(values):8.1f} ms  x{len(values)}")
-    if prof is None:
-        return
+        if rep == 0:
+            print(f"\n== beam replay through extend, its first run: {took * 1e3:.0f} ms for {len(levels)} levels")
+            for name, values in STAMPS.items():
+                print(f"  {name:24s} median {statistics.median(values):7.2f} ms  sum {sum(values):8.1f} ms  x{len(values)}")
+        elif rep == 1:
+            print(f"\n== under the profiler: {took * 1e3:.0f} ms")
+            kernel_gaps(prof)
+        else:
+            print(f"\n== with the step timeline: {took * 1e3:.0f} ms")
+            timeline.report()
+
+
+def kernel_gaps(prof) -> None:
+    """The GPU's busy time (union of kernel intervals) and its idle gaps, from a profile."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA)
     merged: list[list[float]] = []
@@ -187,6 +198,102 @@ def beam_gaps(prm: PRM, rows: list[dict]) -> None:
           f"idle {window - busy:.0f} ms: {sum(g for g in gaps if g >= 1):.0f} ms in {sum(g >= 1 for g in gaps)} gaps of >= 1 ms, "
           f"{sum(g for g in gaps if 0.1 <= g < 1):.0f} ms in gaps of 0.1-1 ms; the largest: "
           + ", ".join(f"{g:.1f}" for g in gaps[:12]))
+
+
+class StepTimeline:
+    """Each engine step's host moments (entry, the forward's launch, exit) and GPU moments (a CUDA event just
+    before the forward's first kernel, one after the step) on one clock, plus the caller's submissions and
+    releases (a level's end). A GPU gap before a step splits into: the engine not yet in that step (waiting for
+    work or for the GPU), the step's host work before its launch, and the launch's own latency."""
+
+    def __init__(self, prm: PRM) -> None:
+        self.prm, self.steps, self.marks = prm, [], []
+        self.saved: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> StepTimeline:
+        torch.cuda.synchronize()
+        self.ref = torch.cuda.Event(enable_timing=True)
+        self.ref.record()
+        torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        engine, loop = self.prm.engine, self.prm.loop
+        current: dict = {}
+
+        def step(_inner=engine.step):
+            current.clear()
+            current["host_start"] = time.perf_counter()
+            done = _inner()
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            if "gpu_first" in current:
+                self.steps.append(dict(current, host_end=time.perf_counter(), gpu_end=end))
+            return done
+
+        def before_launch(owner, name):
+            inner = getattr(owner, name)
+
+            def launched(*args, **kwargs):
+                if "gpu_first" not in current:
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    current.update(host_launch=time.perf_counter(), gpu_first=event)
+                return inner(*args, **kwargs)
+            return launched
+
+        def marked(owner, name, label):
+            inner = getattr(owner, name)
+
+            def call(*args, **kwargs):
+                self.marks.append((time.perf_counter(), label))
+                return inner(*args, **kwargs)
+            return call
+
+        patches = [(engine, "step", step),
+                   (torch.cuda.CUDAGraph, "replay", before_launch(torch.cuda.CUDAGraph, "replay")),
+                   (engine.runner, "_forward", before_launch(engine.runner, "_forward")),
+                   (loop, "_enqueue", marked(loop, "_enqueue", "submit")),
+                   (self.prm, "release", marked(self.prm, "release", "level end"))]
+        for owner, name, patched in patches:
+            self.saved.append((owner, name, owner.__dict__.get(name) if isinstance(owner, type) else None))
+            setattr(owner, name, patched)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize()
+        for owner, name, original in self.saved:
+            if isinstance(owner, type):
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # the instance's own patch: the class's method shows through again
+
+    def gpu(self, event: torch.cuda.Event) -> float:
+        return self.t0 + self.ref.elapsed_time(event) / 1e3
+
+    def report(self) -> None:
+        ends = sorted(t for t, label in self.marks if label == "level end")
+        rows, sums = [], {}
+        previous_end = None
+        for k, s in enumerate(self.steps):
+            first, end = self.gpu(s["gpu_first"]), self.gpu(s["gpu_end"])
+            level_first = any(previous_end is not None and previous_end < t < s["host_start"] for t in ends)
+            if previous_end is not None:
+                waiting = max(0.0, s["host_start"] - previous_end)
+                prep = max(0.0, s["host_launch"] - max(s["host_start"], previous_end))
+                launch = max(0.0, first - max(s["host_launch"], previous_end))
+                kind = "level's first step" if level_first else "other steps"
+                for name, value in (("engine not in the step", waiting), ("host work before launch", prep), ("launch latency", launch)):
+                    sums[(kind, name)] = sums.get((kind, name), 0.0) + value * 1e3
+                rows.append((k, level_first, (first - previous_end) * 1e3, waiting * 1e3, prep * 1e3, launch * 1e3, (end - first) * 1e3))
+            previous_end = end
+        print(f"  {len(self.steps)} steps; GPU gaps before a step, split (ms, summed):")
+        for (kind, name), value in sorted(sums.items()):
+            print(f"    {kind:20s} {name:26s} {value:7.1f}")
+        print("  the steps of levels 5-6: step, level's first, gap, engine not in it, host work, launch latency, GPU span (ms)")
+        level_starts = [r[0] for r in rows if r[1]]
+        lo, hi = (level_starts[4], level_starts[6]) if len(level_starts) > 6 else (0, len(self.steps))
+        for k, first, gap, waiting, prep, launch, span in rows:
+            if lo <= k < hi:
+                print(f"    {k:3d} {'*' if first else ' '} {gap:6.2f} {waiting:6.2f} {prep:6.2f} {launch:6.2f} {span:7.2f}")
 
 
 def http_rounds(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int) -> None:

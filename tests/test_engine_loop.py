@@ -317,3 +317,53 @@ def test_request_ids_are_unique_and_a_forked_child_draws_its_own():
     os.waitpid(pid, 0)
     child = os.read(read, 100).decode()
     assert len(child) == len(ids[0]) and child[:20] != ids[0][:20]
+
+
+class BusyGPU:
+    """Stands in for the CUDA events of launched steps on CPU: every step "runs on the GPU" until `finish`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.done = threading.Event()
+        self.busy_at_step: list[bool] = []  # per step: was the previous step still "running" when this one began
+        inner = engine.step
+
+        def step():
+            self.busy_at_step.append(bool(engine._launched) and not self.done.is_set())
+            finished = inner()
+            engine._launched.append(self)
+            return finished
+
+        engine.step = step
+
+    def query(self) -> bool:
+        return self.done.is_set()
+
+    def synchronize(self) -> None:
+        assert self.done.wait(WAIT)
+
+
+def test_work_that_arrives_while_the_gpu_runs_is_launched_behind_it_when_worth_a_step(prm, loops):
+    """While a step runs and unfinished work waits, the loop takes in arrivals: once the queue is worth a step of its
+    own, that step is launched behind the running one; a remainder too small for one waits for the GPU instead."""
+    loop = start(prm, loops, max_num_batched_tokens=16)
+    gpu = BusyGPU(loop.engine)
+    long_ids, other_ids = ids_of(20, 1), ids_of(10, 2)
+    first = loop.submit(long_ids, [19])  # 16 tokens now, 4 left: too few to launch behind the running step
+    wait_until(lambda: len(gpu.busy_at_step) == 1, "the first step")
+    time.sleep(0.02)
+    assert len(gpu.busy_at_step) == 1  # the loop waits for the GPU: 4 queued tokens are not worth a step
+    second = loop.submit(other_ids, [0, 9])  # 4 + 10 tokens: still under the 16 of a step
+    time.sleep(0.02)
+    assert len(gpu.busy_at_step) == 1
+    third = loop.submit(ids_of(6, 3), [5])  # 20 queued tokens: a full step
+    wait_until(lambda: len(gpu.busy_at_step) == 2, "a step behind the running one")
+    assert gpu.busy_at_step == [False, True]
+    time.sleep(0.02)
+    assert len(gpu.busy_at_step) == 2  # 4 tokens left: they wait for the GPU
+    gpu.done.set()
+    check_result(prm.model, first, long_ids, [19])
+    check_result(prm.model, second, other_ids, [0, 9])
+    third.result(timeout=WAIT)
+    assert gpu.busy_at_step == [False, True, False]
+    wait_idle(loop)
+    assert_clean(loop.engine)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prmserve.engine import Engine, EngineConfig, Request
+from prmserve.engine.scheduler import RUN_AHEAD_TOKENS
 from prmserve.models import BackboneConfig, load_reward_model
 from prmserve.models.heads import HeadSpec
 from tiny_checkpoints import build
@@ -166,6 +167,9 @@ class FakeEvent:
     def synchronize(self) -> None:
         self.waits += 1
 
+    def query(self) -> bool:
+        return False  # still running until waited for
+
 
 def test_the_next_step_runs_ahead_only_when_the_queue_fills_it(model) -> None:
     """`make_way` keeps one step queued behind the running one when queued work fills a step (the GPU never idles
@@ -173,14 +177,14 @@ def test_the_next_step_runs_ahead_only_when_the_queue_fills_it(model) -> None:
     rng = random.Random(3)
     engine = engine_for(model, max_num_batched_tokens=64, max_num_seqs=8)
     engine.add(make_request("a", random_ids(rng, 40)))
-    assert not engine.scheduler.fills_step()
+    assert not engine.scheduler.worth_running_ahead()
     running, queued = FakeEvent(), FakeEvent()
     engine._launched.extend([running, queued])
     engine.make_way()  # 40 of 64 tokens queued: wait for everything launched
     assert (running.waits, queued.waits) == (1, 1) and not engine._launched
 
     engine.add(make_request("b", random_ids(rng, 30)))
-    assert engine.scheduler.fills_step()
+    assert engine.scheduler.worth_running_ahead()
     running, queued = FakeEvent(), FakeEvent()
     engine._launched.extend([running, queued])
     engine.make_way()  # 70 tokens queued: only the older step must be done
@@ -194,9 +198,32 @@ def test_a_full_sequence_budget_fills_a_step(model) -> None:
     rng = random.Random(4)
     engine = engine_for(model, max_num_batched_tokens=10_000, max_num_seqs=3)
     for name in "abc":
-        assert not engine.scheduler.fills_step()
+        assert not engine.scheduler.worth_running_ahead()
         engine.add(make_request(name, random_ids(rng, 5)))
-    assert engine.scheduler.fills_step()
+    assert engine.scheduler.worth_running_ahead()
+    check_outputs(model, drain(engine))
+
+
+def test_running_ahead_counts_new_tokens_after_cache_hits(model) -> None:
+    """A step is worth launching behind the running one for the tokens it must compute: a child of a cached node
+    counts its new tokens only, and RUN_AHEAD_TOKENS of them are enough where the step budget is bigger."""
+    rng = random.Random(6)
+    engine = engine_for(model, max_num_batched_tokens=64, max_num_seqs=8)
+    node = random_ids(rng, 60)
+    engine.add(make_request("node", node))
+    drain(engine)
+    child = make_request("child", node + random_ids(rng, 8))  # 68 tokens, 60 of them cached
+    engine.add(child)
+    assert not engine.scheduler.worth_running_ahead()
+    engine.add(make_request("other", random_ids(rng, 60)))  # 68 + 60 tokens, 8 + 60 to compute
+    assert engine.scheduler.worth_running_ahead()
+    check_outputs(model, drain(engine))
+
+    engine = engine_for(model, max_num_batched_tokens=10_000, max_num_seqs=64, num_kv_blocks=512)
+    engine.add(make_request("a", random_ids(rng, RUN_AHEAD_TOKENS - 1)))
+    assert not engine.scheduler.worth_running_ahead()
+    engine.add(make_request("b", random_ids(rng, 1)))
+    assert engine.scheduler.worth_running_ahead()
     check_outputs(model, drain(engine))
 
 
@@ -211,7 +238,7 @@ def test_a_small_queue_goes_in_steps_the_cuda_graphs_replay(model) -> None:
     engine.step_observers.append(lambda stats: sizes.append(stats.num_tokens))
     for name in "abcd":  # 4 x 15 = 60 tokens: at most GRAPH_SPLIT (4) steps of 16
         engine.add(make_request(name, random_ids(rng, 15)))
-    assert engine.scheduler.step_budget() == 16 and engine.scheduler.fills_step()
+    assert engine.scheduler.step_budget() == 16 and engine.scheduler.worth_running_ahead()
     check_outputs(model, drain(engine))
     assert sizes == [16, 16, 16, 12]
 

@@ -112,14 +112,22 @@ class Engine:
         while self._launched:
             self._launched.popleft().synchronize()
 
-    def make_way(self) -> None:
-        """Before the next step: if the queue alone fills it, let it go to the GPU behind the one still running
-        (one at most), so the GPU never idles while the host schedules; else wait, so arrivals can join it."""
-        if self._launched and self.scheduler.fills_step():
+    def make_way(self, wait: bool = True) -> bool:
+        """Before the next step: whether it may be launched now. Yes when the queue is worth a step behind the one
+        still running (`Scheduler.worth_running_ahead`; one step ahead at most), so the GPU never idles while the
+        host schedules, or when the GPU is done; else it waits for the GPU (`wait`, so arrivals join the next step)
+        or says no, for a caller that takes in arrivals meanwhile and asks again."""
+        if self._launched and self.scheduler.worth_running_ahead():
             while len(self._launched) > 1:
                 self._launched.popleft().synchronize()
-        else:
+            return True
+        while self._launched and self._launched[0].query():
+            self._launched.popleft()
+        if not self._launched:
+            return True
+        if wait:
             self.wait_for_gpu()
+        return wait
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

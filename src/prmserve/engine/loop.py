@@ -20,6 +20,9 @@ from prmserve.errors import EngineSleepingError, InvalidInputError, QueueFullErr
 from prmserve.models.transformer import RewardModel
 
 
+GPU_POLL_S = 2e-4  # while the GPU runs a step and nothing arrives, how often the loop looks whether it is done
+
+
 class EngineLoop:
     """Thread-safe front of an `Engine`: `submit` from any thread, results through futures.
 
@@ -155,29 +158,13 @@ class EngineLoop:
             if stop and block:
                 return
             if not block:
-                self.engine.make_way()  # wait for the GPU (arrivals join the next step) unless the queue fills it
+                stop = self._make_way() or stop
             try:
                 kind, payload = self._inbox.get(block=block)
             except queue.Empty:
                 kind = None
             while kind is not None:
-                if kind == "add":
-                    for request, future in payload:
-                        self._add(request, future)
-                elif kind == "abort":
-                    self.engine.abort(payload)
-                    self._settle(payload)
-                elif kind == "unpin":
-                    self.engine.unpin(payload)
-                elif kind == "reset":
-                    self.engine.reset_prefix_cache()
-                    payload.set_result(None)
-                elif kind == "sleep":
-                    self._sleep_asked = payload
-                elif kind == "wake":
-                    self._wake(*payload)
-                elif kind == "stop":
-                    stop = True
+                stop = self._handle(kind, payload) or stop
                 try:
                     kind, payload = self._inbox.get_nowait()
                 except queue.Empty:
@@ -187,6 +174,37 @@ class EngineLoop:
             if self._sleep_asked is not None and not self.engine.has_unfinished():  # the work in flight is done
                 (level, done), self._sleep_asked = self._sleep_asked, None
                 _call(done, self.engine.sleep, level)
+
+    def _make_way(self) -> bool:
+        """Until the next step may be launched (`Engine.make_way`), take in what arrives while the GPU runs the last
+        one, so a call queued meanwhile is scheduled behind it at once instead of after it; whether a stop came."""
+        stop = False
+        while not self.engine.make_way(wait=False):
+            try:
+                kind, payload = self._inbox.get(timeout=GPU_POLL_S)
+            except queue.Empty:
+                continue
+            stop = self._handle(kind, payload) or stop
+        return stop
+
+    def _handle(self, kind: str, payload: object) -> bool:
+        """Act on one inbox message; whether it was the stop message."""
+        if kind == "add":
+            for request, future in payload:
+                self._add(request, future)
+        elif kind == "abort":
+            self.engine.abort(payload)
+            self._settle(payload)
+        elif kind == "unpin":
+            self.engine.unpin(payload)
+        elif kind == "reset":
+            self.engine.reset_prefix_cache()
+            payload.set_result(None)
+        elif kind == "sleep":
+            self._sleep_asked = payload
+        elif kind == "wake":
+            self._wake(*payload)
+        return kind == "stop"
 
     def _wake(self, reload: Callable[[], RewardModel] | None, done: Future) -> None:
         if self._sleep_asked is not None:  # woken before it fell asleep

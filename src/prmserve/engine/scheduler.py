@@ -11,6 +11,10 @@ from prmserve.engine.config import EngineConfig
 from prmserve.engine.request import Request, RequestStatus
 
 GRAPH_SPLIT = 4  # a queue of up to this many graph-sized steps is split into them
+# New tokens that make a step worth launching behind the one on the GPU instead of waiting for arrivals to join it:
+# a layer's GEMMs do about as many FLOPs per weight byte as the step has tokens, and Hopper turns compute-bound near
+# 300 (H100) or 210 (H200), so waiting for a bigger step would save no GPU time.
+RUN_AHEAD_TOKENS = 512
 
 
 @dataclass
@@ -65,16 +69,22 @@ class Scheduler:
             return budget
         queued = 0
         for _, request in self.queue:
-            queued += request.num_remaining
-            if request.status is RequestStatus.WAITING:  # what its cached prefix will spare (an estimate, kept)
-                spared = self._spared.get(request.request_id)
-                if spared is None:
-                    spared = len(self.blocks.match_prefix(request, self.step + 1).block_ids) * self.blocks.block_size
-                    self._spared[request.request_id] = spared
-                queued -= spared
+            queued += self._uncached(request)
             if queued > GRAPH_SPLIT * self.graph_tokens:
                 return budget
         return self.graph_tokens
+
+    def _uncached(self, request: Request) -> int:
+        """Tokens the request still needs computed; for a waiting one, less what its cached prefix spares (an
+        estimate made when first looked at, and kept)."""
+        remaining = request.num_remaining
+        if request.status is RequestStatus.WAITING:
+            spared = self._spared.get(request.request_id)
+            if spared is None:
+                spared = len(self.blocks.match_prefix(request, self.step + 1).block_ids) * self.blocks.block_size
+                self._spared[request.request_id] = spared
+            remaining -= spared
+        return remaining
 
     def add(self, request: Request) -> None:
         assert request.status is RequestStatus.WAITING, f"request {request.request_id} was added twice"
@@ -104,14 +114,15 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def fills_step(self) -> bool:
-        """Whether the queued work alone fills the next step's token or sequence budget (cache hits not counted)."""
+    def worth_running_ahead(self) -> bool:
+        """Whether the queued work makes a step worth launching behind the one the GPU runs now: a full sequence
+        budget, or new tokens (after cache hits) enough to fill the step or to keep the GPU compute-bound."""
         if len(self.queue) >= self.config.max_num_seqs:
             return True
-        budget = self.step_budget()
+        need = min(self.step_budget(), RUN_AHEAD_TOKENS)
         for _, request in self.queue:
-            budget -= request.num_remaining
-            if budget <= 0:
+            need -= self._uncached(request)
+            if need <= 0:
                 return True
         return False
 
