@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--http-only", action="store_true", help="only the HTTP round trip's parts")
     parser.add_argument("--beam-only", action="store_true", help="only the beam replay through extend: GPU busy and idle time")
+    parser.add_argument("--switch-intervals", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                        help="with --beam-only: GIL switch intervals (s) to replay under, comma-separated (default: the current)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +78,7 @@ def main() -> None:
     problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
     if args.beam_only:
-        beam_gaps(prm, rows)
+        beam_gaps(prm, rows, args.switch_intervals or [sys.getswitchinterval()])
         return
     if args.http_only:
         prm.extend(node.handle, bench_tree.children_for(pool, 16, 4100))
@@ -152,33 +155,42 @@ def main() -> None:
     prm.close()
 
 
-def beam_gaps(prm: PRM, rows: list[dict]) -> None:
-    """bench_tree's beam replay through `extend`, three times: a warm-up; under the profiler (GPU activity only),
-    the wall time against the union of kernel intervals and the idle gaps between them; with a step timeline
-    (host moments and CUDA events on one clock), what each gap before a step was spent on."""
+def beam_gaps(prm: PRM, rows: list[dict], switch_intervals: list[float]) -> None:
+    """bench_tree's beam replay through `extend`: a warm-up; a run under the profiler (GPU activity only), the wall
+    time against the union of kernel intervals and the idle gaps between them; then, per GIL switch interval
+    (`sys.setswitchinterval`), three timed runs and one with the step timeline (host moments and CUDA events on one
+    clock): what each GPU gap before a step was spent on."""
     problems, levels = bench_tree.beam_levels(rows)
     cuda = torch.cuda.is_available()
-    for rep in range(3 if cuda else 1):
+
+    def replay(context=contextlib.nullcontext()) -> tuple[float, object]:
         prm.reset_prefix_cache()
         STAMPS.clear()
-        profiling = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if rep == 1 else contextlib.nullcontext()
-        timeline = StepTimeline(prm) if rep == 2 else contextlib.nullcontext()
-        with profiling as prof, timeline:
+        with context as entered:
             began = time.perf_counter()
             asyncio.run(bench_tree.beam_with_extend(prm, problems, levels))
             if cuda:
                 torch.cuda.synchronize()
-            took = time.perf_counter() - began
-        if rep == 0:
-            print(f"\n== beam replay through extend, its first run: {took * 1e3:.0f} ms for {len(levels)} levels")
-            for name, values in STAMPS.items():
-                print(f"  {name:24s} median {statistics.median(values):7.2f} ms  sum {sum(values):8.1f} ms  x{len(values)}")
-        elif rep == 1:
-            print(f"\n== under the profiler: {took * 1e3:.0f} ms")
-            kernel_gaps(prof)
-        else:
-            print(f"\n== with the step timeline: {took * 1e3:.0f} ms")
-            timeline.report()
+            return time.perf_counter() - began, entered
+
+    took, _ = replay()
+    print(f"\n== beam replay through extend, its first run: {took * 1e3:.0f} ms for {len(levels)} levels")
+    for name, values in STAMPS.items():
+        print(f"  {name:24s} median {statistics.median(values):7.2f} ms  sum {sum(values):8.1f} ms  x{len(values)}")
+    if not cuda:
+        return
+    took, prof = replay(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]))
+    print(f"\n== under the profiler: {took * 1e3:.0f} ms")
+    kernel_gaps(prof)
+    default = sys.getswitchinterval()
+    for interval in switch_intervals:
+        sys.setswitchinterval(interval)
+        runs = [replay()[0] * 1e3 for _ in range(3)]
+        took, timeline = replay(StepTimeline(prm))
+        print(f"\n== GIL switch interval {interval * 1e3:g} ms: replays {', '.join(f'{r:.0f}' for r in runs)} ms; "
+              f"with the step timeline {took * 1e3:.0f} ms")
+        timeline.report()
+    sys.setswitchinterval(default)
 
 
 def kernel_gaps(prof) -> None:

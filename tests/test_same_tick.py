@@ -74,6 +74,21 @@ def test_a_call_cancelled_before_its_batch_is_left_out():
     assert batches == [[2]]
 
 
+def test_a_call_cancelled_before_its_batch_is_forgotten_when_asked():
+    forgotten: list[int] = []
+
+    async def main():
+        batcher = SameTickBatcher(lambda calls: calls, lambda outcome: None, forgotten.append)
+        cancelled = asyncio.ensure_future(batcher(1))
+        kept = asyncio.ensure_future(batcher(2))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        return await kept
+
+    assert asyncio.run(main()) == 2
+    assert forgotten == [1]  # what the cancelled call held is let go; the kept one's is not
+
+
 def test_a_call_cancelled_after_its_batch_has_its_outcome_discarded():
     discarded: list[int] = []
 
@@ -146,6 +161,30 @@ def test_gathered_extends_and_scores_reach_the_engine_as_one_submission(make_prm
     assert scored[0].step_rewards == pytest.approx(scored_alone[0].step_rewards, abs=1e-6)
     full = prm.score([{"problem": PROBLEM, "steps": NODES[1] + kid} for kid in CHILDREN[1]])  # the ids as a whole item's
     assert flat(together[1]) == pytest.approx(flat(full), abs=1e-6)
+    prm.release([node.handle for node in nodes])
+
+
+def test_gathered_calls_that_finish_together_are_collected_in_one_rewards_operation(make_prm, monkeypatch):
+    """The calls of a level finish in one engine step: their rewards are computed and copied to the host once, and
+    each call still gets its own results and handles, equal to single calls'."""
+    prm = make_prm()
+    nodes = prm.score([{"problem": PROBLEM, "steps": steps} for steps in NODES], keep=True)
+    alone = [prm.extend(node.handle, kids) for node, kids in zip(nodes, CHILDREN)]
+    rows: list[int] = []
+    original = prm.format.rewards
+    monkeypatch.setattr(prm.format, "rewards", lambda outputs: rows.append(len(outputs)) or original(outputs))
+
+    async def level():
+        return await asyncio.gather(*(prm.extend_async(node.handle, kids, keep=True) for node, kids in zip(nodes, CHILDREN)))
+
+    together = asyncio.run(level())
+    assert len(rows) == 1  # both calls' 4 children in one operation
+    assert rows[0] == sum(len(r.step_rewards) - len(node.step_rewards) for node, kids in zip(nodes, together) for r in kids)
+    for a, b in zip(together, alone):
+        assert flat(a) == pytest.approx(flat(b), abs=1e-6)
+    handles = [r.handle for kids in together for r in kids]
+    assert len(set(handles)) == 4 and all(h is not None for h in handles)
+    assert prm.release(handles) == 4
     prm.release([node.handle for node in nodes])
 
 

@@ -163,6 +163,8 @@ class PRM:
         self.step_split = split_rule(own["step_split"])  # how completions are split when an item does not say
         # Async calls of one event-loop turn (a search's gather over a level) are planned and queued together.
         self._same_tick = SameTickBatcher(self._plan_and_submit_calls, lambda planned: self.drop(*planned))
+        # ... and those whose requests finished by the same turn are collected together (one rewards operation).
+        self._collect_tick = SameTickBatcher(self._collect_calls, self._discard_results, lambda call: self.abandon(call[0]))
 
     @property
     def max_model_len(self) -> int:
@@ -413,8 +415,28 @@ class PRM:
 
     def collect(self, jobs: Sequence[ScoringJob], finished: Sequence[Request]) -> list[ScoreResult]:
         """Results of finished jobs: every reward in one batched operation; kept ones become nodes."""
+        return self._results(jobs, finished, self._row_rewards(finished))
+
+    def _collect_calls(self, calls: list[tuple[list[ScoringJob], list[Request]]]) -> list[list[ScoreResult]]:
+        """`collect` for several calls at once (async calls whose requests finished by one loop turn): one rewards
+        operation and one copy to the host for all, where each call alone took ~0.3 ms (H100)."""
+        rewards = self._row_rewards([r for _, finished in calls for r in finished])
+        outcomes, start = [], 0
+        for jobs, finished in calls:
+            count = sum(len(r.read_positions) for r in finished)
+            outcomes.append(self._results(jobs, finished, rewards[start : start + count]))
+            start += count
+        return outcomes
+
+    def _row_rewards(self, finished: Sequence[Request]) -> list[float]:
+        """One reward per read position of the finished requests, in order (waiting only for their steps)."""
+        if not finished:
+            return []
         with reading(finished):  # not waiting for steps launched after these
-            rewards = self.format.rewards(torch.cat([r.outputs for r in finished])) if finished else []
+            return self.format.rewards(torch.cat([r.outputs for r in finished]))
+
+    def _results(self, jobs: Sequence[ScoringJob], finished: Sequence[Request], rewards: list[float]) -> list[ScoreResult]:
+        """The jobs' results from their requests' row rewards; kept ones become nodes."""
         results, start, taken = [], 0, 0
         for job in jobs:
             mine = finished[taken : taken + len(job.requests)]
@@ -432,6 +454,10 @@ class PRM:
                 self.nodes.add(handle, Node(problem, steps, job.encoded, step_rewards, request.block_hashes))
             results.append(ScoreResult(step_rewards, sum((r.usage for r in mine), TokenUsage()), handle, job.step_spans))
         return results
+
+    def _discard_results(self, results: list[ScoreResult]) -> None:
+        """Collected results whose caller was cancelled before taking them: their kept nodes go."""
+        self.release([r.handle for r in results if r.handle is not None])
 
     def abandon(self, jobs: Sequence[ScoringJob]) -> None:
         """Unpin what kept jobs pinned when their results will never be collected (an error, a cancel)."""
@@ -559,7 +585,7 @@ class PRM:
         except BaseException:
             self.drop(jobs, futures)
             raise
-        return self.collect(jobs, finished)
+        return await self._collect_tick((jobs, finished))
 
     def drop(self, jobs: Sequence[ScoringJob], futures: Sequence[Future]) -> None:
         """Queued work whose results will never be collected (an error, a cancel): abort it, unpin what was kept."""

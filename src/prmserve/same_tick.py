@@ -20,11 +20,14 @@ Outcome = TypeVar("Outcome")
 class SameTickBatcher(Generic[Call, Outcome]):
     """`await batcher(call)`: the call's outcome from `handle(calls)`, which gets every call of the same loop turn
     (a list of outcomes, or exceptions, in call order). `discard(outcome)` undoes an outcome whose caller was
-    cancelled before it could take it (queued work nobody will collect)."""
+    cancelled before it could take it (queued work nobody will collect); `forget(call)`, a call whose caller was
+    cancelled before the batch ran (what the call itself holds)."""
 
-    def __init__(self, handle: Callable[[list[Call]], list[Outcome | Exception]], discard: Callable[[Outcome], None]) -> None:
+    def __init__(self, handle: Callable[[list[Call]], list[Outcome | Exception]], discard: Callable[[Outcome], None],
+                 forget: Callable[[Call], None] | None = None) -> None:
         self._handle = handle
         self._discard = discard
+        self._forget = forget
         self._waiting: dict[asyncio.AbstractEventLoop, list[tuple[Call, asyncio.Future]]] = {}  # one list per loop
 
     async def __call__(self, call: Call) -> Outcome:
@@ -43,7 +46,12 @@ class SameTickBatcher(Generic[Call, Outcome]):
             raise
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
-        waiting = [(call, future) for call, future in self._waiting.pop(loop) if not future.cancelled()]
+        waiting = []
+        for call, future in self._waiting.pop(loop):
+            if not future.cancelled():
+                waiting.append((call, future))
+            elif self._forget is not None:
+                self._forget(call)
         if not waiting:
             return
         try:
