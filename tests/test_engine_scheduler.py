@@ -228,19 +228,25 @@ def test_running_ahead_counts_new_tokens_after_cache_hits(model) -> None:
 
 
 def test_a_small_queue_goes_in_steps_the_cuda_graphs_replay(model) -> None:
-    """With graphs of up to `graph_tokens` tokens, a queue of at most GRAPH_SPLIT such steps is cut into steps of
-    that size (each replays a graph, not ~20 ms of launches); a bigger queue takes the full token budget. The
-    outputs are the same either way."""
+    """With graphs of up to `graph_tokens` tokens, a queue of at most GRAPH_SPLIT such steps is cut into as few
+    steps of that size as hold it, of even sizes (no small tail step); a bigger queue takes the full token budget.
+    The outputs are the same either way."""
     rng = random.Random(5)
     engine = engine_for(model, max_num_batched_tokens=200, max_num_seqs=16, enable_prefix_caching=False)
     engine.scheduler.graph_tokens = 16
     sizes: list[int] = []
     engine.step_observers.append(lambda stats: sizes.append(stats.num_tokens))
-    for name in "abcd":  # 4 x 15 = 60 tokens: at most GRAPH_SPLIT (4) steps of 16
+    for name in "abcd":  # 4 x 15 = 60 tokens: at most GRAPH_SPLIT (4) steps of 16, so 4 of 15
         engine.add(make_request(name, random_ids(rng, 15)))
-    assert engine.scheduler.step_budget() == 16 and engine.scheduler.worth_running_ahead()
+    assert engine.scheduler.step_budget() == 15 and engine.scheduler.worth_running_ahead()
     check_outputs(model, drain(engine))
-    assert sizes == [16, 16, 16, 12]
+    assert sizes == [15, 15, 15, 15]
+
+    sizes.clear()
+    for name, length in zip("xyz", (7, 7, 7)):  # 21 tokens: two steps, 11 + 10 rather than 16 + 5
+        engine.add(make_request(name, random_ids(rng, length)))
+    check_outputs(model, drain(engine))
+    assert sizes == [11, 10]
 
     sizes.clear()
     for name in "efghi":  # 75 tokens, more than 4 graph steps: full steps while the queue is big

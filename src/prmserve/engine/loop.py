@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import queue
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
@@ -22,10 +21,6 @@ from prmserve.models.transformer import RewardModel
 
 
 GPU_POLL_S = 2e-4  # while the GPU runs a step and nothing arrives, how often the loop looks whether it is done
-# The interpreter's GIL switch interval while an engine thread runs (Python's default is 5 ms). The engine thread
-# releases the GIL many times a step (each CUDA call); each time a busy caller thread (planning the next part of a
-# search level, collecting results) may keep it for a whole interval before the step can be launched.
-SWITCH_INTERVAL_S = 5e-4
 
 
 class EngineLoop:
@@ -44,8 +39,6 @@ class EngineLoop:
         self._stopping = False
         self._sleeping = False  # from a sleep's call until its wake_up: submissions are refused
         self._sleep_asked: tuple[int, Future] | None = None  # a sleep waiting for the work in flight to finish
-        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)  # for the whole process: the engine thread competes with its callers
         self._thread = threading.Thread(target=self._run, name="prmserve-engine", daemon=True)
         self._thread.start()
 
