@@ -8,8 +8,8 @@ scratch slots past the pool, unused sequence entries have length 0, and unused k
 Sequence counts come in buckets too (16, 64, max_num_seqs): Flash launches a block per (query tile, sequence entry, head) and
 an empty entry's blocks still cost launch slots: 258 entries for 16 children took 160 us a layer (H200),
 a quarter of the step's GEMM time.
-The padded inputs are filled into the graph's static buffer with one host-to-device copy, then the
-graph is replayed. The graphs hold the same compiled layers as every other step: eager and fused
+The padded inputs are filled into the graph's static buffer with one host-to-device copy from pinned memory (queued
+behind the step still running, never waiting for it), then the graph is replayed. The graphs hold the same compiled layers as every other step: eager and fused
 elementwise code round differently, and an item's rewards must not depend on which path its step took
 (eager layers are captured only where capturing compiled ones fails).
 
@@ -162,7 +162,7 @@ class CudaGraphs:
         if shape is None or shape not in self.graphs:
             return False
         graph, packed = self.graphs[shape]
-        packed.copy_(torch.from_numpy(pad(step, *shape, self.scratch)), non_blocking=True)
+        packed.copy_(torch.from_numpy(pad(step, *shape, self.scratch)).pin_memory(), non_blocking=True)  # see to_device
         graph.replay()
         self.replays += 1
         return True

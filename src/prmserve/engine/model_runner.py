@@ -120,7 +120,7 @@ class ModelRunner:
 
     def _run_eager(self, step: StepArrays) -> None:
         parts = [step.tokens, step.positions, step.slots, step.keys, _cumulative(step.lens_q), _cumulative(step.lens_k)]
-        packed = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+        packed = to_device(torch.from_numpy(np.concatenate(parts)), self.device)
         ids, positions_t, slot_mapping, key_slots, cu_q, cu_k = packed.split([len(p) for p in parts])
         inputs = AttentionInputs(
             cu_seqlens_q=cu_q.to(torch.int32),
@@ -144,7 +144,7 @@ class ModelRunner:
         size = self.blocks.block_size
         source = np.concatenate([np.arange(s * size, s * size + n, dtype=np.int64) for s, _, n in copies])
         target = np.concatenate([np.arange(t * size, t * size + n, dtype=np.int64) for _, t, n in copies])
-        index = torch.from_numpy(np.concatenate([source, target])).to(self.device, non_blocking=True)
+        index = to_device(torch.from_numpy(np.concatenate([source, target])), self.device)
         source_t, target_t = index.split(len(source))
         self.kv_cache[:, :, target_t] = self.kv_cache[:, :, source_t]
         self.head_cache[target_t] = self.head_cache[source_t]
@@ -204,9 +204,18 @@ class ModelRunner:
         them turns them into rewards there and copies the rewards back once (`PRM.collect`).
         """
         slots = [self.blocks.slot(r, p) for r in requests for p in r.read_positions]
-        index = _index_tensor(slots).to(self.device, non_blocking=True)
+        index = to_device(_index_tensor(slots), self.device)
         values = self.head_cache[index].to(self.dtype)
         return list(values.split([len(r.read_positions) for r in requests]))
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied behind the stream's earlier work from pinned memory: a copy from pageable
+    memory can hold the host until the GPU has finished the step it still runs, so the next step could not be
+    prepared meanwhile. (The caching host allocator keeps the pinned copy until the transfer is done.)"""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _taken(chunks: list[ScheduledChunk], name: str) -> list[tuple[int, int, int]]:
