@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from prmserve import PRM
-from prmserve.engine import Engine, EngineConfig, EngineLoop
+from prmserve.engine import Engine, EngineConfig, EngineLoop, Request
+from prmserve.engine import loop as loop_module
 from prmserve.errors import InputTooLongError, InvalidInputError, QueueFullError, RequestCancelledError
 from tiny_checkpoints import build
 from uncached import uncached_outputs
@@ -365,5 +366,45 @@ def test_work_that_arrives_while_the_gpu_runs_is_launched_behind_it_when_worth_a
     check_result(prm.model, second, other_ids, [0, 9])
     third.result(timeout=WAIT)
     assert gpu.busy_at_step == [False, True, False]
+    wait_idle(loop)
+    assert_clean(loop.engine)
+
+
+def test_the_first_part_of_a_call_is_launched_before_the_next_is_planned(prm, loops, monkeypatch):
+    """Handing off (on by default on a GPU): the first part of a call given in parts to an idle engine returns once
+    the engine has launched it, so planning the next part does not compete with that step's preparation; the last
+    part, or one given to a busy engine, returns at once."""
+    loop = start(prm, loops, max_num_batched_tokens=64)
+    loop.hand_off_first_part = True
+    monkeypatch.setattr(loop_module, "HAND_OFF_S", WAIT)  # a slow CI host takes longer than a GPU's launch
+    first, second = (Request(f"part-{i}", ids_of(12, 20 + i), [11]) for i in range(2))
+    with loop.reserve(2) as room:
+        assert room.hand_off
+        futures = room.submit([first])
+        assert first.scheduled_at is not None  # the engine took it before the caller went on
+        futures += room.submit([second])
+    for future, request in zip(futures, (first, second)):
+        check_result(prm.model, future, request.token_ids, [11])
+
+    gate = Gate(loop.engine)  # a step that cannot finish: the hand-off gives up after HAND_OFF_S
+    blocker = loop.submit(ids_of(8, 30), [7])
+    gate.wait_entered()
+    with loop.reserve(2) as room:
+        assert not room.hand_off  # the engine is busy: nothing to hand off to
+    gate.opened.set()
+    blocker.result(timeout=WAIT)
+    wait_idle(loop)
+    gate.opened.clear()  # the next step is held in the gate again
+    monkeypatch.setattr(loop_module, "HAND_OFF_S", 0.05)
+    late = Request("late", ids_of(10, 31), [9])
+    began = time.monotonic()
+    with loop.reserve(2) as room:
+        assert room.hand_off
+        futures = room.submit([late])  # its step is held in the gate: the wait is bounded
+        assert time.monotonic() - began < 1.0
+        gate.opened.set()
+        futures += room.submit([Request("later", ids_of(4, 33), [3])])
+    for future in futures:
+        future.result(timeout=WAIT)
     wait_idle(loop)
     assert_clean(loop.engine)

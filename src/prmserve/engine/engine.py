@@ -82,6 +82,10 @@ class Engine:
         return same_layers
 
     @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
     def max_tokens_per_request(self) -> int:
         """The longest prompt the KV pool can ever hold."""
         return self.blocks.num_blocks * self.blocks.block_size

@@ -21,6 +21,7 @@ from prmserve.models.transformer import RewardModel
 
 
 GPU_POLL_S = 2e-4  # while the GPU runs a step and nothing arrives, how often the loop looks whether it is done
+HAND_OFF_S = 0.01  # the longest a caller waits for an idle engine to launch the first part of a call given in parts
 
 
 class EngineLoop:
@@ -39,6 +40,11 @@ class EngineLoop:
         self._stopping = False
         self._sleeping = False  # from a sleep's call until its wake_up: submissions are refused
         self._sleep_asked: tuple[int, Future] | None = None  # a sleep waiting for the work in flight to finish
+        self._stepped = threading.Condition()  # notified after each step's host part (the launch, on a GPU)
+        self._steps = 0
+        # A call given in parts to an idle engine waits for its first part's launch before planning the next (see
+        # `Reservation.submit`). On a CPU the launch is the whole forward, which the planning should overlap instead.
+        self.hand_off_first_part = engine.device.type == "cuda"
         self._thread = threading.Thread(target=self._run, name="prmserve-engine", daemon=True)
         self._thread.start()
 
@@ -77,8 +83,9 @@ class EngineLoop:
             self._check_open()
             if limit is not None and self._pending + count > limit:
                 raise QueueFullError(f"the engine is busy: {self._pending} requests are pending; {count} more exceed the limit of {limit}; retry later")
+            idle = self._pending == 0
             self._pending += count
-        return Reservation(self, count)
+        return Reservation(self, count, hand_off=idle and self.hand_off_first_part)
 
     def _check_open(self) -> None:
         """Refuse new work while stopping or asleep (call under the lock)."""
@@ -234,24 +241,44 @@ class EngineLoop:
                 self.engine.abort(request_id)
                 _resolve(self._settle(request_id), exception=exc)
             return
+        finally:
+            with self._stepped:
+                self._steps += 1
+                self._stepped.notify_all()
         for request in done:
             _resolve(self._settle(request.request_id), result=request)
+
+    def _wait_launched(self, request: Request, since: int, timeout: float) -> None:
+        """Until a step after `since` has scheduled `request` and launched (at most `timeout` seconds), without
+        holding the interpreter lock."""
+        with self._stepped:
+            self._stepped.wait_for(lambda: self._steps > since and request.scheduled_at is not None, timeout)
 
 
 class Reservation:
     """Room held in an `EngineLoop`'s queue (`EngineLoop.reserve`): parts of one call are submitted against it, and
-    closing it gives back what was not used (the call failed or ended early)."""
+    closing it gives back what was not used (the call failed or ended early).
 
-    def __init__(self, loop: EngineLoop, count: int) -> None:
+    With `hand_off` (the engine was idle, on a GPU), the first part's submission returns once the engine has launched
+    it, when more parts follow: planning the next part (Python, under the interpreter lock) while the engine prepares
+    that step made its preparation 2-3x longer (CPU step timeline of the beam replay; bench/notes/step_gaps_2026-12-07.md).
+    """
+
+    def __init__(self, loop: EngineLoop, count: int, hand_off: bool = False) -> None:
         self.loop = loop
         self.left = count
+        self.hand_off = hand_off
 
     def submit(self, requests: Sequence[Request]) -> list[Future]:
         """Queue these requests in the reserved room (refused while stopping or asleep, as any submission)."""
         if len(requests) > self.left:
             raise InvalidInputError(f"{len(requests)} requests exceed the {self.left} reserved")
+        since = self.loop._steps
         futures = self.loop._enqueue(requests)
         self.left -= len(requests)
+        if self.hand_off and requests and self.left:
+            self.loop._wait_launched(requests[0], since, HAND_OFF_S)
+        self.hand_off = False
         return futures
 
     def close(self) -> None:
