@@ -125,13 +125,17 @@ class Engine:
             while len(self._launched) > 1:
                 self._launched.popleft().synchronize()
             return True
-        while self._launched and self._launched[0].query():
-            self._launched.popleft()
-        if not self._launched:
+        if self.gpu_done():
             return True
         if wait:
             self.wait_for_gpu()
         return wait
+
+    def gpu_done(self) -> bool:
+        """Whether every launched step's GPU work is done (forgetting those that are), without waiting."""
+        while self._launched and self._launched[0].query():
+            self._launched.popleft()
+        return not self._launched
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
