@@ -13,13 +13,17 @@ import asyncio
 import contextlib
 import statistics
 import sys
+import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
 import bench_tree
 from prmserve import PRM
+from prmserve.engine import cuda_graphs
 from prmserve.engine.engine import Engine
 from prmserve.engine.model_runner import ModelRunner
 
@@ -74,6 +78,11 @@ def main() -> None:
     wrap(prm.engine.scheduler, "schedule", "schedule")
     wrap(prm.engine.runner, "run", "runner.run", gpu=False)
     wrap(ModelRunner, "read_outputs", "read_outputs")
+    wrap(ModelRunner, "_copy_slots", "  runner: block copies")  # the parts of runner.run before the launch
+    wrap(ModelRunner, "step_arrays", "  runner: step arrays")
+    wrap(cuda_graphs, "pad", "  runner: graph pad")
+    wrap(torch.Tensor, "pin_memory", "  pin_memory")
+    wrap(torch.cuda.CUDAGraph, "replay", "  graph replay")
     rows = bench_tree.load_rows(args.assets)
     problem, steps, pool = bench_tree.node_and_children(rows, prm.tokenizer)
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
@@ -173,10 +182,12 @@ def beam_gaps(prm: PRM, rows: list[dict], switch_intervals: list[float]) -> None
                 torch.cuda.synchronize()
             return time.perf_counter() - began, entered
 
-    took, _ = replay()
+    with GilProbe() as probe:
+        took, _ = replay()
     print(f"\n== beam replay through extend, its first run: {took * 1e3:.0f} ms for {len(levels)} levels")
     for name, values in STAMPS.items():
         print(f"  {name:24s} median {statistics.median(values):7.2f} ms  sum {sum(values):8.1f} ms  x{len(values)}")
+    probe.report()
     if not cuda:
         return
     took, prof = replay(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]))
@@ -191,6 +202,63 @@ def beam_gaps(prm: PRM, rows: list[dict], switch_intervals: list[float]) -> None
               f"with the step timeline {took * 1e3:.0f} ms")
         timeline.report()
     sys.setswitchinterval(default)
+    sync_sites(replay)
+
+
+class GilProbe:
+    """A thread that sleeps 1 ms at a time and times how late it wakes: waking needs the interpreter lock, so
+    long delays mean some thread held it (a call that blocks without releasing it shows as one delay per block)."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.stop = threading.Event()
+
+    def __enter__(self) -> GilProbe:
+        def run() -> None:
+            while not self.stop.is_set():
+                began = time.perf_counter()
+                time.sleep(0.001)
+                self.delays.append((time.perf_counter() - began - 0.001) * 1e3)
+
+        self.thread = threading.Thread(target=run, name="gil-probe", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def report(self) -> None:
+        d = sorted(self.delays)
+        late = [x for x in d if x >= 1.0]
+        print(f"  GIL probe: {len(d)} wake-ups, late by median {statistics.median(d):.2f} ms, p99 {d[int(0.99 * (len(d) - 1))]:.2f}, "
+              f"max {d[-1]:.2f}; {len(late)} late by >= 1 ms, {sum(late):.0f} ms in all")
+
+
+def sync_sites(replay) -> None:
+    """One more replay with torch's CUDA sync debug mode on: where a thread waited for the GPU (the engine thread
+    should not, the caller's collects do), counted per call site (the innermost prmserve/bench frames)."""
+    sites: dict[tuple[str, str], int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if "prmserve" in f.filename or "bench" in f.filename]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        key = (threading.current_thread().name, where or f"{filename}:{lineno}")
+        sites[key] = sites.get(key, 0) + 1
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            took, _ = replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    print(f"\n== synchronizing CUDA calls in one replay ({took * 1e3:.0f} ms with the sync debug mode on), by thread and site:")
+    for (thread, where), count in sorted(sites.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"  {count:5d}  {thread:16s} {where}")
 
 
 def kernel_gaps(prof) -> None:
@@ -295,17 +363,21 @@ class StepTimeline:
                 kind = "level's first step" if level_first else "other steps"
                 for name, value in (("engine not in the step", waiting), ("host work before launch", prep), ("launch latency", launch)):
                     sums[(kind, name)] = sums.get((kind, name), 0.0) + value * 1e3
-                rows.append((k, level_first, (first - previous_end) * 1e3, waiting * 1e3, prep * 1e3, launch * 1e3, (end - first) * 1e3))
+                rows.append((k, level_first, (first - previous_end) * 1e3, waiting * 1e3, prep * 1e3, launch * 1e3, (end - first) * 1e3,
+                             (previous_end - s["host_start"]) * 1e3, (s["host_launch"] - s["host_start"]) * 1e3,
+                             (s["host_end"] - s["host_launch"]) * 1e3))
             previous_end = end
         print(f"  {len(self.steps)} steps; GPU gaps before a step, split (ms, summed):")
         for (kind, name), value in sorted(sums.items()):
             print(f"    {kind:20s} {name:26s} {value:7.1f}")
-        print("  the steps of levels 5-6: step, level's first, gap, engine not in it, host work, launch latency, GPU span (ms)")
+        print("  the steps of levels 5-6 (ms): step, level's first, gap, engine not in it, host work, launch latency, GPU span;"
+              " then the host's own clock: entered before the GPU went idle, entry to launch, launch to the step's end")
         level_starts = [r[0] for r in rows if r[1]]
         lo, hi = (level_starts[4], level_starts[6]) if len(level_starts) > 6 else (0, len(self.steps))
-        for k, first, gap, waiting, prep, launch, span in rows:
+        for k, first, gap, waiting, prep, launch, span, early, to_launch, after in rows:
             if lo <= k < hi:
-                print(f"    {k:3d} {'*' if first else ' '} {gap:6.2f} {waiting:6.2f} {prep:6.2f} {launch:6.2f} {span:7.2f}")
+                print(f"    {k:3d} {'*' if first else ' '} {gap:6.2f} {waiting:6.2f} {prep:6.2f} {launch:6.2f} {span:7.2f}"
+                      f"   {early:7.2f} {to_launch:6.2f} {after:6.2f}")
 
 
 def http_rounds(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int) -> None:
