@@ -196,13 +196,26 @@ def beam_gaps(prm: PRM, rows: list[dict], switch_intervals: list[float]) -> None
     default = sys.getswitchinterval()
     for interval in switch_intervals:
         sys.setswitchinterval(interval)
+        before = allocator_counts()
         runs = [replay()[0] * 1e3 for _ in range(3)]
+        changed = {k: v - before.get(k, 0) for k, v in allocator_counts().items() if v != before.get(k, 0)}
+        print(f"\n== allocator counters that moved over the next three replays: {changed or 'none'}")
         took, timeline = replay(StepTimeline(prm))
         print(f"\n== GIL switch interval {interval * 1e3:g} ms: replays {', '.join(f'{r:.0f}' for r in runs)} ms; "
               f"with the step timeline {took * 1e3:.0f} ms")
         timeline.report()
     sys.setswitchinterval(default)
     sync_sites(replay)
+
+
+def allocator_counts() -> dict[str, float]:
+    """The CUDA caching allocators' event counters: device allocations, frees and retries (a retry frees cached
+    blocks and synchronises), and the pinned host allocator's (a new page-locked block waits for the device)."""
+    device = {f"device {k}": v for k, v in torch.cuda.memory_stats().items()
+              if k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")}
+    host = {f"host {k}": v for k, v in torch.cuda.host_memory_stats().items()
+            if isinstance(v, (int, float)) and ("num" in k or "time" in k) and "peak" not in k}
+    return device | host
 
 
 class GilProbe:
