@@ -19,9 +19,9 @@ import traceback
 import warnings
 from pathlib import Path
 
+import bench_tree
 import torch
 
-import bench_tree
 from prmserve import PRM
 from prmserve.engine import cuda_graphs
 from prmserve.engine.engine import Engine
@@ -419,12 +419,12 @@ def http_rounds(prm: PRM, problem: str, steps: list[str], pool: list[str], reps:
 def http_parts(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int, loop: str, http: str, port: int) -> None:
     """16 children through an in-process server and `Client`: where the round trip's time goes on the server.
     (The server's shutdown closes the PRM's engine thread and nodes; the next use starts it again.)"""
+    import threading
+
     import uvicorn
 
     from prmserve.client import Client
     from prmserve.server import create_app
-
-    import threading
 
     node = prm.score([{"problem": problem, "steps": steps}], keep=True)[0]
     server = uvicorn.Server(uvicorn.Config(create_app(prm), port=port, loop=loop, http=http, log_level="warning"))
