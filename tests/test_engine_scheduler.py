@@ -173,23 +173,25 @@ class FakeEvent:
 
 def test_the_next_step_runs_ahead_only_when_the_queue_fills_it(model) -> None:
     """`make_way` keeps one step queued behind the running one when queued work fills a step (the GPU never idles
-    while the host schedules), and otherwise waits for the GPU so that arrivals join the next step."""
+    while the host schedules), and otherwise says no until the GPU is done, so that arrivals join the next step."""
     rng = random.Random(3)
     engine = engine_for(model, max_num_batched_tokens=64, max_num_seqs=8)
     engine.add(make_request("a", random_ids(rng, 40)))
     assert not engine.scheduler.worth_running_ahead()
     running, queued = FakeEvent(), FakeEvent()
     engine._launched.extend([running, queued])
-    engine.make_way()  # 40 of 64 tokens queued: wait for everything launched
-    assert (running.waits, queued.waits) == (1, 1) and not engine._launched
+    assert not engine.make_way()  # 40 of 64 tokens queued: not before the GPU is done, and nothing waited for
+    assert (running.waits, queued.waits) == (0, 0) and list(engine._launched) == [running, queued]
+    engine.wait_for_gpu()
+    assert (running.waits, queued.waits) == (1, 1) and not engine._launched and engine.make_way()
 
     engine.add(make_request("b", random_ids(rng, 30)))
     assert engine.scheduler.worth_running_ahead()
     running, queued = FakeEvent(), FakeEvent()
     engine._launched.extend([running, queued])
-    engine.make_way()  # 70 tokens queued: only the older step must be done
+    assert engine.make_way()  # 70 tokens queued: only the older step must be done
     assert (running.waits, queued.waits) == (1, 0) and list(engine._launched) == [queued]
-    engine.make_way()  # one step in flight is allowed
+    assert engine.make_way()  # one step in flight is allowed
     assert queued.waits == 0
     check_outputs(model, drain(engine))
 

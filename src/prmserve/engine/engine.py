@@ -111,25 +111,20 @@ class Engine:
         return self.blocks.unpin(key)
 
     def wait_for_gpu(self) -> None:
-        """Block until the launched steps' GPU work is done: requests that arrive meanwhile join the next step
-        (continuous batching), instead of many tiny steps queueing behind it on the GPU."""
+        """Block until the launched steps' GPU work is done (before sleep mode moves the pools and weights)."""
         while self._launched:
             self._launched.popleft().synchronize()
 
-    def make_way(self, wait: bool = True) -> bool:
-        """Before the next step: whether it may be launched now. Yes when the queue is worth a step behind the one
-        still running (`Scheduler.worth_running_ahead`; one step ahead at most), so the GPU never idles while the
-        host schedules, or when the GPU is done; else it waits for the GPU (`wait`, so arrivals join the next step)
-        or says no, for a caller that takes in arrivals meanwhile and asks again."""
+    def make_way(self) -> bool:
+        """Before the next step: whether it may be launched now, without waiting. Yes when the queue is worth a step
+        behind the one still running (`Scheduler.worth_running_ahead`; one step ahead at most, so the GPU never idles
+        while the host schedules), or when the GPU is done; else no, and the caller (`EngineLoop`) takes in arrivals
+        meanwhile, so they join the next step, and asks again."""
         if self._launched and self.scheduler.worth_running_ahead():
             while len(self._launched) > 1:
                 self._launched.popleft().synchronize()
             return True
-        if self.gpu_done():
-            return True
-        if wait:
-            self.wait_for_gpu()
-        return wait
+        return self.gpu_done()
 
     def gpu_done(self) -> bool:
         """Whether every launched step's GPU work is done (forgetting those that are), without waiting."""

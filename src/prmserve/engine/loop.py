@@ -186,7 +186,7 @@ class EngineLoop:
         """Until the next step may be launched (`Engine.make_way`), take in what arrives while the GPU runs the last
         one, so a call queued meanwhile is scheduled behind it at once instead of after it; whether a stop came."""
         stop = False
-        while not self.engine.make_way(wait=False):  # the queue is looked at again only when something arrived
+        while not self.engine.make_way():  # the queue is looked at again only when something arrived
             try:
                 kind, payload = self._inbox.get(timeout=GPU_POLL_S)
             except queue.Empty:
