@@ -244,21 +244,7 @@ class PRMFormat(ABC):
 
     def to_floats(self, values: torch.Tensor) -> list[float]:
         """Python floats of a tensor whatever its dtype (bf16 values are exact in float)."""
-        return host_copy(values.float()).tolist()
-
-
-def host_copy(values: torch.Tensor) -> torch.Tensor:
-    """`values` on the host. From a GPU, into pinned memory behind the current stream's work, then a wait on an
-    event: a plain `.tolist()` copies to pageable memory inside one driver call that lasts until the GPU is done,
-    while the engine thread is launching the next step."""
-    if values.device.type != "cuda":
-        return values
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    copied.synchronize()
-    return host
+        return [float(x) for x in values.float().tolist()]
 
 
 class RenderedFormat(PRMFormat):
