@@ -419,8 +419,6 @@ def http_rounds(prm: PRM, problem: str, steps: list[str], pool: list[str], reps:
 def http_parts(prm: PRM, problem: str, steps: list[str], pool: list[str], reps: int, loop: str, http: str, port: int) -> None:
     """16 children through an in-process server and `Client`: where the round trip's time goes on the server.
     (The server's shutdown closes the PRM's engine thread and nodes; the next use starts it again.)"""
-    import threading
-
     import uvicorn
 
     from prmserve.client import Client
