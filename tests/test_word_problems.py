@@ -40,7 +40,8 @@ def numbers_in(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def train():
-    return word_problems.generate(800, seed=11)
+    """Training pairs, a third of them with every claim step worded by ``step_grammar``."""
+    return word_problems.generate(800, seed=11) + word_problems.generate(400, seed=12, step_grammar_share=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def _twins(rng: random.Random, kind: str) -> tuple:
     """A solution with one error of ``kind`` and its correct twin, written from one plan."""
     while True:
         p = word_problems.make_problem(rng, test=rng.random() < 0.5)
-        plan = plan_solution(rng, p)
+        plan = plan_solution(rng, p, step_grammar_share=0.5)
         wrong = write_solution(plan, rng, kind, rng.choice(eligible_steps(plan, kind)))
         if wrong is not None:
             return p, wrong, write_solution(plan, rng)
@@ -170,7 +171,7 @@ def test_the_error_offset_is_where_the_solution_departs_from_its_correct_twin():
     checked = {kind: 0 for kind in word_problems.ERROR_KINDS}
     while min(checked.values()) < 60:
         p = word_problems.make_problem(rng, test=rng.random() < 0.5)
-        plan = plan_solution(rng, p)
+        plan = plan_solution(rng, p, step_grammar_share=0.5)
         kind = rng.choice(word_problems.ERROR_KINDS)
         wrong = write_solution(plan, rng, kind, rng.choice(eligible_steps(plan, kind)))
         if wrong is None:
@@ -247,6 +248,31 @@ def test_training_never_writes_a_held_out_template():
     distinctive = {"discovers", "comes", "across", "collects", "donates", "charity", "divides", "evenly", "packs", "manages",
                    "grows", "month", "week", "market", "lunch", "game", "school", "washing", "yard", "gift", "present", "soon"}
     assert not vocabulary & distinctive, vocabulary & distinctive
+
+
+def test_step_grammar_uses_no_word_only_held_out_steps_use():
+    """Every claim step ``step_grammar`` writes, for every story, is built of words that training's step templates
+    (or their random frames) already use, or of words no held-out step template uses; and the test split's
+    solutions never meet it."""
+    from prmserve.bundled.word_problems import step_grammar
+    from prmserve.bundled.word_problems.phrasing import STORIES
+
+    def words(parts) -> set[str]:
+        return {w.lower() for w in re.findall(r"[A-Za-z]+", re.sub(r"\{[^}]*\}", " ", repr(parts)))}
+
+    held_out = words([s.steps_held_out for s in STORIES.values()]) | words(
+        [phrasing.TERSE_HELD_OUT, phrasing.LEADS_HELD_OUT, phrasing.STARTS_HELD_OUT, phrasing.RESTATES_HELD_OUT, phrasing.FINALS_HELD_OUT])
+    trained = words([s.steps for s in STORIES.values()]) | words(
+        [phrasing.TERSE, phrasing.LEADS, phrasing.STARTS, phrasing.RESTATES, phrasing.FINALS, phrasing.FRAME_WORDS])
+    only_held_out = held_out - trained - {"s"}  # the possessive 's of "{friend}'s" is every split's
+    assert {"remain", "bought", "twice", "thus", "sale"} <= only_held_out
+    rng = random.Random(4)
+    written = [step_grammar.claim_template(rng, story, part) for story, part in step_grammar.EVENTS for _ in range(300)]
+    assert {story for story, _ in step_grammar.EVENTS} == set(STORIES)
+    assert len(set(written)) > 0.9 * len(written)
+    assert not words(written) & only_held_out, words(written) & only_held_out
+    test_steps = [step for _, s in word_problems.generate(300, seed=3, split="test", step_grammar_share=1.0) for step in s.steps]
+    assert test_steps == [step for _, s in word_problems.generate(300, seed=3, split="test") for step in s.steps]
 
 
 def test_grammar_wording_is_a_share_of_training_and_varied(train):

@@ -22,6 +22,7 @@ import random
 from prmserve.errors import InvalidInputError
 from prmserve.bundled.word_problems.drills import make_drill
 from prmserve.bundled.word_problems.problems import Op, Problem, apply, make_problem
+from prmserve.bundled.word_problems.step_grammar import STEP_GRAMMAR_SHARE
 from prmserve.bundled.word_problems.solutions import ERROR_KINDS, Plan, Solution, eligible_steps, plan_solution, write_solution
 
 SPLITS = ("train", "validation", "test")
@@ -39,14 +40,14 @@ def _is_test(split: str) -> bool:
     return split == "test"
 
 
-def make_solution(rng: random.Random, p: Problem) -> Solution:
-    """A correct solution of ``p``, worded at random."""
-    return write_solution(plan_solution(rng, p), rng)
+def make_solution(rng: random.Random, p: Problem, step_grammar_share: float = STEP_GRAMMAR_SHARE) -> Solution:
+    """A correct solution of ``p``, worded at random (a training one's claim steps partly by ``step_grammar``)."""
+    return write_solution(plan_solution(rng, p, step_grammar_share), rng)
 
 
-def corrupt(rng: random.Random, p: Problem, plan: Plan | None = None) -> Solution:
+def corrupt(rng: random.Random, p: Problem, plan: Plan | None = None, step_grammar_share: float = STEP_GRAMMAR_SHARE) -> Solution:
     """A solution of ``p`` with exactly one error, of a random kind at a random step where it fits."""
-    plan = plan or plan_solution(rng, p)
+    plan = plan or plan_solution(rng, p, step_grammar_share)
     kinds, weights = zip(*ERROR_WEIGHTS.items())
     while True:
         kind = rng.choices(kinds, weights)[0]
@@ -55,13 +56,16 @@ def corrupt(rng: random.Random, p: Problem, plan: Plan | None = None) -> Solutio
             return solution
 
 
-def generate(n: int, seed: int, split: str = "train", p_correct: float = 0.5) -> list[tuple[Problem, Solution]]:
-    """``n`` (problem, solution) pairs of a split; each solution is correct with probability ``p_correct``."""
+def generate(n: int, seed: int, split: str = "train", p_correct: float = 0.5,
+             step_grammar_share: float = STEP_GRAMMAR_SHARE) -> list[tuple[Problem, Solution]]:
+    """``n`` (problem, solution) pairs of a split; each solution is correct with probability ``p_correct``
+    (``step_grammar_share``: of a training split's claim steps, those worded by ``step_grammar``)."""
     test, rng = _is_test(split), random.Random(f"{split}-{seed}")
     out = []
     for _ in range(n):
         p = make_problem(rng, test)
-        out.append((p, make_solution(rng, p) if rng.random() < p_correct else corrupt(rng, p)))
+        out.append((p, make_solution(rng, p, step_grammar_share) if rng.random() < p_correct
+                    else corrupt(rng, p, step_grammar_share=step_grammar_share)))
     return out
 
 

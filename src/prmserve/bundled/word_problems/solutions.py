@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from prmserve.bundled.word_problems import numbers, phrasing
+from prmserve.bundled.word_problems import numbers, phrasing, step_grammar
 from prmserve.bundled.word_problems.phrasing import STORIES, templates
 from prmserve.bundled.word_problems.problems import Problem, apply
 
@@ -67,8 +67,9 @@ class Plan:
     fraction: dict[int, str] = field(default_factory=dict)  # op index -> layout of a half/quarter as a fraction
 
 
-def plan_solution(rng: random.Random, p: Problem) -> Plan:
-    """Choose the steps of a solution to ``p`` and how each is worded (the split's templates)."""
+def plan_solution(rng: random.Random, p: Problem, step_grammar_share: float = step_grammar.STEP_GRAMMAR_SHARE) -> Plan:
+    """Choose the steps of a solution to ``p`` and how each is worded (the split's templates; in training,
+    ``step_grammar_share`` of the claim steps are worded by ``step_grammar`` instead)."""
     test, steps = p.test, []
 
     def worded(train: tuple, held_out: tuple, slot: str) -> str:
@@ -100,7 +101,12 @@ def plan_solution(rng: random.Random, p: Problem) -> Plan:
                 wording, lead = phrasing.random_frame(rng, "calc", ("n", "item", "friend", "pron")), ""
             elif not test and r < 0.4:
                 wording = phrasing.noisy(rng, wording)
-            steps.append(PlannedStep("claim", wording, i, part, show=r < 0.8, lead=lead))
+            show = r < 0.8
+            if step_grammar_share and not test and rng.random() < step_grammar_share:  # no draw when off: splits unchanged
+                wording, lead, show = step_grammar.claim_template(rng, op.story, part), "", rng.random() < 0.8
+                if rng.random() < 0.2:
+                    wording = phrasing.noisy(rng, wording)
+            steps.append(PlannedStep("claim", wording, i, part, show=show, lead=lead))
         if story.args and story.kind == "div" and rng.random() < 0.3:
             fraction[i] = rng.choice(["1/{b} × {a} = {y}", "{a} × 1/{b} = {y}"])
         if rng.random() < 0.1 and i < len(p.ops) - 1:
