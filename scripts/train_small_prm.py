@@ -12,9 +12,9 @@ the given numbers from ``--start-scale`` to 1,000 over the first ``--curriculum-
 
 Worker processes make the batches ahead, each chunk of ``GROUP`` steps from its own seed, so the data
 are the same whatever the number of workers. Fixed seeds; GPU and CPU numerics differ, so a CPU run is
-another sample of the same recipe, not a bit-copy. This is the recipe for the bundled model's successor
-(issue #16); no run of it has cleared the floors yet, so the shipped checkpoint still comes from the script as
-of fc0812d (bench/notes/small_prm.md). Usage::
+another sample of the same recipe, not a bit-copy. The defaults are the shipped checkpoint's recipe (seed 1234,
+4,000 steps, every training claim step worded by ``word_problems.step_grammar``); it was trained before the fix
+that stopped the worker pool from skipping one chunk (3,968 steps trained; bench/notes/small_prm.md). Usage::
 
     python scripts/train_small_prm.py                # on one GPU (bf16 autocast); writes src/prmserve/bundled/small-prm/
     python scripts/train_small_prm.py --device cpu   # the same recipe on the CPU, in float32 (hours)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import math
 import multiprocessing
@@ -544,7 +545,7 @@ def batches(args: argparse.Namespace, tokenizer_json: str, clock: Clock) -> Iter
             yield from make_chunk(spec)
         return
     with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (tokenizer_json,)) as pool:
-        pending = collections.deque(pool.apply_async(make_chunk, (s,)) for s, _ in zip(specs, range(2 * args.workers)))
+        pending = collections.deque(pool.apply_async(make_chunk, (s,)) for s in itertools.islice(specs, 2 * args.workers))
         while pending:
             chunk = pending.popleft().get()
             spec = next(specs, None)
@@ -571,7 +572,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "src/prmserve/bundled/small-prm")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=128, help="whole solutions per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -582,7 +583,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--drill-weight", type=float, default=1.0, help="weight of the drills' next-token and per-token losses")
     ap.add_argument("--grammar-share", type=float, default=GRAMMAR_SHARE,
                     help="share of training problems worded by word_problems.grammar (the rest: the templates)")
-    ap.add_argument("--step-grammar-share", type=float, default=STEP_GRAMMAR_SHARE,
+    ap.add_argument("--step-grammar-share", type=float, default=1.0,
                     help="share of training claim steps worded by word_problems.step_grammar (the rest: the templates)")
     ap.add_argument("--start-scale", type=int, default=20, help="largest given number when the curriculum starts")
     ap.add_argument("--curriculum-share", type=float, default=0.4, help="share of the steps over which given numbers grow to 1,000")
