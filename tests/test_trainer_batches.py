@@ -11,7 +11,7 @@ from pathlib import Path
 from prmserve.prm import BUNDLED_MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import train_small_prm  # noqa: E402
+import train_small_prm
 
 
 def digest(batch: dict) -> str:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import random
 
-from prmserve.errors import InvalidInputError
 from prmserve.bundled.word_problems.drills import make_drill
 from prmserve.bundled.word_problems.problems import Op, Problem, apply, make_problem
-from prmserve.bundled.word_problems.step_grammar import STEP_GRAMMAR_SHARE
 from prmserve.bundled.word_problems.solutions import ERROR_KINDS, Plan, Solution, eligible_steps, plan_solution, write_solution
+from prmserve.bundled.word_problems.step_grammar import STEP_GRAMMAR_SHARE
+from prmserve.errors import InvalidInputError
 
 SPLITS = ("train", "validation", "test")
 ERROR_WEIGHTS = {"bad_operation": 0.25, "slip": 0.35, "wrong_carry": 0.2, "wrong_final": 0.2}

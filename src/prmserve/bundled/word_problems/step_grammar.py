@@ -90,6 +90,7 @@ def _cap(text: str) -> str:
 
 
 def _effect(story: str, part: int) -> str:
+    """What the event does to the count: "add", "sub", or "other" (multiplies or divides it)."""
     if story in ("buy", "find", "get", "earn"):
         return "add"
     if story in ("give", "lose", "sell", "spend") or (story == "less_quarter" and part == 1):
