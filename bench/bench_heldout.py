@@ -3,7 +3,9 @@
 Each engine runs in its own fresh process (load counted apart, no warm-up beyond what loading does), the
 engines and the workloads in an order drawn from --seed. Every workload is reported as its first call and
 its steady state (the same call again, the prefix cache and recent tokenisations cleared), as a fraction of
-the FLOP limit (2 x matmul parameters x prompt tokens / seconds / measured bf16 matmul peak). Drift: the
+the FLOP limit (2 x matmul parameters x prompt tokens / seconds / measured bf16 matmul peak). It also counts the
+tokens the engine computed (the rest came from the prefix cache) and gives the same fraction for those alone: how
+near a cached workload runs to its own floor. Drift: the
 same items scored again in a shuffled batch order in the same process, and cache on against cache off
 across processes (identical rewards counted, largest difference).
 
@@ -67,15 +69,18 @@ def heldout_workloads(rows: list[dict], tokenizer, seed: int) -> dict[str, list[
     return out
 
 
-def score_workload(prm, name: str, items: list[dict]) -> list[list[float]]:
-    """One call per workload; the beam replay one call per level, as a search loop sends it."""
+def score_workload(prm, name: str, items: list[dict]) -> list:
+    """The items' results; one call per workload, the beam replay one call per level, as a search loop sends it."""
     if name != "beam":
-        return [r.step_rewards for r in prm.score(items)]
-    out: list[list[float]] = []
+        return prm.score(items)
+    out: list = []
     for level in sorted({item["level"] for item in items}):
-        batch = [{"problem": i["problem"], "steps": i["steps"]} for i in items if i["level"] == level]
-        out += [r.step_rewards for r in prm.score(batch)]
+        out += prm.score([{"problem": i["problem"], "steps": i["steps"]} for i in items if i["level"] == level])
     return out
+
+
+def rewards(results: list) -> list[list[float]]:
+    return [r.step_rewards for r in results]
 
 
 def phase(args) -> dict:
@@ -104,13 +109,16 @@ def phase(args) -> dict:
         prm.reset_prefix_cache()
         prm.recent.clear()
         entry["steady_s"], steady = bench_tree.timed(score_workload, prm, name, items)
+        # What the engine computed (the rest came from the prefix cache): the replay's floor is 2 x params x these.
+        entry["computed_tokens"] = sum(r.usage.computed_tokens for r in steady)
+        first, steady = rewards(first), rewards(steady)
         # The same items in another batch order (beam: its levels keep their order, items within them shuffle).
         perm = list(range(len(items)))
         random.Random(args.seed + 7).shuffle(perm)
         if name == "beam":
             perm.sort(key=lambda i: items[i]["level"])
         prm.reset_prefix_cache()
-        shuffled = score_workload(prm, name, [items[i] for i in perm])
+        shuffled = rewards(score_workload(prm, name, [items[i] for i in perm]))
         again = [None] * len(items)
         for position, index in enumerate(perm):
             again[index] = shuffled[position]
@@ -198,9 +206,12 @@ def summarize(report: dict) -> None:
         for name, w in r["workloads"].items():
             fl = lambda s: 2 * params * w["prompt_tokens"] / s / peak  # noqa: E731
             od = w["order_drift"]
+            computed = w.get("computed_tokens")
+            on_computed = (f"  computed {computed:,} ({2 * params * computed / w['steady_s'] / peak:.2f} of peak)"
+                           if computed is not None else "")
             print(f"  {name:11s} {w['prompt_tokens']:>9,} tokens  first {w['first_s']:6.2f} s ({fl(w['first_s']):.2f} of limit)  "
                   f"steady {w['steady_s']:6.2f} s ({fl(w['steady_s']):.2f})  other order: {od['identical']}/{od['of']} identical, "
-                  f"max {od['max_abs_diff']:.2g}")
+                  f"max {od['max_abs_diff']:.2g}{on_computed}")
     for mode, table in report.get("cache_drift", {}).items():
         print(f"cache on vs off ({mode}): " + "; ".join(f"{n} {d['identical']}/{d['of']} identical, max {d['max_abs_diff']:.2g}" for n, d in table.items()))
     for mode in ("deterministic", "fast"):
