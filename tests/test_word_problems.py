@@ -38,6 +38,11 @@ def numbers_in(text: str) -> list[int]:
     return [int(n) for n in re.findall(NUMBER, text)]
 
 
+def words_of(parts) -> set[str]:
+    """The lower-cased words of templates (nested tuples, lists or strings), their ``{fields}`` left out."""
+    return {w.lower() for w in re.findall(r"[A-Za-z]+", re.sub(r"\{[^}]*\}", " ", repr(parts)))}
+
+
 @pytest.fixture(scope="module")
 def train():
     """Training pairs, a third of them with every claim step worded by ``step_grammar``."""
@@ -240,11 +245,9 @@ def test_training_never_writes_a_held_out_template():
         for op in p.ops:
             for c in STORIES[op.story].clauses_held_out:
                 assert c.format(n=op.arg, friend=op.friend, **fields) not in text, text
-    vocabulary = {w.lower() for part in (grammar.CLAUSES, grammar.LEADS, grammar.TAILS, grammar.OPENING_LEADS, grammar.ABOUT,
-                                         grammar.CONTAINERS, grammar.MONEY_CONTAINERS, grammar.OPENINGS, grammar.HAS, grammar.PAIRS,
-                                         grammar.QUESTIONS, grammar.QUESTIONS_LEFT, grammar.WHEN, grammar.ADVERBS, grammar.THINGS,
-                                         grammar.PILES)
-                  for w in re.findall(r"[A-Za-z]+", re.sub(r"\{[^}]*\}", " ", repr(part)))}
+    vocabulary = words_of([grammar.CLAUSES, grammar.LEADS, grammar.TAILS, grammar.OPENING_LEADS, grammar.ABOUT, grammar.CONTAINERS,
+                           grammar.MONEY_CONTAINERS, grammar.OPENINGS, grammar.HAS, grammar.PAIRS, grammar.QUESTIONS,
+                           grammar.QUESTIONS_LEFT, grammar.WHEN, grammar.ADVERBS, grammar.THINGS, grammar.PILES])
     distinctive = {"discovers", "comes", "across", "collects", "donates", "charity", "divides", "evenly", "packs", "manages",
                    "grows", "month", "week", "market", "lunch", "game", "school", "washing", "yard", "gift", "present", "soon"}
     assert not vocabulary & distinctive, vocabulary & distinctive
@@ -257,20 +260,17 @@ def test_step_grammar_uses_no_word_only_held_out_steps_use():
     from prmserve.bundled.word_problems import step_grammar
     from prmserve.bundled.word_problems.phrasing import STORIES
 
-    def words(parts) -> set[str]:
-        return {w.lower() for w in re.findall(r"[A-Za-z]+", re.sub(r"\{[^}]*\}", " ", repr(parts)))}
-
-    held_out = words([s.steps_held_out for s in STORIES.values()]) | words(
-        [phrasing.TERSE_HELD_OUT, phrasing.LEADS_HELD_OUT, phrasing.STARTS_HELD_OUT, phrasing.RESTATES_HELD_OUT, phrasing.FINALS_HELD_OUT])
-    trained = words([s.steps for s in STORIES.values()]) | words(
-        [phrasing.TERSE, phrasing.LEADS, phrasing.STARTS, phrasing.RESTATES, phrasing.FINALS, phrasing.FRAME_WORDS])
+    held_out = words_of([[s.steps_held_out for s in STORIES.values()], phrasing.TERSE_HELD_OUT, phrasing.LEADS_HELD_OUT,
+                         phrasing.STARTS_HELD_OUT, phrasing.RESTATES_HELD_OUT, phrasing.FINALS_HELD_OUT])
+    trained = words_of([[s.steps for s in STORIES.values()], phrasing.TERSE, phrasing.LEADS, phrasing.STARTS, phrasing.RESTATES,
+                        phrasing.FINALS, phrasing.FRAME_WORDS])
     only_held_out = held_out - trained - {"s"}  # the possessive 's of "{friend}'s" is every split's
     assert {"remain", "bought", "twice", "thus", "sale"} <= only_held_out
     rng = random.Random(4)
     written = [step_grammar.claim_template(rng, story, part) for story, part in step_grammar.EVENTS for _ in range(300)]
     assert {story for story, _ in step_grammar.EVENTS} == set(STORIES)
     assert len(set(written)) > 0.9 * len(written)
-    assert not words(written) & only_held_out, words(written) & only_held_out
+    assert not words_of(written) & only_held_out, words_of(written) & only_held_out
     test_steps = [step for _, s in word_problems.generate(300, seed=3, split="test", step_grammar_share=1.0) for step in s.steps]
     assert test_steps == [step for _, s in word_problems.generate(300, seed=3, split="test") for step in s.steps]
 
