@@ -409,17 +409,25 @@ def qwen_config(args: argparse.Namespace, vocab_size: int, ids: dict[str, int]) 
         "rope_theta": 10000.0,
         "sliding_window": args.max_positions,
         "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        "torch_dtype": args.save_dtype,
         "use_cache": False,
         "use_sliding_window": False,
         "vocab_size": vocab_size,
     }
 
 
+def round_to(model: SmallPRM, dtype: torch.dtype) -> None:
+    """Round the weights in place to what ``dtype`` can hold, so the quality measured after is the saved model's."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).to(p.dtype))
+
+
 def save_checkpoint(out: Path, model: SmallPRM, tok: Tokenizer, config: dict, ids: dict[str, int]) -> None:
-    """Write weights, config and tokenizer files in the Qwen2.5-Math-PRM layout."""
+    """Write weights (in the config's ``torch_dtype``), config and tokenizer files in the Qwen2.5-Math-PRM layout."""
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    dtype = getattr(torch, config["torch_dtype"])
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({
@@ -602,6 +610,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=0, help="print validation and held-out dev F1 every N steps (0: never)")
     ap.add_argument("--ema", type=float, default=0, help="keep an exponential moving average of the weights with this "
                     "decay (e.g. 0.999) and ship it; quality.json's raw_weights holds the last weights' quality (0: off)")
+    ap.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="element type of the saved weights (bfloat16, as the real 7B ships, halves the file for a larger "
+                    "model); quality.json measures the saved, rounded weights")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training early after this long (0: never); quality.json says so")
     return ap.parse_args()
 
@@ -640,7 +651,8 @@ def main() -> None:
     )
     model = SmallPRM(hf_config).to(args.device)
     n_params = sum(v.numel() for k, v in model.state_dict().items() if not k.startswith("lm_head."))
-    print(f"model: {n_params:,} params ({4 * n_params / 1e6:.2f} MB float32)", flush=True)
+    width = torch.finfo(getattr(torch, args.save_dtype)).bits // 8
+    print(f"model: {n_params:,} params ({width * n_params / 1e6:.2f} MB {args.save_dtype})", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay,
                             fused=autocast)
@@ -691,6 +703,7 @@ def main() -> None:
         print("raw weights:", json.dumps(raw_quality), flush=True)
         with torch.no_grad():
             torch._foreach_copy_(params, ema)
+    round_to(model, getattr(torch, args.save_dtype))
     save_checkpoint(args.out, model.cpu(), tok, config, ids)
     quality = evaluate(model.to(args.device), tok, ids, numeric, args.seed)
     if raw_quality is not None:
