@@ -612,7 +612,7 @@ def parse_args() -> argparse.Namespace:
                     "decay (e.g. 0.999) and ship it; quality.json's raw_weights holds the last weights' quality (0: off)")
     ap.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="element type of the saved weights (bfloat16, as the real 7B ships, halves the file for a larger "
-                    "model); quality.json measures the saved, rounded weights")
+                    "model); quality.json measures the saved, rounded weights (its raw_weights, with --ema, are not rounded)")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop training early after this long (0: never); quality.json says so")
     return ap.parse_args()
 

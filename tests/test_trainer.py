@@ -1,5 +1,6 @@
-"""The bundled model's trainer (scripts/train_small_prm.py) makes every step's batch, with or without worker
-processes: a pool that skipped a chunk trained 3,968 of 4,000 steps and made the data depend on --workers."""
+"""The bundled model's trainer (scripts/train_small_prm.py): it makes every step's batch, with or without worker
+processes (a pool that skipped a chunk trained 3,968 of 4,000 steps and made the data depend on --workers), and
+what it saves in bfloat16 is the model it measured."""
 
 from __future__ import annotations
 
