@@ -146,6 +146,19 @@ def test_can_allocate_counts_reused_idle_blocks():
     assert not bm.can_allocate(c, bm.match_prefix(c, 2))
 
 
+def test_can_allocate_in_a_full_pool_does_not_count_matched_blocks_in_use_as_taken():
+    """Matched blocks another request still holds are not in the free or evictable pool: the one free block is
+    enough. The quick yes (room even if every matched block were idle) does not apply here, so this is the count."""
+    bm = BlockManager(num_blocks=3, block_size=2, enable_prefix_caching=True)
+    a = req([1, 2, 3, 4])
+    admit(bm, a)
+    compute_all(bm, a)  # a keeps its two blocks
+    b = req([1, 2, 3, 4, 5])
+    assert bm.can_allocate(b, bm.match_prefix(b, 2))
+    c = req([1, 2, 3, 4, 5, 6, 7])
+    assert not bm.can_allocate(c, bm.match_prefix(c, 2))
+
+
 def test_caching_disabled_never_shares_or_keeps_blocks():
     bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
     a = req([1, 2, 3, 4])

@@ -122,10 +122,16 @@ class BlockManager:
         return PrefixMatch(matched, False)
 
     def can_allocate(self, request: Request, match: PrefixMatch) -> bool:
-        """Enough blocks for the rest of the request, after reusing the matched ones."""
-        reused_idle = sum(1 for b in match.block_ids if self.blocks[b].ref_count == 0)
+        """Enough blocks for the rest of the request, after reusing the matched ones.
+
+        Matched blocks that are idle count as available but cannot be taken; they are counted only when the pool
+        is too full for the answer to be yes whatever their number (this runs for every admitted request)."""
         new = self.blocks_needed(request.num_tokens) - len(match.block_ids)
-        return new <= self.num_available - reused_idle
+        available = self.num_available
+        if new <= available - len(match.block_ids):
+            return True
+        reused_idle = sum(1 for b in match.block_ids if self.blocks[b].ref_count == 0)
+        return new <= available - reused_idle
 
     def allocate(self, request: Request, match: PrefixMatch, step: int | None = None) -> None:
         """Give the request its whole block table: matched blocks shared, the rest fresh. `step`: the step it is
