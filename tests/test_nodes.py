@@ -255,6 +255,29 @@ def test_stateless_calls_reuse_a_recent_prefix_tokenisation(make_prm, monkeypatc
         assert_close(g.step_rewards, w.step_rewards)
 
 
+def test_stateless_calls_continue_the_prefix_cache_keys_of_a_recent_prefix(make_prm) -> None:
+    """A re-sent prefix's requests start with the keys the engine computed for the request that carried it (the
+    engine hashes only the new blocks); those keys are the ones it would compute itself, and rewards are unchanged."""
+    from dataclasses import replace
+
+    prm = make_prm("qwen_prm")
+    plain = make_prm("qwen_prm", enable_prefix_caching=False, recent_encodings=0)
+    blocks = prm.engine.blocks
+    prm.score([{"problem": PROBLEM, "steps": NODE}])  # one stateless call: no handle is kept
+    items = [{"problem": PROBLEM, "steps": NODE + new} for new in CHILDREN] + [{"problem": PROBLEM, "steps": NODE}]
+    jobs = prm.plan_score(items)
+    body = prm.encode({"problem": PROBLEM, "steps": NODE}).body_len
+    for job in jobs:
+        handed = job.request.block_hashes
+        assert handed is not None and len(handed) == body // blocks.block_size > 0
+        own = replace(job.request, block_hashes=None)
+        assert blocks._chain_hashes(own)[: len(handed)] == handed
+    got = prm.collect(jobs, [f.result() for f in prm.submit_jobs(jobs)])
+    for g, w in zip(got, plain.score(items)):
+        assert_close(g.step_rewards, w.step_rewards)
+    assert all(r.usage.cached_tokens > 0 for r in got)
+
+
 def test_random_trees_match_a_plain_rescore(make_prm) -> None:
     """Keep, extend, release and evict at random; every answer equals scoring the path from scratch."""
     rng = random.Random(7)

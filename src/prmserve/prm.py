@@ -29,7 +29,7 @@ from prmserve.models.invariant import request_cublas_invariance, rows_invariant
 from prmserve.models.loader import CheckpointTensors
 from prmserve.nodes import Node, NodeTable
 from prmserve.parallel.sharding import check_tensor_parallel_size
-from prmserve.recent_encodings import RecentEncodings, prefix_keys
+from prmserve.recent_encodings import Recent, RecentEncodings, prefix_keys
 from prmserve.results import ScoreResult, TokenUsage
 from prmserve.same_tick import SameTickBatcher
 from prmserve.tokenizer import load_tokenizer
@@ -248,9 +248,9 @@ class PRM:
             raise InvalidInputError(f"'token_ids' must be integers in [0, {vocab})")
         return list(token_ids)
 
-    def _encode_items(self, items: Sequence[Mapping[str, Any]], first_index: int = 0) -> list[tuple[EncodedItem, tuple | None]]:
-        """Each item's encoding and its (problem, steps, spans) when it has steps; the lowest bad item's error is
-        raised, naming it by its index plus `first_index`."""
+    def _encode_items(self, items: Sequence[Mapping[str, Any]], first_index: int = 0) -> list[tuple[EncodedItem, tuple | None, tuple]]:
+        """Each item's encoding, its (problem, steps, spans) when it has steps, and its (parent, own) recent entries
+        (`_encodings`); the lowest bad item's error is raised, naming it by its index plus `first_index`."""
         _check_item_list(items)
         out = self._encodings(items)
         for index, entry in enumerate(out):
@@ -259,17 +259,19 @@ class PRM:
         return out
 
     def _encodings(self, items: Sequence[Any]) -> list[Any]:
-        """(encoding, parts) of each item, or its input error, with the tokenizer called in batches: problem + steps
-        items that need a whole encoding in one (`PRMFormat.encode_many`), the new steps of those that extend a
-        prefix encoded recently in another (the rest of their ids are the recent encoding's)."""
+        """(encoding, parts, (parent, own)) of each item, or its input error, with the tokenizer called in batches:
+        problem + steps items that need a whole encoding in one (`PRMFormat.encode_many`), the new steps of those
+        that extend a prefix encoded recently in another (the rest of their ids are the recent encoding's).
+        `parent`: the recent entry the item extends (or repeats), whose request's prefix-cache keys its request can
+        continue; `own`: the item's entry, for its request to be attached to (either None where there is none)."""
         out: list[Any] = [None] * len(items)
         fresh: list[tuple[int, tuple, list[int] | None]] = []  # (index, parts, prefix keys)
-        grown: list[tuple[int, tuple, list[int], tuple[int, EncodedItem]]] = []  # (index, parts, keys, recent hit)
+        grown: list[tuple[int, tuple, list[int], tuple[int, Recent]]] = []  # (index, parts, keys, recent hit)
         for index, item in enumerate(items):
             try:
                 parts = self.steps_of(item)
                 if parts is None:
-                    out[index] = (self._encode_preformatted(item), None)
+                    out[index] = (self._encode_preformatted(item), None, (None, None))
                 elif not self.format.extendable:
                     fresh.append((index, parts, None))
                 else:
@@ -284,7 +286,7 @@ class PRM:
                         self.format.check_item(problem, steps)
                         fresh.append((index, parts, keys))
                     elif hit[0] == len(steps):
-                        out[index] = (self._checked_length(hit[1]), parts)
+                        out[index] = (self._checked_length(hit[1].encoded), parts, (hit[1], hit[1]))
                     else:
                         grown.append((index, parts, keys, hit))
             except (InvalidInputError, FormatError) as exc:
@@ -294,18 +296,18 @@ class PRM:
         for (index, parts, keys), encoded in zip(fresh, encodings):
             out[index] = self._remembered(encoded, parts, keys)
         for index, parts, keys, (k, node) in grown:
-            encoded = attempt(self.format.extend, node, parts[0], parts[1][:k], parts[1][k:], known)
-            out[index] = self._remembered(encoded, parts, keys)
+            encoded = attempt(self.format.extend, node.encoded, parts[0], parts[1][:k], parts[1][k:], known)
+            out[index] = self._remembered(encoded, parts, keys, node)
         return out
 
-    def _remembered(self, encoded: EncodedItem | Exception, parts: tuple, keys: list[int] | None) -> tuple | Exception:
-        """(encoding, parts) of a steps item, added to the recent encodings; an error passes through."""
+    def _remembered(self, encoded: EncodedItem | Exception, parts: tuple, keys: list[int] | None,
+                    parent: Recent | None = None) -> tuple | Exception:
+        """(encoding, parts, (parent, own)) of a steps item, added to the recent encodings; an error passes through."""
         if isinstance(encoded, Exception):
             return encoded
-        if keys is not None:
-            self.recent.add(parts[0], parts[1], keys[-1], encoded)
+        own = self.recent.add(parts[0], parts[1], keys[-1], encoded) if keys is not None else None
         checked = attempt(self._checked_length, encoded)
-        return checked if isinstance(checked, Exception) else (checked, parts)
+        return checked if isinstance(checked, Exception) else (checked, parts, (parent, own))
 
     # Scoring in three steps (plan, submit, collect), shared by the blocking, async and HTTP fronts.
 
@@ -319,10 +321,16 @@ class PRM:
         if hasattr(self.format, "prefixes"):
             return self._plan_prefixes(items, priority)
         jobs = []
-        for index, (encoded, parts) in enumerate(self._encode_items(items, first_index), start=first_index):
+        block_size = self.engine.blocks.block_size
+        for index, (encoded, parts, (parent, own)) in enumerate(self._encode_items(items, first_index), start=first_index):
             if keep and (parts is None or encoded.body_len is None):
                 raise InvalidInputError(f"item {index}: keep=True needs a problem + steps item (pre-formatted input cannot be extended)")
-            request = _request(encoded.token_ids, encoded.read_positions, priority, keep_tokens=encoded.body_len if keep else 0)
+            # A re-sent prefix's cache keys come from the request that carried it: the engine hashes new blocks only.
+            hashes = parent.hashes_for(encoded, block_size) if parent is not None else None
+            request = _request(encoded.token_ids, encoded.read_positions, priority, block_hashes=hashes,
+                               keep_tokens=encoded.body_len if keep else 0)
+            if own is not None and own.keys is None:
+                own.request = request
             node_text = (parts[0], tuple(parts[1])) if keep else None
             jobs.append(ScoringJob(encoded, request, node_text=node_text, step_spans=parts[2] if parts else None))
         return jobs

@@ -1,11 +1,14 @@
-"""Recently encoded (problem, steps) items, so a stateless call that re-sends a known prefix tokenises only its new steps."""
+"""Recently encoded (problem, steps) items, so a stateless call that re-sends a known prefix tokenises only its new steps
+and hands the engine the prefix-cache keys of the request that carried it (hashing only its new blocks)."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from prmserve.engine.request import Request
 from prmserve.formats import EncodedItem
 
 
@@ -17,16 +20,37 @@ def prefix_keys(problem: str, steps: Sequence[str]) -> list[int]:
     return keys
 
 
+@dataclass
+class Recent:
+    """A recent item's encoding and the engine request last made from it (set once planned; its `block_hashes`
+    are the prefix-cache keys of its blocks once the engine has scheduled it). The request is let go once its keys
+    are taken, so at most the map's capacity of finished requests stay referenced."""
+
+    encoded: EncodedItem
+    request: Request | None = None
+    keys: list | None = None  # the request's keys of the body's whole blocks, once read
+
+    def hashes_for(self, encoded: EncodedItem, block_size: int) -> list | None:
+        """The keys of this entry's whole body blocks, for a request of `encoded` that begins with its body; None if
+        none are known yet or the ids differ (a re-encoding that the tokenizer merged across the boundary)."""
+        body = self.encoded.body_len
+        if self.keys is None and self.request is not None and self.request.block_hashes and body is not None:
+            self.keys, self.request = self.request.block_hashes[: body // block_size], None
+        if not self.keys or encoded.token_ids[:body] != self.encoded.token_ids[:body]:
+            return None
+        return list(self.keys)
+
+
 class RecentEncodings:
     """An LRU map from (problem, steps) to its encoding; entries are checked against the text on a hit."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[int, tuple[str, tuple[str, ...], EncodedItem]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[str, tuple[str, ...], Recent]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def longest_prefix(self, problem: str, steps: Sequence[str], keys: list[int]) -> tuple[int, EncodedItem] | None:
-        """(k, encoding of problem + steps[:k]) for the largest cached k >= 1, or None."""
+    def longest_prefix(self, problem: str, steps: Sequence[str], keys: list[int]) -> tuple[int, Recent] | None:
+        """(k, the entry of problem + steps[:k]) for the largest cached k >= 1, or None."""
         with self._lock:
             for k in range(len(steps), 0, -1):
                 entry = self._entries.get(keys[k])
@@ -39,11 +63,14 @@ class RecentEncodings:
         with self._lock:
             self._entries.clear()
 
-    def add(self, problem: str, steps: Sequence[str], key: int, encoded: EncodedItem) -> None:
+    def add(self, problem: str, steps: Sequence[str], key: int, encoded: EncodedItem) -> Recent | None:
+        """Remember the item's encoding; the entry, for the caller to attach its request to (None: not kept)."""
         if self.capacity < 1 or encoded.body_len is None:
-            return
+            return None
+        entry = Recent(encoded)
         with self._lock:
-            self._entries[key] = (problem, tuple(steps), encoded)
+            self._entries[key] = (problem, tuple(steps), entry)
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
+        return entry
