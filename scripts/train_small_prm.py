@@ -651,8 +651,8 @@ def main() -> None:
     )
     model = SmallPRM(hf_config).to(args.device)
     n_params = sum(v.numel() for k, v in model.state_dict().items() if not k.startswith("lm_head."))
-    width = torch.finfo(getattr(torch, args.save_dtype)).bits // 8
-    print(f"model: {n_params:,} params ({width * n_params / 1e6:.2f} MB {args.save_dtype})", flush=True)
+    save_dtype = getattr(torch, args.save_dtype)
+    print(f"model: {n_params:,} params ({torch.finfo(save_dtype).bits // 8 * n_params / 1e6:.2f} MB {args.save_dtype})", flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay,
                             fused=autocast)
@@ -703,7 +703,7 @@ def main() -> None:
         print("raw weights:", json.dumps(raw_quality), flush=True)
         with torch.no_grad():
             torch._foreach_copy_(params, ema)
-    round_to(model, getattr(torch, args.save_dtype))
+    round_to(model, save_dtype)
     save_checkpoint(args.out, model.cpu(), tok, config, ids)
     quality = evaluate(model.to(args.device), tok, ids, numeric, args.seed)
     if raw_quality is not None:

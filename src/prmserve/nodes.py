@@ -23,6 +23,16 @@ class Node:
     block_hashes: list | None  # the engine's prefix-cache keys of its blocks, continued by children
 
 
+def leading_keys(parent: EncodedItem, keys: list | None, child: EncodedItem, block_size: int) -> list | None:
+    """The parent's prefix-cache keys that hold for the child's leading blocks: those of the parent's whole body
+    blocks, when the child's ids begin with the parent's body (always, unless the tokenizer forced a whole
+    re-encoding that came out different); None where there are none."""
+    body = parent.body_len
+    if not keys or body is None or child.token_ids[:body] != parent.token_ids[:body]:
+        return None
+    return keys[: body // block_size]
+
+
 class NodeTable:
     """Handles -> nodes, thread-safe. A handle unused for `ttl` seconds expires; beyond `max_handles`
     the least recently used goes. `on_drop(handle)` runs for every handle that leaves (to unpin it)."""

@@ -27,7 +27,7 @@ from prmserve.models import BackboneConfig, load_reward_model, resolve_checkpoin
 from prmserve.models.attention import TORCH_SDPA, choose_backend
 from prmserve.models.invariant import request_cublas_invariance, rows_invariant
 from prmserve.models.loader import CheckpointTensors
-from prmserve.nodes import Node, NodeTable
+from prmserve.nodes import Node, NodeTable, leading_keys
 from prmserve.parallel.sharding import check_tensor_parallel_size
 from prmserve.recent_encodings import Recent, RecentEncodings, prefix_keys
 from prmserve.results import ScoreResult, TokenUsage
@@ -365,8 +365,7 @@ class PRM:
         node = self.nodes.get(handle)
         if not _is_step_lists(children):
             raise InvalidInputError("'children' must be a non-empty list of lists of new steps")
-        body = node.encoded.body_len
-        shared_blocks = body // self.engine.blocks.block_size
+        block_size = self.engine.blocks.block_size
         if known is None:
             known = self.format.encode_boundaries(node.steps[-1], children)  # every child's new text in one batch
         jobs = []
@@ -377,10 +376,7 @@ class PRM:
                 encoded = self._checked_length(self.format.extend(node.encoded, node.problem, node.steps, steps, known))
             except (InvalidInputError, FormatError) as exc:
                 raise type(exc)(f"child {index}: {exc}") from None
-            # The node's cache keys hold for the child's leading blocks when the ids begin alike (always,
-            # unless the tokenizer forced a whole re-encoding that came out different).
-            same_start = encoded.token_ids[:body] == node.encoded.token_ids[:body]
-            hashes = node.block_hashes[:shared_blocks] if node.block_hashes and same_start else None
+            hashes = leading_keys(node.encoded, node.block_hashes, encoded, block_size)
             own = 0 if self.format.rescores_node_on_extend else len(node.encoded.read_positions)  # else the node's rewards are kept
             request = _request(encoded.token_ids, encoded.read_positions[own:], priority, block_hashes=hashes,
                                keep_tokens=encoded.body_len if keep else 0)

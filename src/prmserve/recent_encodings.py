@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from prmserve.engine.request import Request
 from prmserve.formats import EncodedItem
+from prmserve.nodes import leading_keys
 
 
 def prefix_keys(problem: str, steps: Sequence[str]) -> list[int]:
@@ -28,17 +29,13 @@ class Recent:
 
     encoded: EncodedItem
     request: Request | None = None
-    keys: list | None = None  # the request's keys of the body's whole blocks, once read
+    keys: list | None = None  # the request's keys, once read
 
     def hashes_for(self, encoded: EncodedItem, block_size: int) -> list | None:
-        """The keys of this entry's whole body blocks, for a request of `encoded` that begins with its body; None if
-        none are known yet or the ids differ (a re-encoding that the tokenizer merged across the boundary)."""
-        body = self.encoded.body_len
-        if self.keys is None and self.request is not None and self.request.block_hashes and body is not None:
-            self.keys, self.request = self.request.block_hashes[: body // block_size], None
-        if not self.keys or encoded.token_ids[:body] != self.encoded.token_ids[:body]:
-            return None
-        return list(self.keys)
+        """`nodes.leading_keys` of this entry for a request of `encoded`; None while the engine has none yet."""
+        if self.request is not None and self.request.block_hashes:
+            self.keys, self.request = self.request.block_hashes, None
+        return leading_keys(self.encoded, self.keys, encoded, block_size)
 
 
 class RecentEncodings:
