@@ -1,8 +1,9 @@
 """The decoder backbone shared by Qwen2, Qwen3, Llama and Mistral, plus a reward head on top.
 
-Each layer is split into three parts: projections + rotary (`project`), attention over the paged
-cache (`attend`), and output projection + MLP (`finish`). The first and last are plain tensor code
-that `torch.compile` fuses well; attention stays eager around its kernel (`prmserve.models.attention`).
+Each layer is split into three parts: projections + rotary and the new keys' write into the paged cache
+(`project`), attention over that cache (`attend`), and output projection + MLP (`finish`). The first and last
+are plain tensor code that `torch.compile` fuses well; attention stays eager around its kernel
+(`prmserve.models.attention`).
 """
 
 from __future__ import annotations
@@ -47,11 +48,10 @@ class SelfAttention(nn.Module):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, kv: torch.Tensor | None
     ) -> torch.Tensor:
-        """Store the new keys in this layer's cache `kv` [2, slots, Hkv, D], then attend over the sequence's keys."""
+        """Attend over the sequence's keys: the new ones `k`, `v`, or with a cache `kv` [2, slots, Hkv, D] (where
+        `project_qkv` wrote the new keys) those at the sequences' slots."""
         index = None  # TRITON_ATTN reads keys in the pool by slot: those listed, else the new tokens'
         if kv is not None:
-            kv[0][inputs.slot_mapping] = k
-            kv[1][inputs.slot_mapping] = v
             if self.backend == TRITON_ATTN:
                 k, v, index = kv[0], kv[1], inputs.slot_mapping if inputs.key_slots is None else inputs.key_slots
             elif inputs.key_slots is not None:  # some sequence follows a cached prefix
@@ -83,20 +83,35 @@ class DecoderLayer(nn.Module):
         project: Callable | None = None,
         finish: Callable | None = None,
     ) -> torch.Tensor:
-        q, k, v = (project or project_qkv)(self, x, cos, sin)
+        if kv is None:
+            q, k, v = (project or project_qkv)(self, x, cos, sin)
+        else:  # the layer's key and value pools as separate inputs: compiled code then writes them in place
+            q, k, v = (project or project_qkv)(self, x, cos, sin, kv[0], kv[1], inputs.slot_mapping)
         attn = self.self_attn.attend(q, k, v, inputs, kv)
         return (finish or finish_layer)(self, x, attn)
 
 
-def project_qkv(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Norm, fused QKV projection, per-head q/k norm (Qwen3) and rotary embedding: queries [T,H,D], keys and values [T,Hkv,D]."""
+def project_qkv(
+    layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_pool: torch.Tensor | None = None,
+    value_pool: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, fused QKV projection, per-head q/k norm (Qwen3) and rotary embedding: queries [T,H,D], keys and values [T,Hkv,D].
+
+    With the layer's pools [slots, Hkv, D], the new keys and values are also written at `slots`: compiled, the write
+    is part of the rotary kernel instead of two scatter kernels a layer (each pool must be an input of its own, not
+    a view taken in here, or the compiled code copies the whole pool).
+    """
     attn = layer.self_attn
     q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
     q, k = q.view(-1, attn.num_heads, attn.head_dim), k.view(-1, attn.num_kv_heads, attn.head_dim)
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    return q, k, v.reshape(-1, attn.num_kv_heads, attn.head_dim).contiguous()  # kernels want it dense
+    v = v.reshape(-1, attn.num_kv_heads, attn.head_dim).contiguous()  # kernels want it dense
+    if key_pool is not None:
+        key_pool[slots] = k
+        value_pool[slots] = v
+    return q, k, v
 
 
 def finish_layer(layer: DecoderLayer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
