@@ -1,0 +1,77 @@
+"""What Python's full garbage collections cost a library user's calls, and what `gc.freeze()` after loading saves.
+
+One process: a held-out workload run `--rounds` times as a program that imports `PRM` gets it (nothing frozen),
+then `gc.freeze()` (what prmserve's own commands do once loaded) and `--rounds` more. Every collection is timed
+through `gc.callbacks`; each call's time and the collections inside it are printed, with the rewards compared.
+
+    PYTHONPATH=src:bench python bench/gc_pauses.py --shape qwen2.5-math-prm-1.5b-shape --workload beam
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import bench_heldout
+import bench_tree
+from prmserve import PRM
+
+
+class Pauses:
+    """Each collection's generation and seconds, from `gc.callbacks`."""
+
+    def __init__(self) -> None:
+        self.began = 0.0
+        self.log: list[tuple[int, float]] = []
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.began = time.perf_counter()
+        else:
+            self.log.append((info["generation"], time.perf_counter() - self.began))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=bench_tree.SHAPES, default="qwen2.5-math-prm-1.5b-shape")
+    parser.add_argument("--workload", choices=["cold", "best_of_16", "beam", "long"], default="beam")
+    parser.add_argument("--assets", type=Path, default=bench_heldout.HERE / ".assets")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/prmserve-bench-ckpt"))
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args()
+    checkpoint = bench_tree.make_checkpoint(args.shape, args.assets, args.checkpoint.with_name(f"{args.checkpoint.name}-{args.shape}"))
+    pauses = Pauses()
+    prm = PRM(str(checkpoint), **({} if torch.cuda.is_available() else {"device": "cpu"}))
+    items = bench_heldout.heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)[args.workload]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"{args.shape}, {args.workload} ({len(items)} items) on {device}; {len(gc.get_objects()):,} objects tracked after load")
+    first = None
+    for arm in ("as loaded", "frozen"):
+        if arm == "frozen":
+            gc.freeze()
+        times, full = [], []
+        for _ in range(args.rounds):
+            prm.reset_prefix_cache()
+            prm.recent.clear()
+            pauses.log.clear()
+            seconds, results = bench_tree.timed(bench_heldout.score_workload, prm, args.workload, items)
+            got = bench_heldout.rewards(results)
+            assert first is None or got == first, "rewards changed between calls"
+            first = got
+            times.append(seconds)
+            full.append(sum(s for g, s in pauses.log if g == 2))
+        print(f"  {arm:9s} median {1e3 * statistics.median(times):7.1f} ms, max {1e3 * max(times):7.1f} ms; full collections "
+              f"{1e3 * sum(full):.0f} ms in all ({', '.join(f'{1e3 * s:.0f}' for s in full)} ms a call); "
+              f"calls: {', '.join(f'{1e3 * t:.0f}' for t in times)} ms")
+    prm.close()
+
+
+if __name__ == "__main__":
+    main()
