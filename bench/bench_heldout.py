@@ -89,6 +89,7 @@ def phase(args) -> dict:
 
     from prmserve import PRM
 
+    pauses = bench_tree.Pauses()  # full garbage collections inside each timed call (a library user's process freezes nothing)
     started = time.perf_counter()
     prm = PRM(str(args.checkpoint), **ENGINES[args.engine], attention_backend=args.attention_backend,
               **({} if torch.cuda.is_available() else {"device": "cpu"}))
@@ -105,10 +106,14 @@ def phase(args) -> dict:
         entry = {"items": len(items), "prompt_tokens": sum(len(prm.encode(i).token_ids) for i in items)}
         prm.reset_prefix_cache()
         prm.recent.clear()
+        pauses.log.clear()
         entry["first_s"], first = bench_tree.timed(score_workload, prm, name, items)
+        entry["first_gc_s"] = pauses.full_seconds()
         prm.reset_prefix_cache()
         prm.recent.clear()
+        pauses.log.clear()
         entry["steady_s"], steady = bench_tree.timed(score_workload, prm, name, items)
+        entry["steady_gc_s"] = pauses.full_seconds()
         # What the engine computed (the rest came from the prefix cache): the replay's floor is 2 x params x these.
         entry["computed_tokens"] = sum(r.usage.computed_tokens for r in steady)
         first, steady = rewards(first), rewards(steady)
@@ -209,16 +214,19 @@ def summarize(report: dict) -> None:
             computed = w.get("computed_tokens")
             on_computed = (f"  computed {computed:,} ({2 * params * computed / w['steady_s'] / peak:.2f} of peak)"
                            if computed is not None else "")
+            gc_note = "".join(f"  {when} call had {w[f'{when}_gc_s']:.2f} s of full garbage collections"
+                              for when in ("first", "steady") if w.get(f"{when}_gc_s", 0) > 0.01)
             print(f"  {name:11s} {w['prompt_tokens']:>9,} tokens  first {w['first_s']:6.2f} s ({fl(w['first_s']):.2f} of limit)  "
                   f"steady {w['steady_s']:6.2f} s ({fl(w['steady_s']):.2f})  other order: {od['identical']}/{od['of']} identical, "
-                  f"max {od['max_abs_diff']:.2g}{on_computed}")
+                  f"max {od['max_abs_diff']:.2g}{on_computed}{gc_note}")
     for mode, table in report.get("cache_drift", {}).items():
         print(f"cache on vs off ({mode}): " + "; ".join(f"{n} {d['identical']}/{d['of']} identical, max {d['max_abs_diff']:.2g}" for n, d in table.items()))
     for mode in ("deterministic", "fast"):
         on, off = report.get(mode, {}).get("workloads", {}), report.get(f"{mode}_no_cache", {}).get("workloads", {})
         if "beam" in on and "beam" in off:
-            print(f"beam, {mode}: cache on {on['beam']['steady_s']:.2f} s vs off {off['beam']['steady_s']:.2f} s "
-                  f"({off['beam']['steady_s'] / on['beam']['steady_s']:.1f}x)")
+            a, b = on["beam"], off["beam"]
+            print(f"beam, {mode}: cache on {a['steady_s']:.2f} s vs off {b['steady_s']:.2f} s ({b['steady_s'] / a['steady_s']:.1f}x); "
+                  f"first calls {a['first_s']:.2f} s vs {b['first_s']:.2f} s ({b['first_s'] / a['first_s']:.1f}x)")
 
 
 if __name__ == "__main__":

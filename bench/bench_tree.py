@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -131,6 +132,25 @@ def make_checkpoint(shape: str, assets: Path, out: Path) -> Path:
 
 
 # Phases ----------------------------------------------------------------------------------------
+
+
+class Pauses:
+    """Each collection's generation and seconds, from `gc.callbacks`."""
+
+    def __init__(self) -> None:
+        self.began = 0.0
+        self.log: list[tuple[int, float]] = []
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.began = time.perf_counter()
+        else:
+            self.log.append((info["generation"], time.perf_counter() - self.began))
+
+    def full_seconds(self) -> float:
+        """Seconds of full (generation 2) collections logged since the log was last cleared."""
+        return sum(seconds for generation, seconds in self.log if generation == 2)
 
 
 def timed(fn, *args, **kwargs):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -20,21 +19,6 @@ import torch
 import bench_heldout
 import bench_tree
 from prmserve import PRM
-
-
-class Pauses:
-    """Each collection's generation and seconds, from `gc.callbacks`."""
-
-    def __init__(self) -> None:
-        self.began = 0.0
-        self.log: list[tuple[int, float]] = []
-        gc.callbacks.append(self.callback)
-
-    def callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self.began = time.perf_counter()
-        else:
-            self.log.append((info["generation"], time.perf_counter() - self.began))
 
 
 def main() -> None:
@@ -47,7 +31,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026)
     args = parser.parse_args()
     checkpoint = bench_tree.make_checkpoint(args.shape, args.assets, args.checkpoint.with_name(f"{args.checkpoint.name}-{args.shape}"))
-    pauses = Pauses()
+    pauses = bench_tree.Pauses()
     prm = PRM(str(checkpoint), **({} if torch.cuda.is_available() else {"device": "cpu"}))
     items = bench_heldout.heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)[args.workload]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -66,7 +50,7 @@ def main() -> None:
             assert first is None or got == first, "rewards changed between calls"
             first = got
             times.append(seconds)
-            full.append(sum(s for g, s in pauses.log if g == 2))
+            full.append(pauses.full_seconds())
         print(f"  {arm:9s} median {1e3 * statistics.median(times):7.1f} ms, max {1e3 * max(times):7.1f} ms; full collections "
               f"{1e3 * sum(full):.0f} ms in all ({', '.join(f'{1e3 * s:.0f}' for s in full)} ms a call); "
               f"calls: {', '.join(f'{1e3 * t:.0f}' for t in times)} ms")
