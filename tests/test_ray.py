@@ -6,6 +6,7 @@ replica killed mid-workload whose requests are retried on the other, none lost."
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 
 import httpx
@@ -158,6 +159,8 @@ def test_the_http_app_serves_the_replicas(routed: RoutedPRM, one: PRM) -> None:
 def test_an_actor_for_rl_loops(routed: RoutedPRM, one: PRM) -> None:
     """The replicas are `PRMActor`s: one used directly, as an RL loop holds it (its own handles, sleep and wake)."""
     actor = routed.pool.replicas[1]
+    # The actor owns its process: its loaded heap is frozen, as the commands freeze theirs (tests/test_robustness.py).
+    assert ray.get(actor.__ray_call__.remote(lambda _: gc.get_freeze_count())) > 10_000
     items = best_of_16(PROBLEMS[:1])[:2]
     kept = ray.get(actor.score.remote(items, keep=True))
     assert same([r.step_rewards for r in kept], [r.step_rewards for r in one.score(items)])

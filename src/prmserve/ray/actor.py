@@ -14,6 +14,7 @@ import torch
 
 from prmserve.engine import EngineStats, Request
 from prmserve.engine.futures import all_done
+from prmserve.engine.loop import freeze_heap
 from prmserve.engine.readout import reading
 from prmserve.engine.sleep import SleepReport
 from prmserve.prm import PRM
@@ -59,10 +60,12 @@ class ReplicaInfo:
 @ray.remote
 class PRMActor:
     """A `PRM(model, **options)` in its own process: `PRMActor.options(num_gpus=1).remote(model)`, then
-    `ray.get(actor.score.remote(items))`. Calls run concurrently (an async actor), so they batch in one engine."""
+    `ray.get(actor.score.remote(items))`. Calls run concurrently (an async actor), so they batch in one engine.
+    The actor owns its process, so the loaded heap is frozen, as the commands do (`freeze_heap`)."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         self.prm = PRM(model, **options)
+        freeze_heap()
         self._inflight: dict[str, Future] = {}
 
     # The PRM's own API --------------------------------------------------------------------------------------
