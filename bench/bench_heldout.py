@@ -20,6 +20,7 @@ candidate re-sent whole: a framework without the node API), long (48 reasoning t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -93,7 +94,10 @@ def phase(args) -> dict:
     started = time.perf_counter()
     prm = PRM(str(args.checkpoint), **ENGINES[args.engine], attention_backend=args.attention_backend,
               **({} if torch.cuda.is_available() else {"device": "cpu"}))
-    report = {"load_s": time.perf_counter() - started, "deterministic": prm.deterministic,
+    if args.freeze_heap:  # what a program that follows the README does once loaded (prmserve's commands do it too)
+        gc.collect()
+        gc.freeze()
+    report = {"load_s": time.perf_counter() - started, "deterministic": prm.deterministic, "freeze_heap": args.freeze_heap,
               "attention_backend": prm.model.attention_backend, "workloads": {}}
     workloads = heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)
     if args.limit:  # a smoke run: the first items of each workload (the beam's first levels)
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # run one engine in this process
     parser.add_argument("--attention-backend", default="auto", help="every engine's attention kernel (TRITON_ATTN, FLASH_ATTN, ...)")
     parser.add_argument("--limit", type=int, default=0, help="items per workload (a smoke run); 0: all")
+    parser.add_argument("--freeze-heap", action="store_true",
+                        help="gc.freeze() once each engine has loaded, as the README advises a program of its own (off: a plain library user)")
     parser.add_argument("--rewards-dir", type=Path, default=Path("/tmp/prmserve-heldout-rewards"))
     args = parser.parse_args()
     if args.engine:
@@ -180,7 +186,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--engine", engine, "--shape", args.shape, "--assets", str(args.assets),
                    "--checkpoint", str(args.checkpoint), "--out", str(args.out), "--seed", str(args.seed),
                    "--rewards-dir", str(args.rewards_dir), "--limit", str(args.limit),
-                   "--attention-backend", args.attention_backend]
+                   "--attention-backend", args.attention_backend] + (["--freeze-heap"] if args.freeze_heap else [])
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -190,7 +196,10 @@ def main() -> None:
             continue
         report[engine] = json.loads(lines[-1][len("RESULT "):]) | {"process_s": time.perf_counter() - started}
         args.out.write_text(json.dumps(report, indent=1))
-    for mode in ("deterministic", "fast"):  # cache on against cache off, the same items
+    ran = {e for e in engines if "error" not in report[e]}
+    for mode in ("deterministic", "fast"):  # cache on against cache off, the same items (this run's files only)
+        if not {mode, f"{mode}_no_cache"} <= ran:
+            continue
         for name in ("cold", "best_of_16", "beam", "long"):
             on, off = (args.rewards_dir / f"{e}-{name}.json" for e in (mode, f"{mode}_no_cache"))
             if on.is_file() and off.is_file():
@@ -207,7 +216,8 @@ def summarize(report: dict) -> None:
         if "error" in r:
             print(f"{engine}: failed")
             continue
-        print(f"{engine}: load {r['load_s']:.1f} s, deterministic {r['deterministic']}, workloads in order {r['order']}")
+        frozen = ", heap frozen after load" if r.get("freeze_heap") else ""
+        print(f"{engine}: load {r['load_s']:.1f} s, deterministic {r['deterministic']}{frozen}, workloads in order {r['order']}")
         for name, w in r["workloads"].items():
             fl = lambda s: 2 * params * w["prompt_tokens"] / s / peak  # noqa: E731
             od = w["order_drift"]
