@@ -504,13 +504,14 @@ def lr_factor(progress: float) -> float:
 
 
 def training_pairs(rng: random.Random, n: int, scale: int, grammar_share: float = GRAMMAR_SHARE,
-                   step_grammar_share: float = STEP_GRAMMAR_SHARE) -> list[tuple]:
+                   step_grammar_share: float = STEP_GRAMMAR_SHARE, value_grammar_share: float = 0.0) -> list[tuple]:
     """``n`` (problem, solution) pairs of the train split, half of them with one error."""
     out = []
     for _ in range(n):
         p = word_problems.make_problem(rng, scale=scale, grammar_share=grammar_share)
-        out.append((p, word_problems.make_solution(rng, p, step_grammar_share) if rng.random() < 0.5
-                    else word_problems.corrupt(rng, p, step_grammar_share=step_grammar_share)))
+        out.append((p, word_problems.make_solution(rng, p, step_grammar_share, value_grammar_share) if rng.random() < 0.5
+                    else word_problems.corrupt(rng, p, step_grammar_share=step_grammar_share,
+                                               value_grammar_share=value_grammar_share)))
     return out
 
 
@@ -526,11 +527,11 @@ def _init_worker(tokenizer_json: str) -> None:
 
 def make_chunk(spec: tuple) -> list[dict]:
     """``GROUP`` steps' batches (solutions and drills), collated, drawn from the chunk's own seed."""
-    seed, index, scale, batch, drill_batch, p_slip, grammar_share, step_grammar_share = spec
+    seed, index, scale, batch, drill_batch, p_slip, grammar_share, step_grammar_share, value_grammar_share = spec
     tok, ids, numeric = _WORKER["tok"], _WORKER["ids"], _WORKER["numeric"]
     pad_id = ids["<|endoftext|>"]
     rng = random.Random(f"chunk-{seed}-{index}")
-    pairs = training_pairs(rng, GROUP * batch, scale, grammar_share, step_grammar_share)
+    pairs = training_pairs(rng, GROUP * batch, scale, grammar_share, step_grammar_share, value_grammar_share)
     solutions = length_grouped(encode(tok, pairs, ids[STEP_TOKEN], ids["<|im_start|>"]), batch, rng)
     drills: list[list[dict]] = [[]] * GROUP
     if drill_batch:
@@ -545,7 +546,7 @@ def batches(args: argparse.Namespace, tokenizer_json: str, clock: Clock) -> Iter
     A chunk's numbers follow the curriculum at its first step (or, in a time-bound run, at the time it is asked for).
     """
     specs = ((args.seed, i, scale_at(clock.at(i * GROUP), args), args.batch, args.drill_batch, args.drill_slip_share,
-              args.grammar_share, args.step_grammar_share)
+              args.grammar_share, args.step_grammar_share, args.value_grammar_share)
              for i in range(math.ceil(args.steps / GROUP)))
     if args.workers == 0:
         _init_worker(tokenizer_json)
@@ -593,6 +594,9 @@ def parse_args() -> argparse.Namespace:
                     help="share of training problems worded by word_problems.grammar (the rest: the templates)")
     ap.add_argument("--step-grammar-share", type=float, default=1.0,
                     help="share of training claim steps worded by word_problems.step_grammar (the rest: the templates)")
+    ap.add_argument("--value-grammar-share", type=float, default=0.0,
+                    help="share of training start, restate and final steps worded by word_problems.step_grammar "
+                         "(0, the shipped recipe: the templates and their random frames only)")
     ap.add_argument("--start-scale", type=int, default=20, help="largest given number when the curriculum starts")
     ap.add_argument("--curriculum-share", type=float, default=0.4, help="share of the steps over which given numbers grow to 1,000")
     ap.add_argument("--vocab", type=int, default=900)
@@ -632,7 +636,8 @@ def main() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
     text_rng = random.Random(args.seed + 7)
-    sample = training_pairs(text_rng, 4000, numbers.MAX_GIVEN, args.grammar_share, args.step_grammar_share)
+    sample = training_pairs(text_rng, 4000, numbers.MAX_GIVEN, args.grammar_share, args.step_grammar_share,
+                            args.value_grammar_share)
     drill_texts = [word_problems.make_drill(text_rng)[0] for _ in range(4000)]
     tok = train_tokenizer([render(p.text, s.steps) for p, s in sample] + drill_texts, args.vocab)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}

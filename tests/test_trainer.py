@@ -26,7 +26,7 @@ def digest(batch: dict) -> str:
 
 def test_every_chunk_reaches_training_whatever_the_number_of_workers() -> None:
     args = argparse.Namespace(seed=3, steps=3 * train_small_prm.GROUP, batch=2, drill_batch=2, drill_slip_share=0.7,
-                              grammar_share=0.5, step_grammar_share=1.0, workers=1, max_minutes=0, start_scale=20,
+                              grammar_share=0.5, step_grammar_share=1.0, value_grammar_share=0.0, workers=1, max_minutes=0, start_scale=20,
                               curriculum_share=0.4)
     tokenizer = (BUNDLED_MODEL / "tokenizer.json").read_text()
     pooled = [digest(b) for b in train_small_prm.batches(args, tokenizer, train_small_prm.Clock(args))]

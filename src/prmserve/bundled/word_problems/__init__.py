@@ -40,14 +40,16 @@ def _is_test(split: str) -> bool:
     return split == "test"
 
 
-def make_solution(rng: random.Random, p: Problem, step_grammar_share: float = STEP_GRAMMAR_SHARE) -> Solution:
-    """A correct solution of ``p``, worded at random (a training one's claim steps partly by ``step_grammar``)."""
-    return write_solution(plan_solution(rng, p, step_grammar_share), rng)
+def make_solution(rng: random.Random, p: Problem, step_grammar_share: float = STEP_GRAMMAR_SHARE,
+                  value_grammar_share: float = 0.0) -> Solution:
+    """A correct solution of ``p``, worded at random (a training one's steps partly by ``step_grammar``)."""
+    return write_solution(plan_solution(rng, p, step_grammar_share, value_grammar_share), rng)
 
 
-def corrupt(rng: random.Random, p: Problem, plan: Plan | None = None, step_grammar_share: float = STEP_GRAMMAR_SHARE) -> Solution:
+def corrupt(rng: random.Random, p: Problem, plan: Plan | None = None, step_grammar_share: float = STEP_GRAMMAR_SHARE,
+            value_grammar_share: float = 0.0) -> Solution:
     """A solution of ``p`` with exactly one error, of a random kind at a random step where it fits."""
-    plan = plan or plan_solution(rng, p, step_grammar_share)
+    plan = plan or plan_solution(rng, p, step_grammar_share, value_grammar_share)
     kinds, weights = zip(*ERROR_WEIGHTS.items())
     while True:
         kind = rng.choices(kinds, weights)[0]
@@ -57,15 +59,16 @@ def corrupt(rng: random.Random, p: Problem, plan: Plan | None = None, step_gramm
 
 
 def generate(n: int, seed: int, split: str = "train", p_correct: float = 0.5,
-             step_grammar_share: float = STEP_GRAMMAR_SHARE) -> list[tuple[Problem, Solution]]:
+             step_grammar_share: float = STEP_GRAMMAR_SHARE, value_grammar_share: float = 0.0) -> list[tuple[Problem, Solution]]:
     """``n`` (problem, solution) pairs of a split; each solution is correct with probability ``p_correct``
-    (``step_grammar_share``: of a training split's claim steps, those worded by ``step_grammar``)."""
+    (``step_grammar_share`` / ``value_grammar_share``: of a training split's claim steps / start, restate and final
+    steps, those worded by ``step_grammar``)."""
     test, rng = _is_test(split), random.Random(f"{split}-{seed}")
     out = []
     for _ in range(n):
         p = make_problem(rng, test)
-        out.append((p, make_solution(rng, p, step_grammar_share) if rng.random() < p_correct
-                    else corrupt(rng, p, step_grammar_share=step_grammar_share)))
+        out.append((p, make_solution(rng, p, step_grammar_share, value_grammar_share) if rng.random() < p_correct
+                    else corrupt(rng, p, step_grammar_share=step_grammar_share, value_grammar_share=value_grammar_share)))
     return out
 
 

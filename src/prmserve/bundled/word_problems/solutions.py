@@ -67,13 +67,17 @@ class Plan:
     fraction: dict[int, str] = field(default_factory=dict)  # op index -> layout of a half/quarter as a fraction
 
 
-def plan_solution(rng: random.Random, p: Problem, step_grammar_share: float = step_grammar.STEP_GRAMMAR_SHARE) -> Plan:
+def plan_solution(rng: random.Random, p: Problem, step_grammar_share: float = step_grammar.STEP_GRAMMAR_SHARE,
+                  value_grammar_share: float = 0.0) -> Plan:
     """Choose the steps of a solution to ``p`` and how each is worded (the split's templates; in training,
-    ``step_grammar_share`` of the claim steps are worded by ``step_grammar`` instead)."""
+    ``step_grammar_share`` of the claim steps and ``value_grammar_share`` of the start, restate and final steps are
+    worded by ``step_grammar`` instead)."""
     test, steps = p.test, []
 
-    def worded(train: tuple, held_out: tuple, slot: str) -> str:
+    def worded(train: tuple, held_out: tuple, slot: str, role: str) -> str:
         """A template of the split; in training, now and then a frame of random words or a noisy template."""
+        if value_grammar_share and not test and rng.random() < value_grammar_share:  # no draw when off: splits unchanged
+            return step_grammar.value_template(rng, role)
         r = rng.random()
         if not test and r < 0.2:
             return phrasing.random_frame(rng, slot, ("item", "name"))
@@ -81,7 +85,7 @@ def plan_solution(rng: random.Random, p: Problem, step_grammar_share: float = st
         return phrasing.noisy(rng, template) if not test and r < 0.4 else template
 
     if rng.random() < 0.25:
-        steps.append(PlannedStep("start", worded(phrasing.STARTS, phrasing.STARTS_HELD_OUT, "v")))
+        steps.append(PlannedStep("start", worded(phrasing.STARTS, phrasing.STARTS_HELD_OUT, "v", "start")))
     fraction = {}
     for i, op in enumerate(p.ops):
         story = STORIES[op.story]
@@ -110,8 +114,8 @@ def plan_solution(rng: random.Random, p: Problem, step_grammar_share: float = st
         if story.args and story.kind == "div" and rng.random() < 0.3:
             fraction[i] = rng.choice(["1/{b} × {a} = {y}", "{a} × 1/{b} = {y}"])
         if rng.random() < 0.1 and i < len(p.ops) - 1:
-            steps.append(PlannedStep("restate", worded(phrasing.RESTATES, phrasing.RESTATES_HELD_OUT, "v")))
-    steps.append(PlannedStep("final", worded(phrasing.FINALS, phrasing.FINALS_HELD_OUT, "v")))
+            steps.append(PlannedStep("restate", worded(phrasing.RESTATES, phrasing.RESTATES_HELD_OUT, "v", "restate")))
+    steps.append(PlannedStep("final", worded(phrasing.FINALS, phrasing.FINALS_HELD_OUT, "v", "final")))
     symbols = {kind: rng.choice(options) for kind, options in SYMBOLS.items()}
     return Plan(p, steps, symbols, spaced=rng.random() < 0.9, fraction=fraction)
 

@@ -132,3 +132,30 @@ def claim_template(rng: random.Random, story: str, part: int = 0) -> str:
     text = text.replace("{piles}", piles).replace("{pile}", pile).replace("{thing}", rng.choice(THINGS))
     lead = rng.choice(LEADS)
     return lead + (text if lead else _cap(text)) + rng.choice((".", ".", ".", "", "!"))
+
+
+# Value steps (the start, a restatement of the count, the final answer) built from parts too, for training only:
+# the value ``{v}`` is what such a step says; the sentence around it changes all the time.
+SUBJECTS = ("{pron}", "{pron}", "{name}")
+HAVE = ("has", "now has", "keeps", "is left with", "owns")
+VALUE_FORMS = {
+    "start": ("{subject} has {v} {item} at first", "at first, {subject} has {v} {item}", "{subject} starts with {v} {item}",
+              "first, {subject} has {v} {item}", "the count is {v} {item} at first", "we have {v} {item} to begin with",
+              "{v} {item} to begin with", "{subject} has {v} {item} before anything else"),
+    "restate": ("{subject} {have} {v} {item}", "now {subject} has {v} {item}", "that makes {v} {item}", "the count is now {v}",
+                "this leaves {v} {item}", "so the number is {v}", "which is {v} {item} in all", "{v} {item} at this stage"),
+    "final": ("the answer is {V}", "so the answer is {V}", "answer is {V}", "{subject} has {V} {item} in the end",
+              "in total, {V} {item}", "the total is {V}", "{V}", "so {V} {item}", "that gives {V} {item} in all",
+              "all in all, {V}", "the result is {V}", "{subject} {have} {V} {item}, which is the answer"),
+}
+ANSWERS = ("{v}", "{v}", "\\boxed{{{v}}}", "\\boxed{{{v}}}")  # how a final answer's number is written
+
+
+def value_template(rng: random.Random, role: str) -> str:
+    """A step template of ``role`` ("start", "restate" or "final") with ``{v}`` once."""
+    if role == "final" and rng.random() < 0.1:
+        return "#### {v}"  # a training template as it stands ("#### {v} {item}" is a held-out one)
+    text = rng.choice(VALUE_FORMS[role])
+    text = text.replace("{subject}", rng.choice(SUBJECTS)).replace("{have}", rng.choice(HAVE)).replace("{V}", rng.choice(ANSWERS))
+    lead = rng.choice(LEADS)
+    return lead + (text if lead else _cap(text)) + rng.choice((".", ".", ".", "", "!"))
