@@ -20,7 +20,6 @@ candidate re-sent whole: a framework without the node API), long (48 reasoning t
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -70,6 +69,30 @@ def heldout_workloads(rows: list[dict], tokenizer, seed: int) -> dict[str, list[
     return out
 
 
+def one_process_arguments(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The arguments of the one-process A/B scripts (stream_after_ab, gc_pauses): a shape, one of this bench's
+    workloads (its items, its seed) and how many rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--shape", choices=bench_tree.SHAPES, default="qwen2.5-math-prm-1.5b-shape")
+    parser.add_argument("--workload", choices=["cold", "best_of_16", "beam", "long"], default="beam")
+    parser.add_argument("--assets", type=Path, default=HERE / ".assets")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/prmserve-bench-ckpt"))
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--seed", type=int, default=2026)
+    return parser
+
+
+def one_process_workload(args: argparse.Namespace):
+    """(PRM, items) for `one_process_arguments`: the shape's checkpoint (built once), loaded on the GPU if there is one."""
+    import torch
+
+    from prmserve import PRM
+
+    checkpoint = bench_tree.make_checkpoint(args.shape, args.assets, args.checkpoint.with_name(f"{args.checkpoint.name}-{args.shape}"))
+    prm = PRM(str(checkpoint), **({} if torch.cuda.is_available() else {"device": "cpu"}))
+    return prm, heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)[args.workload]
+
+
 def score_workload(prm, name: str, items: list[dict]) -> list:
     """The items' results; one call per workload, the beam replay one call per level, as a search loop sends it."""
     if name != "beam":
@@ -89,14 +112,14 @@ def phase(args) -> dict:
     import torch
 
     from prmserve import PRM
+    from prmserve.engine.loop import freeze_heap
 
     pauses = bench_tree.Pauses()  # full garbage collections inside each timed call (a library user's process freezes nothing)
     started = time.perf_counter()
     prm = PRM(str(args.checkpoint), **ENGINES[args.engine], attention_backend=args.attention_backend,
               **({} if torch.cuda.is_available() else {"device": "cpu"}))
     if args.freeze_heap:  # what a program that follows the README does once loaded (prmserve's commands do it too)
-        gc.collect()
-        gc.freeze()
+        freeze_heap()
     report = {"load_s": time.perf_counter() - started, "deterministic": prm.deterministic, "freeze_heap": args.freeze_heap,
               "attention_backend": prm.model.attention_backend, "workloads": {}}
     workloads = heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)

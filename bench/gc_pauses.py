@@ -9,37 +9,26 @@ through `gc.callbacks`; each call's time and the collections inside it are print
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
-from pathlib import Path
 
 import torch
 
 import bench_heldout
 import bench_tree
-from prmserve import PRM
+from prmserve.engine.loop import freeze_heap
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=bench_tree.SHAPES, default="qwen2.5-math-prm-1.5b-shape")
-    parser.add_argument("--workload", choices=["cold", "best_of_16", "beam", "long"], default="beam")
-    parser.add_argument("--assets", type=Path, default=bench_heldout.HERE / ".assets")
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/prmserve-bench-ckpt"))
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=2026)
-    args = parser.parse_args()
-    checkpoint = bench_tree.make_checkpoint(args.shape, args.assets, args.checkpoint.with_name(f"{args.checkpoint.name}-{args.shape}"))
+    args = bench_heldout.one_process_arguments(__doc__.splitlines()[0], rounds=8).parse_args()
     pauses = bench_tree.Pauses()
-    prm = PRM(str(checkpoint), **({} if torch.cuda.is_available() else {"device": "cpu"}))
-    items = bench_heldout.heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)[args.workload]
+    prm, items = bench_heldout.one_process_workload(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"{args.shape}, {args.workload} ({len(items)} items) on {device}; {len(gc.get_objects()):,} objects tracked after load")
     first = None
     for arm in ("as loaded", "frozen"):
         if arm == "frozen":
-            gc.freeze()
+            freeze_heap()
         times, full = [], []
         for _ in range(args.rounds):
             prm.reset_prefix_cache()

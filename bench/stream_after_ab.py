@@ -9,33 +9,20 @@ of its own; the 1.5B beam replay (128 items a level) was host-bound, 54 engine s
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
 import bench_heldout
 import bench_tree
 import prmserve.prm as prm_module
-from prmserve import PRM
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=bench_tree.SHAPES, default="qwen2.5-math-prm-1.5b-shape")
-    parser.add_argument("--workload", choices=["cold", "best_of_16", "beam", "long"], default="beam")
-    parser.add_argument("--assets", type=Path, default=bench_heldout.HERE / ".assets")
-    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/prmserve-bench-ckpt"))
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=2026)
-    args = parser.parse_args()
-    checkpoint = bench_tree.make_checkpoint(args.shape, args.assets, args.checkpoint.with_name(f"{args.checkpoint.name}-{args.shape}"))
-    prm = PRM(str(checkpoint), **({} if torch.cuda.is_available() else {"device": "cpu"}))
+    args = bench_heldout.one_process_arguments(__doc__.splitlines()[0], rounds=4).parse_args()
+    prm, items = bench_heldout.one_process_workload(args)
     steps: list[int] = []
     prm.engine.step_observers.append(lambda st: steps.append(st.num_tokens))
-    items = bench_heldout.heldout_workloads(bench_tree.load_rows(args.assets), prm.tokenizer, args.seed)[args.workload]
     arms = {"streamed": prm_module.STREAM_AFTER, "whole": len(items) + 1}
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     counts: dict[str, int] = {}

@@ -129,7 +129,11 @@ def claim_template(rng: random.Random, story: str, part: int = 0) -> str:
     else:
         text = f"{rng.choice(WITH[effect])} {noun}, the number is {result}"
     piles, pile = rng.choice(PILES)
-    text = text.replace("{piles}", piles).replace("{pile}", pile).replace("{thing}", rng.choice(THINGS))
+    return _sentence(rng, text.replace("{piles}", piles).replace("{pile}", pile).replace("{thing}", rng.choice(THINGS)))
+
+
+def _sentence(rng: random.Random, text: str) -> str:
+    """``text`` as a step: after a lead word or capitalised, and with an ending."""
     lead = rng.choice(LEADS)
     return lead + (text if lead else _cap(text)) + rng.choice((".", ".", ".", "", "!"))
 
@@ -156,6 +160,5 @@ def value_template(rng: random.Random, role: str) -> str:
     if role == "final" and rng.random() < 0.1:
         return "#### {v}"  # a training template as it stands ("#### {v} {item}" is a held-out one)
     text = rng.choice(VALUE_FORMS[role])
-    text = text.replace("{subject}", rng.choice(SUBJECTS)).replace("{have}", rng.choice(HAVE)).replace("{V}", rng.choice(ANSWERS))
-    lead = rng.choice(LEADS)
-    return lead + (text if lead else _cap(text)) + rng.choice((".", ".", ".", "", "!"))
+    return _sentence(rng, text.replace("{subject}", rng.choice(SUBJECTS)).replace("{have}", rng.choice(HAVE))
+                     .replace("{V}", rng.choice(ANSWERS)))
